@@ -1,0 +1,51 @@
+"""Typed run configuration: the schema (:mod:`.schema`) and its generic loader (:mod:`.loader`)."""
+
+from lov15_megatron.config.loader import (
+    ConfigError,
+    apply_override,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    format_config,
+    load_config,
+)
+from lov15_megatron.config.schema import (
+    TRAINABLE_GROUPS,
+    CheckpointConfig,
+    DataConfig,
+    LanguageModelConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RunConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+    TrainConfig,
+    validate,
+    validate_world_size,
+)
+
+__all__ = [
+    "TRAINABLE_GROUPS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LanguageModelConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SchedulerConfig",
+    "TrainConfig",
+    "apply_override",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "format_config",
+    "load_config",
+    "validate",
+    "validate_world_size",
+]

@@ -1,0 +1,321 @@
+"""The one config schema: typed dataclasses with defaults, plus cross-field validation.
+
+Loading/overrides/type checking live in :mod:`lov15_megatron.config.loader`, which is generic over
+this tree: add a field here (with a default and a comment) and it is loadable and overridable.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any, Literal
+
+from lov15_megatron.config.loader import ConfigError, check_types
+
+TRAINABLE_GROUPS = ("vision", "merger", "language")
+
+
+@dataclass
+class LanguageModelConfig:
+    """The decoder-only language model (Qwen-style: GQA, RoPE, RMSNorm, optional QK-norm)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128  # MLP intermediate size
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA key/value heads
+    kv_channels: int | None = None  # head dim; None -> hidden_size // num_attention_heads
+    vocab_size: int = 256  # tokenizer vocab (padded by make_vocab_size_divisible_by * TP)
+    max_position_embeddings: int = 4096
+    rotary_base: float = 1000000.0  # RoPE theta
+    norm_epsilon: float = 1e-6
+    qk_layernorm: bool = True  # RMSNorm on per-head queries/keys
+    untie_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """The whole model; vision tower / merger sections join here later."""
+
+    language: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    init_method_std: float = 0.02  # std of the normal weight init
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE if usable
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism; data parallelism is derived from the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per PP stage
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False  # shard activations along sequence over TP ranks
+    use_distributed_optimizer: bool = True  # shard optimizer state over DP ranks
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and gradient clipping."""
+
+    name: Literal["adam", "sgd"] = "adam"  # adam is AdamW (decoupled weight decay)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 0.0  # floor reached at the end of decay
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warmup to ``optimizer.lr``, then decay to ``min_lr``."""
+
+    warmup_iters: int = 0
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    decay_iters: int | None = None  # None -> train.train_iters
+
+
+@dataclass
+class DataConfig:
+    """Training data source."""
+
+    kind: Literal["synthetic", "energon"] = "synthetic"
+    path: str | None = None  # dataset location (required for energon)
+    seq_length: int = 32  # tokens per sample
+    num_workers: int = 0  # dataloader worker processes
+    seed: int = 1234  # data order / synthetic data seed
+
+
+@dataclass
+class TrainConfig:
+    """Training loop size and batch shape."""
+
+    train_iters: int = 10
+    micro_batch_size: int = 1  # samples per forward/backward per DP rank
+    global_batch_size: int = 8  # samples per optimizer step across all DP ranks
+    trainable: list[str] | None = (
+        None  # module groups to train (vision/merger/language); None = all
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint save/resume."""
+
+    save: str | None = None  # directory to save checkpoints in
+    load: str | None = None  # directory to resume from (model, optimizer, scheduler, iteration)
+    pretrained: str | None = None  # weights-only start (ignored when resuming from load)
+    save_interval: int | None = None  # iterations between saves; None -> only at the end
+    keep_last: int = 2  # number of most recent checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics logging."""
+
+    log_interval: int = 1  # iterations between log lines
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    """Process/device settings."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    seed: int = 1234  # model init / dropout seed
+    deterministic: bool = False  # request deterministic kernels
+
+
+@dataclass
+class RunConfig:
+    """Root of a training run's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# Fields that must be >= 1 (skipped when None) and >= 0.
+_AT_LEAST_ONE = (
+    "model.language.num_layers",
+    "model.language.hidden_size",
+    "model.language.ffn_hidden_size",
+    "model.language.num_attention_heads",
+    "model.language.num_query_groups",
+    "model.language.kv_channels",
+    "model.language.vocab_size",
+    "model.language.max_position_embeddings",
+    "model.language.make_vocab_size_divisible_by",
+    "parallel.tensor_model_parallel_size",
+    "parallel.pipeline_model_parallel_size",
+    "parallel.virtual_pipeline_model_parallel_size",
+    "parallel.context_parallel_size",
+    "scheduler.decay_iters",
+    "data.seq_length",
+    "train.train_iters",
+    "train.micro_batch_size",
+    "train.global_batch_size",
+    "checkpoint.save_interval",
+    "checkpoint.keep_last",
+    "logging.log_interval",
+)
+_NON_NEGATIVE = (
+    "optimizer.lr",
+    "optimizer.min_lr",
+    "optimizer.weight_decay",
+    "optimizer.clip_grad",
+    "scheduler.warmup_iters",
+    "data.num_workers",
+)
+_POSITIVE = (
+    "model.language.rotary_base",
+    "model.language.norm_epsilon",
+    "model.init_method_std",
+    "optimizer.adam_eps",
+)
+
+
+def _get(cfg: Any, path: str) -> Any:
+    return reduce(getattr, path.split("."), cfg)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Type-check ``cfg`` and check cross-field constraints; raise :class:`ConfigError`."""
+    check_types(cfg)
+    for paths, op, what in (
+        (_AT_LEAST_ONE, operator.ge, ">= 1"),
+        (_NON_NEGATIVE, operator.ge, ">= 0"),
+        (_POSITIVE, operator.gt, "> 0"),
+    ):
+        bound = 1 if what == ">= 1" else 0
+        for path in paths:
+            value = _get(cfg, path)
+            _require(value is None or op(value, bound), f"{path}={value!r} must be {what}")
+
+    lm, p, o, t, d = cfg.model.language, cfg.parallel, cfg.optimizer, cfg.train, cfg.data
+    tp, pp, vpp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+    )
+    for name in ("adam_beta1", "adam_beta2"):
+        beta = getattr(o, name)
+        _require(0 <= beta < 1, f"optimizer.{name}={beta} must be in [0, 1)")
+    _require(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} must be <= optimizer.lr={o.lr}")
+
+    heads, groups = lm.num_attention_heads, lm.num_query_groups
+    _require(
+        heads % groups == 0,
+        f"model.language.num_query_groups={groups} does not divide "
+        f"model.language.num_attention_heads={heads}",
+    )
+    _require(
+        lm.kv_channels is not None or lm.hidden_size % heads == 0,
+        f"model.language.num_attention_heads={heads} does not divide model.language.hidden_size="
+        f"{lm.hidden_size}; set model.language.kv_channels explicitly",
+    )
+    for what, n in (("num_attention_heads", heads), ("num_query_groups", groups)):
+        _require(
+            n % tp == 0,
+            f"parallel.tensor_model_parallel_size={tp} does not divide model.language.{what}={n}",
+        )
+    if vpp is not None:
+        _require(
+            pp > 1,
+            f"parallel.virtual_pipeline_model_parallel_size={vpp} requires "
+            f"parallel.pipeline_model_parallel_size > 1 (got {pp})",
+        )
+    stages = pp * (vpp or 1)
+    _require(
+        lm.num_layers % stages == 0,
+        f"parallel.pipeline_model_parallel_size={pp}"
+        + (f" x parallel.virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
+        + f" does not divide model.language.num_layers={lm.num_layers}",
+    )
+    _require(
+        not p.sequence_parallel or tp > 1,
+        f"parallel.sequence_parallel=true requires parallel.tensor_model_parallel_size > 1 "
+        f"(got {tp})",
+    )
+    _require(
+        not p.sequence_parallel or d.seq_length % tp == 0,
+        f"data.seq_length={d.seq_length} must be divisible by "
+        f"parallel.tensor_model_parallel_size={tp} when parallel.sequence_parallel=true",
+    )
+    cp = p.context_parallel_size
+    _require(
+        cp == 1 or d.seq_length % (2 * cp) == 0,
+        f"data.seq_length={d.seq_length} must be divisible by 2 x "
+        f"parallel.context_parallel_size={cp}",
+    )
+
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by "
+        f"train.micro_batch_size={t.micro_batch_size}",
+    )
+    if t.trainable is not None:
+        _require(bool(t.trainable), "train.trainable=[] trains nothing; use null to train all")
+        bad = sorted(set(t.trainable) - set(TRAINABLE_GROUPS))
+        _require(
+            not bad,
+            f"train.trainable has unknown group(s) {bad}; allowed: {list(TRAINABLE_GROUPS)}",
+        )
+
+    _require(
+        d.seq_length <= lm.max_position_embeddings,
+        f"data.seq_length={d.seq_length} exceeds "
+        f"model.language.max_position_embeddings={lm.max_position_embeddings}",
+    )
+    _require(d.kind != "energon" or bool(d.path), "data.kind='energon' requires data.path")
+
+    s = cfg.scheduler
+    decay = s.decay_iters if s.decay_iters is not None else t.train_iters
+    _require(
+        s.warmup_iters <= decay,
+        f"scheduler.warmup_iters={s.warmup_iters} exceeds the decay length {decay} "
+        f"(scheduler.decay_iters, or train.train_iters when null)",
+    )
+
+
+def validate_world_size(cfg: RunConfig, world_size: int) -> int:
+    """Check ``cfg.parallel`` and batch sizes against ``world_size``; return the DP size."""
+    p, t = cfg.parallel, cfg.train
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
+    _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    model_parallel = tp * pp * cp
+    _require(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp} x "
+        f"parallel.pipeline_model_parallel_size={pp} x parallel.context_parallel_size={cp} "
+        f"= {model_parallel}",
+    )
+    dp = world_size // model_parallel
+    _require(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by "
+        f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
+        f"(world size {world_size}) = {t.micro_batch_size * dp}",
+    )
+    return dp

@@ -1,0 +1,1 @@
+"""Model definitions as Megatron-Core specs."""

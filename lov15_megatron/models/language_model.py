@@ -1,0 +1,136 @@
+"""The Qwen3-style language model as a Megatron-Core ``GPTModel``.
+
+RMSNorm, SwiGLU MLP, grouped-query attention with QK-norm (RMSNorm over the head dim), rotary
+position embeddings and no biases. The layer spec is Megatron-Core's own: the local spec on CPU
+and the Transformer Engine spec on GPU (``model.transformer_impl``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from lov15_megatron.config import ConfigError, RunConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def padded_vocab_size(cfg: RunConfig) -> int:
+    """Vocabulary padded to ``make_vocab_size_divisible_by``.
+
+    Unlike Megatron-LM we do not multiply the multiple by TP: the padded size must not depend on
+    the parallel layout, so that one distributed checkpoint loads at any TP.
+    """
+    lm = cfg.model.language
+    multiple = lm.make_vocab_size_divisible_by
+    padded = -(-lm.vocab_size // multiple) * multiple
+    tp = cfg.parallel.tensor_model_parallel_size
+    if padded % tp:
+        raise ConfigError(
+            f"padded vocab size {padded} (model.language.make_vocab_size_divisible_by={multiple}) "
+            f"is not divisible by parallel.tensor_model_parallel_size={tp}"
+        )
+    return padded
+
+
+def use_transformer_engine(cfg: RunConfig) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "auto":
+        return torch.cuda.is_available() and _te_importable()
+    return impl == "transformer_engine"
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def language_transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of the language model for ``cfg``."""
+    lm, p = cfg.model.language, cfg.parallel
+    dtype = _DTYPES[cfg.model.params_dtype]
+    on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        kv_channels=lm.kv_channels or lm.hidden_size // lm.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=lm.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        # Fused CUDA kernels are GPU-only; the local spec falls back to plain torch ops.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def language_layer_spec(cfg: RunConfig) -> ModuleSpec:
+    """The transformer-layer spec: TE on GPU, Megatron-Core local modules otherwise."""
+    qk = cfg.model.language.qk_layernorm
+    if use_transformer_engine(cfg):
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+    return get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
+
+
+def build_language_model(
+    cfg: RunConfig,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    config: TransformerConfig | None = None,
+) -> GPTModel:
+    """One pipeline chunk of the language model (stage flags derived from parallel state)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(
+            ignore_virtual=False, vp_stage=vp_stage
+        )
+    lm = cfg.model.language
+    return GPTModel(
+        config=config or language_transformer_config(cfg),
+        transformer_layer_spec=language_layer_spec(cfg),
+        vocab_size=padded_vocab_size(cfg),
+        max_sequence_length=lm.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=lm.rotary_base,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,1 @@
+"""Process set-up (distributed, parallel state, seeds) and the explicit CPU backend."""

@@ -1,0 +1,1 @@
+"""Test utilities that ship with the package (multi-rank launcher)."""

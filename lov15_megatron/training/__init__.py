@@ -1,0 +1,1 @@
+"""Training components: model/optimizer set-up, the step, checkpointing, data."""

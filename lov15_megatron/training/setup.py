@@ -1,0 +1,111 @@
+"""Assemble the Megatron-Core training components for a config.
+
+Model chunks (one per virtual pipeline stage) wrapped in Megatron-Core's
+``DistributedDataParallel``, the Megatron optimizer (distributed optimizer when configured) and
+the learning-rate scheduler. Parallelism lives in these components; the training loop only
+calls them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import MegatronModule
+
+from lov15_megatron.config import RunConfig
+
+ModelProvider = Callable[[RunConfig, int | None], MegatronModule]
+"""``provider(cfg, vp_stage) -> module`` builds one pipeline chunk on this rank."""
+
+
+def build_model_chunks(cfg: RunConfig, provider: ModelProvider) -> list[MegatronModule]:
+    """Unwrapped model chunks for this rank: one per virtual pipeline stage."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    chunks = [provider(cfg, vp) for vp in stages]
+    if torch.cuda.is_available() and cfg.runtime.device != "cpu":
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    return chunks
+
+
+def wrap_ddp(cfg: RunConfig, chunks: list[MegatronModule]) -> list[DistributedDataParallel]:
+    """Wrap chunks in Megatron-Core DDP (fp32 grad buffers, contiguous, bucketed)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Bucketing only pays off for overlap; chunk 0 keeps one bucket per Megatron-LM.
+            disable_bucketing=i > 0,
+        )  # fmt: skip
+        for i, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel]) -> MegatronOptimizer:
+    """Megatron optimizer (distributed when ``parallel.use_distributed_optimizer``)."""
+    o = cfg.optimizer
+    bf16 = cfg.model.params_dtype == "bfloat16"
+    opt_config = OptimizerConfig(
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    # Hooks the pipeline schedules call: grad sync, per-token loss scaling, loss scaling.
+    for chunk in chunks:
+        config = chunk.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.no_sync_func = [c.no_sync for c in chunks]
+        if len(chunks) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+    return optimizer
+
+
+def build_scheduler(cfg: RunConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
+    """Warmup then constant/linear/cosine decay to ``optimizer.min_lr``, stepped per iteration."""
+    s, o = cfg.scheduler, cfg.optimizer
+    decay = s.decay_iters or cfg.train.train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if s.warmup_iters else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters,
+        lr_decay_steps=max(decay, s.warmup_iters + 1),
+        lr_decay_style=s.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+
+
+def num_microbatches(cfg: RunConfig) -> int:
+    """Micro-batches per rank per step: global / (micro × DP)."""
+    dp = parallel_state.get_data_parallel_world_size()
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)

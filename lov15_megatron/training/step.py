@@ -1,0 +1,110 @@
+"""One optimizer step through Megatron-Core's pipeline schedules.
+
+The loss of a step is the sum of the masked per-token losses over the whole global batch divided
+by the number of loss tokens in it (``calculate_per_token_loss``): micro-batches and DP ranks are
+weighted by their token counts, so every parallel layout optimises the same objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lov15_megatron.config import RunConfig
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-weighted mean loss of the global batch (same value on every rank)
+    num_tokens: int  # loss tokens in the global batch
+    grad_norm: float | None
+    lr: float
+    skipped: bool  # the optimizer skipped the update (inf/nan grads)
+
+
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron loss function: (sum of masked losses, token count, values to report)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
+    """Forward step of a language-model micro-batch (every pipeline stage reads the batch)."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+    )
+    return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """[loss_sum, tokens] over micro-batches and DP ranks, available on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for d in loss_dicts:
+            totals += d["lm loss"].to(totals)
+        dist.all_reduce(
+            totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            totals,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return totals
+
+
+def train_step(
+    cfg: RunConfig,
+    data_iterator: Iterator | list[Iterator],
+    model: list,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    num_microbatches: int,
+    forward_step=language_forward_step,
+) -> StepResult:
+    """Zero grads, run forward/backward over all micro-batches, step optimizer and scheduler."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    device = next(model[0].parameters()).device
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,  # one iterator per chunk under virtual pipelining
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    # Step i (1-based) runs at the scheduler's lr for i: warmup never spends a step at lr 0.
+    scheduler.step(increment=1)
+    lr = optimizer.param_groups[0]["lr"]
+    updated, grad_norm, _ = optimizer.step()
+    totals = _reduce_loss(losses, device)
+    loss_sum, tokens = totals.tolist()
+    return StepResult(
+        loss=loss_sum / max(tokens, 1.0),
+        num_tokens=int(tokens),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        lr=lr,
+        skipped=not updated,
+    )
