@@ -48,7 +48,7 @@ class Runtime:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+    """``auto``: ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU: error."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -64,7 +64,7 @@ def free_port() -> int:
 
 
 def init_process_group(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int, int]:
-    """Initialise ``torch.distributed`` from torchrun's environment; returns (rank, world, local)."""
+    """Initialise ``torch.distributed`` from torchrun env vars; returns (rank, world, local)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     if "RANK" not in os.environ:  # plain `python …`: a world of one
