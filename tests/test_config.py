@@ -32,8 +32,8 @@ def test_tiny_config_values():
     assert (lm.num_layers, lm.hidden_size, lm.ffn_hidden_size) == (2, 64, 128)
     assert (lm.num_attention_heads, lm.num_query_groups, lm.vocab_size) == (4, 2, 256)
     assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (2, 8)
-    assert cfg.train.train_iters == 20 and cfg.data.seq_length == 32
-    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.min_lr == 1e-4
+    assert cfg.train.train_iters == 30 and cfg.data.seq_length == 32
+    assert cfg.optimizer.lr == 1e-2 and cfg.optimizer.min_lr == 1e-3
     assert isinstance(cfg.optimizer.lr, float)
     assert cfg.scheduler.warmup_iters == 2 and cfg.scheduler.decay_style == "cosine"
     assert cfg.model.params_dtype == "float32"  # untouched key keeps its default
@@ -44,7 +44,7 @@ def test_overrides_and_yaml_round_trip(tmp_path):
         TINY,
         [
             "model.language.num_layers=4",
-            "optimizer.lr=3e-4",  # PyYAML reads this as a string; float fields accept it
+            "optimizer.lr=3e-3",  # PyYAML reads this as a string; float fields accept it
             "optimizer.weight_decay=1",  # int -> float
             "parallel.use_distributed_optimizer=false",
             "model.language.kv_channels=32",
@@ -56,7 +56,7 @@ def test_overrides_and_yaml_round_trip(tmp_path):
         ],
     )
     assert cfg.model.language.num_layers == 4
-    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.lr == 3e-3 and isinstance(cfg.optimizer.lr, float)
     assert cfg.optimizer.weight_decay == 1.0 and isinstance(cfg.optimizer.weight_decay, float)
     assert cfg.parallel.use_distributed_optimizer is False
     assert cfg.model.language.kv_channels is None
@@ -72,7 +72,7 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     assert config_to_dict(again) == config_to_dict(cfg)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert format_config(cfg).splitlines()[0].startswith("====")
-    assert "train_iters: 20" in format_config(cfg)
+    assert "train_iters: 30" in format_config(cfg)
 
 
 def test_defaults_without_file():
@@ -232,7 +232,7 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
         (["train.micro_batch_size=0"], r"train.micro_batch_size=0 must be >= 1"),
         (["optimizer.lr=-1"], r"optimizer.lr=-1.0 must be >= 0"),
         (["optimizer.min_lr=1"], r"optimizer.min_lr=1.0 must be <= optimizer.lr"),
-        (["scheduler.warmup_iters=30"], r"scheduler.warmup_iters=30 exceeds the decay length 20"),
+        (["scheduler.warmup_iters=31"], r"scheduler.warmup_iters=31 exceeds the decay length 30"),
         (
             ["scheduler.warmup_iters=5", "scheduler.decay_iters=4"],
             r"scheduler.warmup_iters=5 exceeds the decay length 4",

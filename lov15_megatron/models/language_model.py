@@ -7,6 +7,9 @@ and the Transformer Engine spec on GPU (``model.transformer_impl``).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -17,8 +20,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from lov15_megatron.config import ConfigError, RunConfig
+from lov15_megatron.models.norms import LocalNorm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -94,15 +103,50 @@ def language_transformer_config(cfg: RunConfig) -> TransformerConfig:
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # gloo matches point-to-point messages between two ranks in posting order; a batched
+        # isend/irecv under virtual pipelining can pair an activation with a gradient of the
+        # same shape. The unbatched path orders sends and receives by rank parity.
+        batch_p2p_comm=on_gpu,
     )
 
 
+def swap_modules(spec: Any, mapping: dict[type, type]) -> Any:
+    """Copy of a spec tree with module classes replaced according to ``mapping``."""
+    if isinstance(spec, type):
+        return mapping.get(spec, spec)
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(
+            spec,
+            module=mapping.get(spec.module, spec.module),
+            submodules=swap_modules(spec.submodules, mapping),
+        )
+    if dataclasses.is_dataclass(spec):
+        changes = {
+            f.name: swap_modules(getattr(spec, f.name), mapping) for f in dataclasses.fields(spec)
+        }
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
 def language_layer_spec(cfg: RunConfig) -> ModuleSpec:
-    """The transformer-layer spec: TE on GPU, Megatron-Core local modules otherwise."""
+    """The transformer-layer spec: TE on GPU; on CPU Megatron-Core's local spec with
+    sequence-parallel-capable norms (:class:`~lov15_megatron.models.norms.LocalNorm`)."""
     qk = cfg.model.language.qk_layernorm
     if use_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
-    return get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
+    local = get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
+    return swap_modules(local, {WrappedTorchNorm: LocalNorm})
+
+
+def language_block_spec(
+    cfg: RunConfig, config: TransformerConfig, vp_stage: int | None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder-block spec for this pipeline chunk (layers plus the final norm)."""
+    layer = language_layer_spec(cfg)
+    if use_transformer_engine(cfg):
+        return layer  # TransformerBlock picks TENorm for the final norm itself
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LocalNorm)
 
 
 def build_language_model(
@@ -122,9 +166,10 @@ def build_language_model(
             ignore_virtual=False, vp_stage=vp_stage
         )
     lm = cfg.model.language
+    config = config or language_transformer_config(cfg)
     return GPTModel(
-        config=config or language_transformer_config(cfg),
-        transformer_layer_spec=language_layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=language_block_spec(cfg, config, vp_stage),
         vocab_size=padded_vocab_size(cfg),
         max_sequence_length=lm.max_position_embeddings,
         pre_process=pre_process,

@@ -104,12 +104,15 @@ def run_ranks(
 
 
 def _load_target(spec: dict[str, str]) -> Callable:
-    if spec["module"] in sys.modules or not spec["file"]:
-        module = importlib.import_module(spec["module"])
+    name = spec["module"]
+    if name == "__main__":  # a script's function: load the script under another name
+        name = "__multirank_target__"
+    if name in sys.modules or not spec["file"]:
+        module = importlib.import_module(name)
     else:
-        loader_spec = importlib.util.spec_from_file_location(spec["module"], spec["file"])
+        loader_spec = importlib.util.spec_from_file_location(name, spec["file"])
         module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[spec["module"]] = module
+        sys.modules[name] = module
         loader_spec.loader.exec_module(module)
     obj: Any = module
     for part in spec["name"].split("."):
