@@ -70,6 +70,7 @@ def language_transformer_config(cfg: RunConfig) -> TransformerConfig:
     lm, p = cfg.model.language, cfg.parallel
     dtype = _DTYPES[cfg.model.params_dtype]
     on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
+    te = on_gpu and use_transformer_engine(cfg)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -97,10 +98,10 @@ def language_transformer_config(cfg: RunConfig) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        # Fused CUDA kernels are GPU-only; the local spec falls back to plain torch ops.
-        bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        # Fused kernels come with Transformer Engine; the local spec uses plain torch ops.
+        bias_activation_fusion=te,
+        masked_softmax_fusion=te,
+        persist_layer_norm=te,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         # gloo matches point-to-point messages between two ranks in posting order; a batched
