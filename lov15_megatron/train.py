@@ -13,7 +13,7 @@ import time
 import torch
 
 from lov15_megatron.config import RunConfig, format_config, load_config
-from lov15_megatron.models.language_model import build_language_model
+from lov15_megatron.models.qwen3 import build_qwen3_model
 from lov15_megatron.runtime import distributed
 from lov15_megatron.runtime.distributed import print_rank_0
 from lov15_megatron.training import checkpointing, setup, synthetic
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 
 def language_model_provider(cfg: RunConfig, vp_stage: int | None):
-    return build_language_model(cfg, vp_stage=vp_stage)
+    return build_qwen3_model(cfg, vp_stage=vp_stage)
 
 
 def train(cfg: RunConfig) -> list[float]:

@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from lov15_megatron.testing.multirank import run_ranks
+from lov15_megatron.runtime.launch import run_ranks
 
 CONFIG = "configs/tiny_gpt.yaml"
 STEPS = 8

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lov15_megatron.config import ConfigError, load_config
-from lov15_megatron.testing.multirank import RankFailure, run_ranks
+from lov15_megatron.runtime.launch import RankFailure, run_ranks
 
 
 def _in_fresh_python(code: str) -> str:
@@ -21,7 +21,7 @@ def test_cpu_backend_is_not_an_import_side_effect():
     out = _in_fresh_python(
         "import torch; before = torch.cuda.current_device\n"
         "import lov15_megatron.runtime.cpu_backend as cb, lov15_megatron.runtime.distributed\n"
-        "import lov15_megatron.models.language_model, lov15_megatron.train\n"
+        "import lov15_megatron.models.qwen3, lov15_megatron.train\n"
         "print(cb.is_enabled(), torch.cuda.current_device is before)"
     )
     assert out == "False True"

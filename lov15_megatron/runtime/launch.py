@@ -68,7 +68,7 @@ def run_ranks(
                 **(env or {}),
             }  # fmt: skip
             log = open(work / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-            cmd = [sys.executable, "-m", "lov15_megatron.testing.multirank", str(work)]
+            cmd = [sys.executable, "-m", "lov15_megatron.runtime.launch", str(work)]
             procs.append(
                 (subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log)
             )

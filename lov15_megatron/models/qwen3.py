@@ -1,8 +1,15 @@
-"""The Qwen3-style language model as a Megatron-Core ``GPTModel``.
+"""The Qwen3 language model as a Megatron-Core ``GPTModel``.
 
-RMSNorm, SwiGLU MLP, grouped-query attention with QK-norm (RMSNorm over the head dim), rotary
-position embeddings and no biases. The layer spec is Megatron-Core's own: the local spec on CPU
-and the Transformer Engine spec on GPU (``model.transformer_impl``).
+RMSNorm (eps from config, 1e-6 for Qwen3), SwiGLU MLP, grouped-query attention with QK-norm
+(RMSNorm over the head dim, one weight shared by all heads), rotate-half RoPE over the full head
+dim with the configured base, no biases, tied or untied embeddings. The layer spec is
+Megatron-Core's own: the Transformer Engine spec on GPU, the local spec on CPU
+(``model.transformer_impl``: ``auto`` picks TE when it is importable and a GPU is present).
+
+Both specs store their checkpoints under the same keys: the local spec's
+``sharded_state_dict_keys_map`` files ``input_layernorm`` / ``pre_mlp_layernorm`` under TE's
+fused names (``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``), so one
+distributed checkpoint serves either spec.
 """
 
 from __future__ import annotations
@@ -26,28 +33,40 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from lov15_megatron.config import ConfigError, RunConfig
+from lov15_megatron.config import RunConfig
 from lov15_megatron.models.norms import LocalNorm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def padded_vocab_size(cfg: RunConfig) -> int:
-    """Vocabulary padded to ``make_vocab_size_divisible_by``.
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of ``divisible_by × TP``.
 
-    Unlike Megatron-LM we do not multiply the multiple by TP: the padded size must not depend on
-    the parallel layout, so that one distributed checkpoint loads at any TP.
+    The padded size depends on TP (151936 → 151936 at TP=1, 152064 at TP=2/4, 152576 at TP=8);
+    embedding and output weights are stored with ``allow_shape_mismatch`` in distributed
+    checkpoints, so a checkpoint still loads at another TP, and :func:`zero_vocab_padding`
+    makes the rows past the real vocabulary deterministic afterwards.
     """
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def model_vocab_size(cfg: RunConfig) -> int:
     lm = cfg.model.language
-    multiple = lm.make_vocab_size_divisible_by
-    padded = -(-lm.vocab_size // multiple) * multiple
     tp = cfg.parallel.tensor_model_parallel_size
-    if padded % tp:
-        raise ConfigError(
-            f"padded vocab size {padded} (model.language.make_vocab_size_divisible_by={multiple}) "
-            f"is not divisible by parallel.tensor_model_parallel_size={tp}"
-        )
-    return padded
+    return padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, tp)
+
+
+@torch.no_grad()
+def zero_vocab_padding(model: torch.nn.Module, vocab_size: int) -> None:
+    """Zero embedding / output rows at ids ≥ ``vocab_size`` on this TP rank's vocab shard."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+            # Both are split over TP into contiguous vocab shards of equal size.
+            first_pad = max(vocab_size - tp_rank * param.shape[0], 0)
+            if first_pad < param.shape[0]:
+                param[first_pad:].zero_()
 
 
 def use_transformer_engine(cfg: RunConfig) -> bool:
@@ -65,8 +84,8 @@ def _te_importable() -> bool:
     return True
 
 
-def language_transformer_config(cfg: RunConfig) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` of the language model for ``cfg``."""
+def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of the Qwen3 language model for ``cfg``."""
     lm, p = cfg.model.language, cfg.parallel
     dtype = _DTYPES[cfg.model.params_dtype]
     on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
@@ -129,7 +148,7 @@ def swap_modules(spec: Any, mapping: dict[type, type]) -> Any:
     return spec
 
 
-def language_layer_spec(cfg: RunConfig) -> ModuleSpec:
+def qwen3_layer_spec(cfg: RunConfig) -> ModuleSpec:
     """The transformer-layer spec: TE on GPU; on CPU Megatron-Core's local spec with
     sequence-parallel-capable norms (:class:`~lov15_megatron.models.norms.LocalNorm`)."""
     qk = cfg.model.language.qk_layernorm
@@ -139,25 +158,25 @@ def language_layer_spec(cfg: RunConfig) -> ModuleSpec:
     return swap_modules(local, {WrappedTorchNorm: LocalNorm})
 
 
-def language_block_spec(
+def qwen3_block_spec(
     cfg: RunConfig, config: TransformerConfig, vp_stage: int | None
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """The decoder-block spec for this pipeline chunk (layers plus the final norm)."""
-    layer = language_layer_spec(cfg)
+    layer = qwen3_layer_spec(cfg)
     if use_transformer_engine(cfg):
         return layer  # TransformerBlock picks TENorm for the final norm itself
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LocalNorm)
 
 
-def build_language_model(
+def build_qwen3_model(
     cfg: RunConfig,
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
     config: TransformerConfig | None = None,
 ) -> GPTModel:
-    """One pipeline chunk of the language model (stage flags derived from parallel state)."""
+    """One pipeline chunk of the Qwen3 model (stage flags derived from parallel state)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(
             ignore_virtual=False, vp_stage=vp_stage
@@ -167,11 +186,11 @@ def build_language_model(
             ignore_virtual=False, vp_stage=vp_stage
         )
     lm = cfg.model.language
-    config = config or language_transformer_config(cfg)
+    config = config or qwen3_transformer_config(cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=language_block_spec(cfg, config, vp_stage),
-        vocab_size=padded_vocab_size(cfg),
+        transformer_layer_spec=qwen3_block_spec(cfg, config, vp_stage),
+        vocab_size=model_vocab_size(cfg),
         max_sequence_length=lm.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

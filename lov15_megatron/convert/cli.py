@@ -1,0 +1,83 @@
+"""``python tools/convert_checkpoint.py {hf-to-mcore,mcore-to-hf,verify} --model NAME …``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lov15_megatron.config import ConfigError, validate_world_size
+from lov15_megatron.convert.mapping import ConversionError
+from lov15_megatron.convert.registry import MODELS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Hugging Face <-> Megatron-Core (torch_dist) checkpoint conversion.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron distributed checkpoint")
+    a.add_argument("--model", required=True, choices=MODELS)
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--save-dir", required=True)
+    a.add_argument("--tp", type=int, default=1, help="check that the result loads at this TP")
+    a.add_argument("--pp", type=int, default=1, help="check that the result loads at this PP")
+    a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    b = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF directory")
+    b.add_argument("--model", required=True, choices=MODELS)
+    b.add_argument("--load-dir", required=True)
+    b.add_argument("--save-dir", required=True)
+    b.add_argument("--hf-template", help="HF directory to take config fields and tokenizer from")
+    b.add_argument("--max-shard-gb", type=float, default=2.0)
+    c = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
+    c.add_argument("--model", required=True, choices=MODELS)
+    c.add_argument("--hf-dir", required=True)
+    c.add_argument("--load-dir", required=True)
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--inputs", help="torch file with a dict holding input_ids [batch, seq]")
+    c.add_argument("--dump-logits", help="write the Megatron logits (HF vocab) to this file")
+    return p
+
+
+def _check_layout(converter, hf_dir: str, tp: int, pp: int) -> None:
+    from lov15_megatron.convert.hf_io import HFCheckpointReader
+
+    cfg = converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp)
+    validate_world_size(cfg, tp * pp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "verify":
+            from lov15_megatron.convert.verify import verify
+
+            result = verify(args.model, args.hf_dir, args.load_dir, args.tp, args.pp,
+                            args.inputs, args.dump_logits)  # fmt: skip
+            print(json.dumps(result))
+            return 0
+        from lov15_megatron.convert import core
+        from lov15_megatron.convert.registry import get_converter
+        from lov15_megatron.runtime import distributed
+
+        converter = get_converter(args.model)
+        if args.command == "hf-to-mcore":
+            _check_layout(converter, args.hf_dir, args.tp, args.pp)
+        distributed.initialize(core.converter_runtime_config())
+        try:
+            if args.command == "hf-to-mcore":
+                summary = core.hf_to_mcore(converter, args.hf_dir, args.save_dir, args.dtype)
+            else:
+                shard = int(args.max_shard_gb * 2**30)
+                summary = core.mcore_to_hf(
+                    converter, args.load_dir, args.save_dir, args.hf_template, shard
+                )
+        finally:
+            distributed.shutdown()
+        print(summary.line())
+        return 0
+    except (ConversionError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,231 @@
+"""The model-independent conversion: HF directory ⇄ Megatron distributed checkpoint.
+
+A model plugs in with a converter object (``convert/qwen3.py``): its run config from the HF
+``config.json``, its mapping table, its Megatron model builder and its HF config writer. The
+steps here are the same for every model:
+
+* ``hf_to_mcore``: build the model on ``meta`` at TP=1/PP=1 (the checkpoint layout), check every
+  HF tensor against it *before* writing (missing, unexpected, wrong shape → one clear error),
+  then stream tensor by tensor into a ``torch_dist`` checkpoint.
+* ``mcore_to_hf``: read the checkpoint one parameter at a time, invert the transforms, write
+  bounded safetensors shards, ``config.json`` and the template's tokenizer files.
+
+Both write to a temporary name and rename when complete. Both must run after
+``runtime.distributed.initialize`` (a world of one on CPU is enough).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lov15_megatron.config import RunConfig, config_from_dict, config_to_dict
+from lov15_megatron.convert.hf_io import (
+    HFCheckpointReader,
+    HFCheckpointWriter,
+    copy_tokenizer_files,
+)
+from lov15_megatron.convert.mapping import ConversionError
+from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming, save_streaming
+
+MODEL_FILE = "lov15_model.json"
+"""Written inside every converted Megatron checkpoint: which model, its config, the HF config."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConversionSummary:
+    direction: str
+    output: str
+    tensors: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        return (
+            f"{self.direction}: wrote {self.tensors} tensors, {self.bytes / 2**20:.1f} MiB "
+            f"in {self.seconds:.1f}s -> {self.output}"
+        )
+
+
+def converter_runtime_config() -> RunConfig:
+    """The converter's own process: one CPU rank at TP=1/PP=1 (the checkpoint layout)."""
+    return config_from_dict({"runtime": {"device": "cpu"}})
+
+
+def _layout_model(converter, cfg: RunConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The TP=1/PP=1 model on ``meta`` in the checkpoint's dtype: the checkpoint layout."""
+    return build_on_meta(lambda: converter.build_model(cfg)).to(dtype)
+
+
+def _shape_context(cfg: RunConfig) -> str:
+    lm = cfg.model.language
+    return (
+        f"hidden_size={lm.hidden_size}, intermediate_size={lm.ffn_hidden_size}, "
+        f"num_attention_heads={lm.num_attention_heads}, num_key_value_heads={lm.num_query_groups}, "
+        f"head_dim={lm.kv_channels}, vocab_size={lm.vocab_size}, num_hidden_layers={lm.num_layers}"
+    )
+
+
+def plan_hf_to_mcore(converter, cfg: RunConfig, reader: HFCheckpointReader, model) -> dict:
+    """Map every Megatron parameter to its HF tensors; validate names and shapes up front."""
+    table = converter.table(cfg)
+    plan, used = {}, set()
+    params = model.state_dict(keep_vars=True)
+    for name, param in params.items():
+        if name.endswith("_extra_state"):
+            continue
+        row, hf_names = table.resolve(name)
+        expected = row.transform.to_hf(torch.empty(param.shape, device="meta"))
+        for hf_name, want in zip(hf_names, expected, strict=True):
+            if hf_name not in reader.names():
+                raise ConversionError(
+                    f"tensor {hf_name!r} (for Megatron {name}) is missing from {reader.dir}"
+                )
+            got = reader.shape(hf_name)
+            if got != tuple(want.shape):
+                raise ConversionError(
+                    f"{hf_name}: shape {got} in the checkpoint, but config.json "
+                    f"({_shape_context(cfg)}) implies {tuple(want.shape)}"
+                )
+        plan[name] = (row, hf_names)
+        used.update(hf_names)
+    unexpected = sorted(
+        n for n in reader.names() - used if not converter.ignorable_hf_tensor(n, cfg)
+    )
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ConversionError(
+            f"unexpected tensor(s) in {reader.dir} that the {converter.name} mapping does not use: "
+            f"{unexpected[:5]}{more}; does config.json match the weights?"
+        )
+    return plan
+
+
+def hf_to_mcore(
+    converter,
+    hf_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    dtype: str = "auto",
+    cfg: RunConfig | None = None,
+) -> ConversionSummary:
+    """Convert an HF checkpoint directory into a Megatron-Core torch_dist checkpoint."""
+    start = time.perf_counter()
+    reader = HFCheckpointReader(hf_dir)
+    cfg = cfg or converter.run_config(reader.config)
+    torch_dtype = reader.dtype() if dtype == "auto" else _DTYPES[dtype]
+    model = _layout_model(converter, cfg, torch_dtype)
+    plan = plan_hf_to_mcore(converter, cfg, reader, model)
+    for name in reader.names():
+        if converter.ignorable_hf_tensor(name, cfg) and name == "lm_head.weight":
+            embed = next(n for n in reader.names() if n.endswith("embed_tokens.weight"))
+            if not torch.equal(reader.get(name), reader.get(embed)):
+                raise ConversionError(
+                    "lm_head.weight differs from the input embeddings but config.json says "
+                    "tie_word_embeddings=true"
+                )
+    progress = tqdm(total=len(plan), desc="hf-to-mcore", unit="tensor", mininterval=1.0)
+    total = 0
+
+    def source(name: str) -> torch.Tensor:
+        nonlocal total
+        row, hf_names = plan[name]
+        tensor = row.transform.to_megatron([reader.get(n) for n in hf_names])
+        total += tensor.numel() * torch_dtype.itemsize
+        return tensor
+
+    meta = {
+        "model": converter.name,
+        "model_config": config_to_dict(cfg)["model"],
+        "hf_config": reader.config,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
+    try:
+        out = save_streaming(
+            model,
+            source,
+            save_dir,
+            on_param=lambda _name: progress.update(1),
+            extra_files={MODEL_FILE: json.dumps(meta, indent=2, sort_keys=True) + "\n"},
+        )
+    except PermissionError as e:
+        raise ConversionError(str(e)) from e
+    finally:
+        progress.close()
+    return ConversionSummary("hf-to-mcore", str(out), len(plan), total, time.perf_counter() - start)
+
+
+def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(load_dir) / MODEL_FILE
+    if not path.exists():
+        raise ConversionError(f"{path} is missing: not a checkpoint written by this converter")
+    return json.loads(path.read_text())
+
+
+def run_config_of_checkpoint(load_dir: str | os.PathLike, tp: int = 1, pp: int = 1) -> RunConfig:
+    meta = read_model_file(load_dir)
+    return config_from_dict(
+        {
+            "model": meta["model_config"],
+            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "runtime": {"device": "cpu"},
+            "data": {
+                "seq_length": min(32, meta["model_config"]["language"]["max_position_embeddings"])
+            },
+        },
+        source=str(Path(load_dir) / MODEL_FILE),
+    )
+
+
+def mcore_to_hf(
+    converter,
+    load_dir: str | os.PathLike,
+    save_dir: str | os.PathLike,
+    hf_template: str | os.PathLike | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+) -> ConversionSummary:
+    """Convert a converter/training torch_dist checkpoint back into an HF directory."""
+    start = time.perf_counter()
+    meta = read_model_file(load_dir)
+    cfg = run_config_of_checkpoint(load_dir)
+    torch_dtype = _DTYPES[meta.get("dtype", "float32")]
+    model = _layout_model(converter, cfg, torch_dtype)
+    table = converter.table(cfg)
+    template_dir = Path(hf_template) if hf_template else None
+    template_config = meta["hf_config"]
+    if template_dir is not None:
+        if not (template_dir / "config.json").exists():
+            raise ConversionError(f"--hf-template {template_dir} has no config.json")
+        template_config = json.loads((template_dir / "config.json").read_text())
+    writer = HFCheckpointWriter(save_dir, max_shard_bytes)
+    try:
+        progress = tqdm(desc="mcore-to-hf", unit="tensor", mininterval=1.0)
+        count = 0
+        for name, tensor in load_streaming(model, load_dir):
+            row, hf_names = table.resolve(name)
+            for hf_name, hf_tensor in zip(hf_names, row.transform.to_hf(tensor), strict=True):
+                writer.add(hf_name, hf_tensor)
+                count += 1
+            progress.update(1)
+        progress.close()
+        hf_config = converter.hf_config(cfg, template_config)
+        dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
+        hf_config[dtype_key] = str(torch_dtype).removeprefix("torch.")
+        writer.write_json("config.json", hf_config)
+        if template_dir is not None:
+            copy_tokenizer_files(template_dir, writer)
+        out = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return ConversionSummary(
+        "mcore-to-hf", str(out), count, writer.total_bytes, time.perf_counter() - start
+    )

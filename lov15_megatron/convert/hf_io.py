@@ -1,0 +1,153 @@
+"""Reading and writing Hugging Face checkpoint directories tensor by tensor.
+
+The reader opens ``model.safetensors`` or the shards listed in
+``model.safetensors.index.json`` and hands out one tensor at a time (safetensors reads only that
+tensor's bytes), so memory stays bounded by the tensors in flight, not the model. The writer
+collects tensors into shards of bounded size, writes the index when there is more than one
+shard, and works in a temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lov15_megatron.convert.mapping import ConversionError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+class HFCheckpointReader:
+    """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ConversionError(f"Hugging Face checkpoint directory {self.dir} does not exist")
+        config_path = self.dir / "config.json"
+        if not config_path.exists():
+            raise ConversionError(f"{config_path} is missing")
+        self.config: dict = json.loads(config_path.read_text())
+        if (self.dir / INDEX).exists():
+            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            self._file_of = {name: self.dir / f for name, f in weight_map.items()}
+        elif (self.dir / SINGLE).exists():
+            with safe_open(self.dir / SINGLE, framework="pt") as f:
+                self._file_of = {name: self.dir / SINGLE for name in f.keys()}
+        else:
+            raise ConversionError(f"no {SINGLE} or {INDEX} in {self.dir}")
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def _handle(self, name: str):
+        if name not in self._file_of:
+            raise ConversionError(f"tensor {name!r} is missing from {self.dir}")
+        path = self._file_of[name]
+        if path not in self._handles:
+            if not path.exists():
+                raise ConversionError(f"{path} (listed in {INDEX}) does not exist")
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's tensors (from the first one)."""
+        name = min(self._file_of)
+        return self.get(name).dtype
+
+
+class HFCheckpointWriter:
+    """Write tensors into bounded safetensors shards in ``<dir>.tmp``, renamed on ``finish``."""
+
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = 2 * 2**30) -> None:
+        self.final = Path(directory)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise ConversionError(f"cannot write to {self.final}: {e}") from e
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._pending, self.tmp / f"shard-{index:05d}.tmp", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def write_json(self, name: str, data: dict) -> None:
+        (self.tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def copy_file(self, source: Path) -> None:
+        shutil.copy2(source, self.tmp / source.name)
+
+    def finish(self) -> Path:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final_name = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.tmp / f"shard-{i:05d}.tmp").rename(self.tmp / final_name)
+            weight_map.update({name: final_name for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self.write_json(INDEX, index)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        self.tmp.rename(self.final)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_tokenizer_files(template: Path, writer: HFCheckpointWriter) -> list[str]:
+    """Copy tokenizer / processor / generation files from ``template``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (template / name).exists():
+            writer.copy_file(template / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,173 @@
+"""Qwen3: the HF ⇄ Megatron mapping table and config translation.
+
+The rows are written with prefixes so that the vision-language model reuses them for its
+language model (``language_model.`` on the Megatron side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from lov15_megatron.config import LanguageModelConfig, RunConfig, config_from_dict
+from lov15_megatron.convert.mapping import (
+    Concat,
+    ConversionError,
+    Direct,
+    GroupedQKV,
+    MappingTable,
+    PaddedRows,
+    ParamMapping,
+)
+from lov15_megatron.models.qwen3 import build_qwen3_model, model_vocab_size
+
+# HF config field → our LanguageModelConfig field.
+_HF_FIELDS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rotary_base",
+    "rms_norm_eps": "norm_epsilon",
+}
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    if "rope_theta" in hf:
+        return float(hf["rope_theta"])
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params.get("rope_type", "default") not in ("default", None):
+        raise ConversionError(f"rope type {params['rope_type']!r} is not supported (config.json)")
+    if "rope_theta" not in params:
+        raise ConversionError("config.json has no rope_theta")
+    return float(params["rope_theta"])
+
+
+def language_config_from_hf(hf: dict[str, Any]) -> LanguageModelConfig:
+    """Our language-model config from a Qwen3 ``config.json`` (or a VLM's ``text_config``)."""
+    missing = [k for k in _HF_FIELDS if k not in hf and k != "rope_theta"]
+    if missing:
+        raise ConversionError(f"config.json lacks Qwen3 field(s) {missing}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConversionError("config.json: attention_bias/mlp_bias=true is not Qwen3")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act={hf['hidden_act']!r}, Qwen3 uses 'silu'")
+    values = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if theirs != "rope_theta"}
+    values["rotary_base"] = _rope_theta(hf)
+    values["untie_embeddings_and_output_weights"] = not hf.get("tie_word_embeddings", False)
+    values["qk_layernorm"] = True
+    return LanguageModelConfig(**values)
+
+
+def hf_config_from_language(lm: LanguageModelConfig, template: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen3 ``config.json`` for ``lm``: the template's other fields kept, ours written."""
+    out = dict(template)
+    for theirs, ours in _HF_FIELDS.items():
+        if theirs != "rope_theta":
+            out[theirs] = getattr(lm, ours)
+    if isinstance(out.get("rope_parameters"), dict):  # transformers ≥ 5 spelling
+        out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": lm.rotary_base}
+    else:
+        out["rope_theta"] = lm.rotary_base
+    out["head_dim"] = lm.kv_channels or lm.hidden_size // lm.num_attention_heads
+    out["tie_word_embeddings"] = not lm.untie_embeddings_and_output_weights
+    out.update(attention_bias=False, hidden_act="silu")
+    return out
+
+
+def run_config_from_hf(hf: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
+    """A run config holding the model of ``hf`` at the given layout on CPU."""
+    lm = language_config_from_hf(hf)
+    return config_from_dict(
+        {
+            "model": {"language": asdict(lm)},
+            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "data": {"seq_length": min(32, lm.max_position_embeddings)},
+            "runtime": {"device": "cpu"},
+        },
+        source="config.json",
+    )
+
+
+def qwen3_rows(
+    cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."
+) -> list[ParamMapping]:
+    """Rows for the Qwen3 LM (Megatron prefix ``mcore``, HF prefixes ``hf`` and ``head``)."""
+    lm = cfg.model.language
+    head_dim = lm.kv_channels or lm.hidden_size // lm.num_attention_heads
+    vocab = PaddedRows(lm.vocab_size, model_vocab_size(cfg))
+    layer, hl = f"{mcore}decoder.layers.*.", f"{hf}layers.*."
+    qkv = GroupedQKV(lm.num_attention_heads, lm.num_query_groups, head_dim)
+    rows = [
+        ParamMapping(
+            f"{mcore}embedding.word_embeddings.weight", (f"{hf}embed_tokens.weight",), vocab
+        ),
+        ParamMapping(f"{mcore}output_layer.weight", (f"{head}weight",), vocab),
+        ParamMapping(f"{mcore}decoder.final_layernorm.weight", (f"{hf}norm.weight",)),
+        # local spec names, then the Transformer Engine spec's fused-norm names
+        ParamMapping(f"{layer}input_layernorm.weight", (f"{hl}input_layernorm.weight",)),
+        ParamMapping(
+            f"{layer}self_attention.linear_qkv.layer_norm_weight", (f"{hl}input_layernorm.weight",)
+        ),
+        ParamMapping(
+            f"{layer}self_attention.linear_qkv.weight",
+            tuple(f"{hl}self_attn.{p}_proj.weight" for p in "qkv"),
+            qkv,
+        ),
+        ParamMapping(
+            f"{layer}self_attention.linear_proj.weight", (f"{hl}self_attn.o_proj.weight",)
+        ),
+        ParamMapping(
+            f"{layer}self_attention.q_layernorm.weight", (f"{hl}self_attn.q_norm.weight",)
+        ),
+        ParamMapping(
+            f"{layer}self_attention.k_layernorm.weight", (f"{hl}self_attn.k_norm.weight",)
+        ),
+        ParamMapping(f"{layer}pre_mlp_layernorm.weight", (f"{hl}post_attention_layernorm.weight",)),
+        ParamMapping(
+            f"{layer}mlp.linear_fc1.layer_norm_weight", (f"{hl}post_attention_layernorm.weight",)
+        ),
+        ParamMapping(
+            f"{layer}mlp.linear_fc1.weight",
+            (f"{hl}mlp.gate_proj.weight", f"{hl}mlp.up_proj.weight"),
+            Concat((lm.ffn_hidden_size, lm.ffn_hidden_size)),
+        ),
+        ParamMapping(f"{layer}mlp.linear_fc2.weight", (f"{hl}mlp.down_proj.weight",), Direct()),
+    ]
+    return rows
+
+
+class Qwen3Converter:
+    """What the generic converter needs to know about Qwen3 (see ``convert/core.py``)."""
+
+    name = "qwen3"
+    hf_architecture = "Qwen3ForCausalLM"
+
+    def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
+        return run_config_from_hf(hf_config, tp, pp)
+
+    def table(self, cfg: RunConfig) -> MappingTable:
+        return MappingTable(qwen3_rows(cfg))
+
+    def build_model(self, cfg: RunConfig, vp_stage: int | None = None):
+        return build_qwen3_model(cfg, vp_stage=vp_stage)
+
+    def hf_config(self, cfg: RunConfig, template: dict[str, Any]) -> dict[str, Any]:
+        out = hf_config_from_language(cfg.model.language, template)
+        out.setdefault("model_type", "qwen3")
+        out["architectures"] = [self.hf_architecture]
+        return out
+
+    def ignorable_hf_tensor(self, name: str, cfg: RunConfig) -> bool:
+        """HF tensors that have no Megatron counterpart but carry no information."""
+        tied = not cfg.model.language.untie_embeddings_and_output_weights
+        return tied and name == "lm_head.weight"
+
+    def hf_model_class(self):
+        from transformers import Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM

@@ -1,0 +1,115 @@
+"""Compare a converted Megatron checkpoint with the Hugging Face model on the same inputs.
+
+The Megatron side runs in its own ranks (``tp × pp`` of them, gloo on CPU / NCCL on GPU) started
+by :func:`~lov15_megatron.runtime.launch.run_ranks`, through Megatron-Core's pipeline schedule in
+forward-only mode; logits are gathered over the tensor-parallel vocab shards and cut to the HF
+vocabulary. The HF side runs in the calling process in fp32.
+
+Metrics: ``max_abs_diff`` = max |mcore − hf|; ``max_rel_diff`` = max_abs_diff / max |hf|;
+``top1_agreement`` = fraction of positions whose arg-max token agrees.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None
+    )
+    return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach()})
+
+
+def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, input_ids: torch.Tensor):
+    """Runs in each rank: load the checkpoint at TP×PP and return full-vocab logits (or None)."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from lov15_megatron.config import config_from_dict, config_to_dict
+    from lov15_megatron.convert.core import run_config_of_checkpoint
+    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.models.qwen3 import zero_vocab_padding
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training import checkpointing, setup
+
+    converter = get_converter(model_name)
+    raw = config_to_dict(run_config_of_checkpoint(load_dir, tp, pp))
+    batch, seq = input_ids.shape
+    raw["data"]["seq_length"] = seq
+    raw["train"].update(micro_batch_size=batch, global_batch_size=batch)
+    raw["runtime"]["device"] = "auto"
+    cfg = config_from_dict(raw)
+    rt = distributed.initialize(cfg)
+    chunks = setup.build_model_chunks(cfg, converter.build_model)
+    checkpointing.load_model_weights(chunks, load_dir)
+    for chunk in chunks:
+        zero_vocab_padding(chunk, cfg.model.language.vocab_size)
+        chunk.eval()
+    data = {
+        "input_ids": input_ids.to(rt.device),
+        "position_ids": torch.arange(seq, device=rt.device).expand(batch, seq).contiguous(),
+    }
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter([data]) if len(chunks) == 1 else [iter([data]) for _ in chunks],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=True,
+        )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(out[0]["logits"])
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        return None
+    return logits[..., : cfg.model.language.vocab_size].float().cpu()
+
+
+def default_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def compare(mcore: torch.Tensor, hf: torch.Tensor) -> dict[str, float]:
+    diff = (mcore - hf).abs()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float(diff.max() / hf.abs().max().clamp_min(1e-12)),
+        "top1_agreement": float((mcore.argmax(-1) == hf.argmax(-1)).float().mean()),
+    }
+
+
+def verify(
+    model_name: str,
+    hf_dir: str | os.PathLike,
+    load_dir: str | os.PathLike,
+    tp: int = 1,
+    pp: int = 1,
+    inputs: str | os.PathLike | None = None,
+    dump_logits: str | os.PathLike | None = None,
+) -> dict:
+    """Run both models on the same inputs; returns the metrics (and dumps logits if asked)."""
+    from lov15_megatron.convert.core import read_model_file
+    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.runtime.launch import run_ranks
+
+    converter = get_converter(model_name)
+    vocab = read_model_file(load_dir)["model_config"]["language"]["vocab_size"]
+    input_ids = torch.load(inputs)["input_ids"] if inputs else default_inputs(vocab)
+    results = run_ranks(tp * pp, megatron_logits, model_name, str(load_dir), tp, pp, input_ids)
+    mcore = next(r for r in results if r is not None)
+    hf_model = converter.hf_model_class().from_pretrained(str(hf_dir), dtype=torch.float32)
+    hf_model.eval()
+    with torch.no_grad():
+        hf = hf_model(input_ids=input_ids).logits.float()
+    if dump_logits:
+        Path(dump_logits).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(mcore, dump_logits)
+    metrics = compare(mcore, hf)
+    return {"model": model_name, "tp": tp, "pp": pp, "shape": list(mcore.shape), **metrics}

@@ -1,1 +1,0 @@
-"""Test utilities that ship with the package (multi-rank launcher)."""
