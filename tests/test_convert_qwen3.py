@@ -1,0 +1,208 @@
+"""Qwen3 HF ⇄ Megatron conversion through the real CLI, checked against transformers' Qwen3.
+
+Tiny random ``Qwen3ForCausalLM`` checkpoints (tied and untied embeddings, vocab 250 so that
+Megatron pads it) are converted with ``tools/convert_checkpoint.py``; ``verify`` runs the
+Megatron model at TP=1, PP=2 and TP=2×PP=2 (untied) and TP=2 (tied) against the HF model
+(fp32, max abs logit difference < 1e-4); the round trip back to HF must be bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+LOGIT_TOL = 1e-4
+
+
+def make_hf_qwen3(path: Path, tied: bool, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms and larger weights than the default init
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+    return model
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def ok(*args: str) -> str:
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    out = {}
+    for tied in (False, True):
+        name = "tied" if tied else "untied"
+        make_hf_qwen3(root / f"hf_{name}", tied)
+        line = ok("hf-to-mcore", "--model", "qwen3", "--hf-dir", str(root / f"hf_{name}"),
+                  "--save-dir", str(root / f"mc_{name}"), "--tp", "2", "--pp", "2")  # fmt: skip
+        assert "hf-to-mcore: wrote" in line
+        out[name] = (root / f"hf_{name}", root / f"mc_{name}")
+    return root, out
+
+
+def _verify(hf: Path, mc: Path, tp: int, pp: int, *extra: str) -> dict:
+    line = ok("verify", "--model", "qwen3", "--hf-dir", str(hf), "--load-dir", str(mc),
+              "--tp", str(tp), "--pp", str(pp), *extra).strip().splitlines()[-1]  # fmt: skip
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("name,tp,pp", [("untied", 1, 1), ("untied", 1, 2), ("untied", 2, 2)])
+def test_logit_parity_with_transformers(converted, name, tp, pp):
+    _, models = converted
+    result = _verify(*models[name], tp, pp)
+    assert result["shape"] == [2, 16, 250]
+    assert result["max_abs_diff"] < LOGIT_TOL, result
+    assert result["top1_agreement"] == 1.0, result
+
+
+def test_verify_tied_tp2_with_user_inputs_and_dump(converted, tmp_path):
+    _, models = converted
+    hf_dir, mc_dir = models["tied"]
+    ids = torch.tensor([[1, 5, 9, 249, 0, 17, 3]])
+    torch.save({"input_ids": ids}, tmp_path / "in.pt")
+    result = _verify(hf_dir, mc_dir, 2, 1, "--inputs", str(tmp_path / "in.pt"),
+                     "--dump-logits", str(tmp_path / "logits.pt"))  # fmt: skip
+    dumped = torch.load(tmp_path / "logits.pt")
+    reference = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(ids).logits
+    assert dumped.shape == (1, 7, 250) and result["shape"] == [1, 7, 250]
+    assert (dumped - reference).abs().max() < LOGIT_TOL
+    assert result["max_abs_diff"] < LOGIT_TOL and result["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_round_trip_is_bit_exact(converted, name, tmp_path):
+    _, models = converted
+    hf_dir, mc_dir = models[name]
+    back = tmp_path / "back"
+    # a tiny shard limit forces several shards and an index
+    ok("mcore-to-hf", "--model", "qwen3", "--load-dir", str(mc_dir), "--save-dir", str(back),
+       "--hf-template", str(hf_dir), "--max-shard-gb", "0.00005")  # fmt: skip
+    original, exported = tensors(hf_dir), tensors(back)
+    assert (back / "model.safetensors.index.json").exists()
+    assert sorted(original) == sorted(exported)
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
+    assert (back / "tokenizer_config.json").read_text() == (
+        hf_dir / "tokenizer_config.json"
+    ).read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+    config = json.loads((back / "config.json").read_text())
+    assert config["tie_word_embeddings"] is (name == "tied")
+    reloaded = Qwen3ForCausalLM.from_pretrained(back, dtype=torch.float32)
+    reference = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = torch.arange(12).view(1, 12)
+    assert torch.equal(reloaded(ids).logits, reference(ids).logits)
+
+
+def _fails(*args: str) -> str:
+    out = cli(*args)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    return out.stderr
+
+
+def _conversion_errors(cases: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Runs in one rank: convert each (hf_dir, save_dir) case; return each error message."""
+    from lov15_megatron.convert import core
+    from lov15_megatron.convert.qwen3 import Qwen3Converter
+    from lov15_megatron.runtime import distributed
+
+    distributed.initialize(core.converter_runtime_config())
+    errors = {}
+    for name, (hf_dir, save_dir) in cases.items():
+        try:
+            core.hf_to_mcore(Qwen3Converter(), hf_dir, save_dir)
+            errors[name] = "no error"
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            errors[name] = f"{type(e).__name__}: {e}"
+    return errors
+
+
+def test_bad_inputs_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lov15_megatron.runtime.launch import run_ranks
+
+    hf = tmp_path / "hf"
+    make_hf_qwen3(hf, tied=False)
+    weights = load_file(hf / "model.safetensors")
+
+    def variant(name: str, tensors: dict, **config_changes) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors")
+        config = {**json.loads((hf / "config.json").read_text()), **config_changes}
+        (d / "config.json").write_text(json.dumps(config))
+        return str(d)
+
+    bad_shape = {**weights, "model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 32)}
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output's parent should be")
+    cases = {
+        "missing": variant(
+            "missing", {k: v for k, v in weights.items() if "1.mlp.up_proj" not in k}
+        ),
+        "extra": variant(
+            "extra", {**weights, "model.layers.0.self_attn.rotary.inv_freq": torch.ones(8)}
+        ),
+        "shape": variant("shape", bad_shape),
+        "config": variant("config", weights, intermediate_size=128),
+        "head": variant("head", weights, tie_word_embeddings=True),
+    }
+    outputs = {name: str(tmp_path / f"out_{name}") for name in cases}
+    outputs["unwritable"] = str(blocker / "out")
+    jobs = {name: (hf_dir, outputs[name]) for name, hf_dir in cases.items()}
+    jobs["unwritable"] = (str(hf), outputs["unwritable"])
+    (errors,) = run_ranks(1, _conversion_errors, jobs)
+
+    assert (
+        "model.layers.1.mlp.up_proj.weight" in errors["missing"] and "missing" in errors["missing"]
+    )
+    assert "unexpected" in errors["extra"] and "self_attn.rotary.inv_freq" in errors["extra"]
+    assert all(s in errors["shape"] for s in ("self_attn.o_proj.weight", "(64, 32)", "(64, 64)"))
+    assert "gate_proj.weight" in errors["config"] and "intermediate_size=128" in errors["config"]
+    assert "lm_head.weight differs" in errors["head"]
+    assert "cannot write" in errors["unwritable"] and outputs["unwritable"] in errors["unwritable"]
+    for name, out in outputs.items():  # nothing left behind that looks like output
+        assert not Path(out).exists() and not Path(out + ".tmp").exists(), name
+
+    # the CLI turns them into one line on stderr and exit code 2
+    err = _fails("hf-to-mcore", "--model", "qwen3", "--hf-dir", str(hf), "--save-dir",
+                 str(tmp_path / "tp4"), "--tp", "4")  # fmt: skip
+    assert "num_query_groups=2" in err and "tensor_model_parallel_size=4" in err
+    assert not (tmp_path / "tp4").exists()
+    err = _fails("mcore-to-hf", "--model", "qwen3", "--load-dir", str(hf), "--save-dir",
+                 str(tmp_path / "x"))  # fmt: skip
+    assert "lov15_model.json" in err and not (tmp_path / "x").exists()
