@@ -1,0 +1,42 @@
+"""Hugging Face-side LLaVA-OneVision-1.5 model (``transformers`` classes), written from the spec.
+
+- :mod:`.configuration_llavaonevision1_5`: ``RiceViTConfig``, ``LLaVAOneVision1_5_Config``.
+- :mod:`.modeling_llavaonevision1_5`: ``RiceViTModel`` (ViT + merger),
+  ``LLaVAOneVision1_5_ForConditionalGeneration``. Self-contained (copied next to exports).
+- :mod:`.export`: ``save_pretrained_with_code`` (``auto_map`` + code files).
+- :mod:`.mlcd`: the MLCD ⇄ Rice ViT tensor-name correspondence.
+"""
+
+from .configuration_llavaonevision1_5 import (
+    QWEN3_4B_TEXT_CONFIG,
+    QWEN3_8B_TEXT_CONFIG,
+    LLaVAOneVision1_5_Config,
+    RiceViTConfig,
+)
+from .export import AUTO_MAP, add_auto_map, save_pretrained_with_code, write_model_code
+from .mlcd import mlcd_to_rice_vit_state_dict, raster_to_merge_order
+from .modeling_llavaonevision1_5 import (
+    ALTERNATE_KEY_MAPPING,
+    LLaVAOneVision1_5_ForConditionalGeneration,
+    LLaVAOneVision1_5_PreTrainedModel,
+    RiceViTModel,
+    merge_order_positions,
+)
+
+__all__ = [
+    "ALTERNATE_KEY_MAPPING",
+    "AUTO_MAP",
+    "QWEN3_4B_TEXT_CONFIG",
+    "QWEN3_8B_TEXT_CONFIG",
+    "LLaVAOneVision1_5_Config",
+    "LLaVAOneVision1_5_ForConditionalGeneration",
+    "LLaVAOneVision1_5_PreTrainedModel",
+    "RiceViTConfig",
+    "RiceViTModel",
+    "add_auto_map",
+    "merge_order_positions",
+    "mlcd_to_rice_vit_state_dict",
+    "raster_to_merge_order",
+    "save_pretrained_with_code",
+    "write_model_code",
+]
