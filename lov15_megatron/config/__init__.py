@@ -22,6 +22,7 @@ from lov15_megatron.config.schema import (
     RuntimeConfig,
     SchedulerConfig,
     TrainConfig,
+    VisionModelConfig,
     validate,
     validate_world_size,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LanguageModelConfig",
+    "VisionModelConfig",
     "LoggingConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -36,10 +36,27 @@ class LanguageModelConfig:
 
 
 @dataclass
+class VisionModelConfig:
+    """The Rice ViT vision tower and the 2×2 patch merger (defaults: the release's ViT-L/14)."""
+
+    num_layers: int = 24
+    hidden_size: int = 1024
+    ffn_hidden_size: int = 4096
+    num_attention_heads: int = 16  # head dim = hidden_size // num_attention_heads
+    patch_size: int = 14
+    in_channels: int = 3
+    spatial_merge_size: int = 2  # the merger joins merge×merge patches into one LM token
+    norm_epsilon: float = 1e-5  # LayerNorm eps of the blocks, pre_layernorm and merger
+    rope_theta: float = 10000.0  # 2-D RoPE base
+    merger_hidden_size: int | None = None  # None -> hidden_size * spatial_merge_size**2
+
+
+@dataclass
 class ModelConfig:
-    """The whole model; vision tower / merger sections join here later."""
+    """The whole model: a language model, plus a vision tower and merger for the VLM."""
 
     language: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    vision: VisionModelConfig | None = None  # None: a language-only model
     init_method_std: float = 0.02  # std of the normal weight init
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE if usable
@@ -285,6 +302,8 @@ def validate(cfg: RunConfig) -> None:
         f"model.language.max_position_embeddings={lm.max_position_embeddings}",
     )
     _require(d.kind != "energon" or bool(d.path), "data.kind='energon' requires data.path")
+    if cfg.model.vision is not None:
+        _validate_vision(cfg.model.vision, tp)
 
     s = cfg.scheduler
     decay = s.decay_iters if s.decay_iters is not None else t.train_iters
@@ -292,6 +311,27 @@ def validate(cfg: RunConfig) -> None:
         s.warmup_iters <= decay,
         f"scheduler.warmup_iters={s.warmup_iters} exceeds the decay length {decay} "
         f"(scheduler.decay_iters, or train.train_iters when null)",
+    )
+
+
+def _validate_vision(v: VisionModelConfig, tp: int) -> None:
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "patch_size", "in_channels", "spatial_merge_size"):  # fmt: skip
+        _require(getattr(v, name) >= 1, f"model.vision.{name}={getattr(v, name)} must be >= 1")
+    heads = v.num_attention_heads
+    _require(
+        v.hidden_size % heads == 0,
+        f"model.vision.num_attention_heads={heads} does not divide "
+        f"model.vision.hidden_size={v.hidden_size}",
+    )
+    _require(
+        (v.hidden_size // heads) % 4 == 0,
+        f"model.vision head dim {v.hidden_size // heads} must be divisible by 4 (2-D RoPE)",
+    )
+    _require(
+        heads % tp == 0,
+        f"parallel.tensor_model_parallel_size={tp} does not divide "
+        f"model.vision.num_attention_heads={heads}",
     )
 
 
