@@ -13,7 +13,7 @@ import time
 import torch
 
 from lov15_megatron.config import RunConfig, format_config, load_config
-from lov15_megatron.models.qwen3 import build_qwen3_model
+from lov15_megatron.models.qwen3 import build_qwen3_model, zero_vocab_padding
 from lov15_megatron.runtime import distributed
 from lov15_megatron.runtime.distributed import print_rank_0
 from lov15_megatron.training import checkpointing, setup, synthetic
@@ -44,6 +44,8 @@ def train(cfg: RunConfig) -> list[float]:
     model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, language_model_provider))
     if cfg.checkpoint.pretrained:
         checkpointing.load_model_weights(model, cfg.checkpoint.pretrained)
+        for chunk in model:
+            zero_vocab_padding(chunk, cfg.model.language.vocab_size)
         print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained}")
     optimizer = setup.build_optimizer(cfg, model)
     scheduler = setup.build_scheduler(cfg, optimizer)
