@@ -2,7 +2,9 @@
 
 The reader opens ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json`` and hands out one tensor at a time (safetensors reads only that
-tensor's bytes), so memory stays bounded by the tensors in flight, not the model. The writer
+tensor's bytes). Files are opened per tensor and closed again: safetensors maps files into
+memory, and a handle kept open would keep every page it ever touched in the process's resident
+set — the whole checkpoint by the end of a conversion. The writer
 collects tensors into shards of bounded size, writes the index when there is more than one
 shard, and works in a temporary directory that is renamed into place only when complete.
 """
@@ -57,26 +59,25 @@ class HFCheckpointReader:
                 self._file_of = {name: self.dir / SINGLE for name in f.keys()}
         else:
             raise ConversionError(f"no {SINGLE} or {INDEX} in {self.dir}")
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> set[str]:
         return set(self._file_of)
 
-    def _handle(self, name: str):
+    def _path(self, name: str) -> Path:
         if name not in self._file_of:
             raise ConversionError(f"tensor {name!r} is missing from {self.dir}")
         path = self._file_of[name]
-        if path not in self._handles:
-            if not path.exists():
-                raise ConversionError(f"{path} (listed in {INDEX}) does not exist")
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        if not path.exists():
+            raise ConversionError(f"{path} (listed in {INDEX}) does not exist")
+        return path
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._path(name), framework="pt") as f:
+            return f.get_tensor(name).clone()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with safe_open(self._path(name), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's tensors (from the first one)."""

@@ -1,0 +1,209 @@
+"""tools/pack_offline.py: completeness, content, bounds, determinism, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_fixtures import build_mixed_sources, image_bytes, pack, read_packs
+
+from lov15_megatron.data.offline_packing import PackingError, partial_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"wall_time_s", "shards_written_this_run"}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Sources in all four layouts and a reference packing with one worker."""
+    root = tmp_path_factory.mktemp("mixed")
+    inputs = build_mixed_sources(root / "src")
+    report = pack(inputs, root / "ref", workers=1)
+    return root, inputs, report
+
+
+def _expected_samples(root: Path) -> dict[str, tuple[list[dict], list[bytes]]]:
+    """origin -> (messages, image bytes), written independently of the readers."""
+    src = root / "src"
+    role = {"human": "user", "gpt": "assistant"}
+    expected = {}
+    for index, record in enumerate(json.loads((src / "llava.json").read_text())):
+        images = record.get("image", [])
+        images = images if isinstance(images, list) else [images]
+        messages = [
+            {"role": role[t["from"]], "content": t["value"]} for t in record["conversations"]
+        ]
+        expected[f"{src / 'llava.json'}:record {index}"] = (
+            messages,
+            [(src / name).read_bytes() for name in images],
+        )
+    for index, line in enumerate((src / "messages.jsonl").read_text().splitlines()):
+        record = json.loads(line)
+        messages = []
+        for turn in record["messages"]:
+            content = turn["content"]
+            if isinstance(content, list):
+                content = "".join(p.get("text", "<image>") for p in content)
+            messages.append({"role": turn["role"], "content": content})
+        images = [(src / name).read_bytes() for name in record.get("images", [])]
+        expected[f"{src / 'messages.jsonl'}:record {index}"] = (messages, images)
+    import tarfile
+
+    with tarfile.open(src / "wds.tar") as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive}
+    for index in range(4):
+        key = f"sample{index:03d}"
+        record = json.loads(members[f"{key}.json"])
+        image = next(
+            data
+            for name, data in members.items()
+            if name.startswith(key + ".") and not name.endswith("json")
+        )
+        messages = [
+            {"role": role[t["from"]], "content": t["value"]} for t in record["conversations"]
+        ]
+        expected[f"{src / 'wds.tar'}:{key} (tar sample {index})"] = (messages, [image])
+    import pyarrow.parquet as pq
+
+    for index, row in enumerate(pq.read_table(src / "mid.parquet").to_pylist()):
+        messages = [
+            {"role": "user", "content": ""},
+            {"role": "assistant", "content": row["caption"]},
+        ]
+        origin = f"{src / 'mid.parquet'}:row {index} (id {row['id']})"
+        expected[origin] = (messages, [row["image"]["bytes"]])
+    return expected
+
+
+def test_every_sample_in_exactly_one_pack_unchanged(mixed):
+    root, _, report = mixed
+    expected = _expected_samples(root)
+    seen: dict[str, int] = {}
+    for record, images in read_packs(root / "ref").values():
+        assert sum(s["length"] for s in record["samples"]) <= report["seq_len"]
+        for sample in record["samples"]:
+            seen[sample["origin"]] = seen.get(sample["origin"], 0) + 1
+            messages, image_data = expected[sample["origin"]]
+            assert sample["messages"] == messages
+            assert [images[name] for name in sample["images"]] == image_data
+    assert seen == dict.fromkeys(expected, 1)
+    assert report["samples_in"] == report["samples_packed"] == len(expected) == 15
+    assert report["samples_skipped"] == {}
+    assert report["packs"] == len(read_packs(root / "ref")) >= 3
+    for key in ("samples_per_pack", "fill_efficiency", "padding_compression", "length_histogram"):
+        assert key in report
+    assert sum(report["length_histogram"]["counts"]) == 15
+    on_disk = json.loads((root / "ref" / "pack_report.json").read_text())
+    assert on_disk["packs"] == report["packs"] and "wall_time_s" in on_disk
+
+
+def _tree(output: Path) -> dict[str, bytes]:
+    files = {str(p.relative_to(output)): p.read_bytes() for p in (output / "shards").glob("*.tar")}
+    report = json.loads((output / "pack_report.json").read_text())
+    files["report"] = json.dumps({k: v for k, v in report.items() if k not in TIMING_KEYS}).encode()
+    for name in ("split.yaml", "dataset.yaml", ".info.json"):
+        files[name] = (output / ".nv-meta" / name).read_bytes()
+    return files
+
+
+def test_deterministic_across_runs_and_worker_counts(mixed, tmp_path):
+    root, inputs, _ = mixed
+    pack(inputs, tmp_path / "w2", workers=2)
+    pack(inputs, tmp_path / "w3", workers=3)
+    reference = _tree(root / "ref")
+    assert len([name for name in reference if name.endswith(".tar")]) >= 3
+    assert _tree(tmp_path / "w2") == reference
+    assert _tree(tmp_path / "w3") == reference
+
+
+def test_resume_after_killed_run(mixed, tmp_path):
+    root, inputs, report = mixed
+    output = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        pack(inputs, output, workers=1, stop_after_shards=1)
+    assert not output.exists()  # nothing complete-looking
+    partial = partial_path(output)
+    done = sorted((partial / "shards").glob("*.tar"))
+    assert len(done) == 1
+    before = done[0].stat()
+    resumed = pack(inputs, output, workers=2)
+    after = (output / "shards" / done[0].name).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not redone
+    assert resumed["shards_written_this_run"] == report["shards"] - 1
+    assert not partial.exists()
+    assert _tree(output) == _tree(root / "ref")
+
+
+def _bad_inputs(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.png").write_bytes(image_bytes(40, 40, "PNG"))
+    (root / "images" / "bad.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+
+    def record(user, answer="Fine.", image=None):
+        out = {
+            "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+        }
+        if image:
+            out["image"] = image
+        return json.dumps(out)
+
+    lines = [
+        record("<image> ok", image="images/ok.png"),
+        "{not json",
+        record("<image> gone", image="images/missing.png"),
+        record("<image> corrupt", image="images/bad.jpg"),
+        record("<image><image> two", image="images/ok.png"),
+        record("long " * 400),
+        json.dumps({"id": "no-turns"}),
+    ]
+    path = root / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_inputs_are_counted_with_skip(tmp_path):
+    source = _bad_inputs(tmp_path / "src")
+    report = pack([str(source)], tmp_path / "out", on_error="skip")
+    assert report["samples_in"] == 7 and report["samples_packed"] == 1
+    assert report["samples_skipped"] == {
+        "corrupt_image": 1,
+        "image_count_mismatch": 1,
+        "malformed_record": 2,
+        "missing_image": 1,
+        "too_long": 1,
+    }
+    examples = "\n".join(report["skipped_examples"])
+    for record in (1, 2, 3, 4, 5, 6):
+        assert f"{source}:record {record}" in examples
+
+
+def test_bad_input_fails_naming_file_and_record(tmp_path):
+    source = _bad_inputs(tmp_path / "src")
+    with pytest.raises(PackingError, match=rf"{source}:record 1.*malformed_record"):
+        pack([str(source)], tmp_path / "out", on_error="fail")
+    assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
+
+
+def test_cli_exits_nonzero_on_bad_input_and_energon_info_works(mixed, tmp_path):
+    source = _bad_inputs(tmp_path / "src")
+    command = [sys.executable, str(ROOT / "tools" / "pack_offline.py"), "--input", str(source)]
+    command += [
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        "qwen-offline",
+        "--seq-len",
+        "256",
+    ]
+    failed = subprocess.run(command + ["--workers", "1"], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert f"{source}:record 1" in failed.stderr
+    assert not (tmp_path / "out").exists()
+    root, _, report = mixed
+    energon = Path(sys.executable).with_name("energon")
+    info = subprocess.run([str(energon), "info", str(root / "ref")], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert f"{report['packs']} samples" in info.stdout and "PackedVLMSample" in info.stdout
