@@ -175,16 +175,20 @@ def build_qwen3_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     config: TransformerConfig | None = None,
+    position_embedding_type: str = "rope",
+    scatter_embedding_sequence_parallel: bool = True,
 ) -> GPTModel:
-    """One pipeline chunk of the Qwen3 model (stage flags derived from parallel state)."""
+    """One pipeline chunk of the Qwen3 model (stage flags derived from parallel state).
+
+    The VLM builds its language model with ``scatter_embedding_sequence_parallel=False`` (it
+    scatters after merging image features) and, on the local spec, ``"mrope"`` with three equal
+    position rows — plain 1-D RoPE at explicit positions that restart per packed sub-sample.
+    """
+    ps = parallel_state
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(
-            ignore_virtual=False, vp_stage=vp_stage
-        )
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(
-            ignore_virtual=False, vp_stage=vp_stage
-        )
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     lm = cfg.model.language
     config = config or qwen3_transformer_config(cfg)
     return GPTModel(
@@ -195,7 +199,8 @@ def build_qwen3_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not lm.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=position_embedding_type,
         rotary_base=lm.rotary_base,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         vp_stage=vp_stage,
     )
