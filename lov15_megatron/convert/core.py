@@ -220,6 +220,8 @@ def mcore_to_hf(
         dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
         hf_config[dtype_key] = str(torch_dtype).removeprefix("torch.")
         writer.write_json("config.json", hf_config)
+        if hasattr(converter, "write_extra"):
+            converter.write_extra(writer.tmp)
         if template_dir is not None:
             copy_tokenizer_files(template_dir, writer)
         out = writer.finish()

@@ -19,14 +19,15 @@ import torch
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None
-    )
+    logits = model(attention_mask=None, **batch)
     return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach()})
 
 
-def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, input_ids: torch.Tensor):
-    """Runs in each rank: load the checkpoint at TP×PP and return full-vocab logits (or None)."""
+def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, inputs: dict):
+    """Runs in each rank: load the checkpoint at TP×PP and return full-vocab logits (or None).
+
+    ``inputs`` holds ``input_ids`` and, for the VLM, ``pixel_values`` and ``image_grid_thw``.
+    """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -39,6 +40,7 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, input_ids:
 
     converter = get_converter(model_name)
     raw = config_to_dict(run_config_of_checkpoint(load_dir, tp, pp))
+    input_ids = inputs["input_ids"]
     batch, seq = input_ids.shape
     raw["data"]["seq_length"] = seq
     raw["train"].update(micro_batch_size=batch, global_batch_size=batch)
@@ -50,10 +52,8 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, input_ids:
     for chunk in chunks:
         zero_vocab_padding(chunk, cfg.model.language.vocab_size)
         chunk.eval()
-    data = {
-        "input_ids": input_ids.to(rt.device),
-        "position_ids": torch.arange(seq, device=rt.device).expand(batch, seq).contiguous(),
-    }
+    data = {k: v.to(rt.device) for k, v in inputs.items()}
+    data["position_ids"] = torch.arange(seq, device=rt.device).expand(batch, seq).contiguous()
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=_forward_step,
@@ -95,19 +95,24 @@ def verify(
     dump_logits: str | os.PathLike | None = None,
 ) -> dict:
     """Run both models on the same inputs; returns the metrics (and dumps logits if asked)."""
-    from lov15_megatron.convert.core import read_model_file
+    from lov15_megatron.convert.core import run_config_of_checkpoint
     from lov15_megatron.convert.registry import get_converter
     from lov15_megatron.runtime.launch import run_ranks
 
     converter = get_converter(model_name)
-    vocab = read_model_file(load_dir)["model_config"]["language"]["vocab_size"]
-    input_ids = torch.load(inputs)["input_ids"] if inputs else default_inputs(vocab)
-    results = run_ranks(tp * pp, megatron_logits, model_name, str(load_dir), tp, pp, input_ids)
+    cfg = run_config_of_checkpoint(load_dir)
+    if inputs:
+        data = torch.load(inputs)
+    elif hasattr(converter, "default_inputs"):
+        data = converter.default_inputs(cfg)
+    else:
+        data = {"input_ids": default_inputs(cfg.model.language.vocab_size)}
+    results = run_ranks(tp * pp, megatron_logits, model_name, str(load_dir), tp, pp, data)
     mcore = next(r for r in results if r is not None)
     hf_model = converter.hf_model_class().from_pretrained(str(hf_dir), dtype=torch.float32)
     hf_model.eval()
     with torch.no_grad():
-        hf = hf_model(input_ids=input_ids).logits.float()
+        hf = hf_model(**data).logits.float()
     if dump_logits:
         Path(dump_logits).parent.mkdir(parents=True, exist_ok=True)
         torch.save(mcore, dump_logits)

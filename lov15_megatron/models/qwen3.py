@@ -191,7 +191,7 @@ def build_qwen3_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     lm = cfg.model.language
     config = config or qwen3_transformer_config(cfg)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=qwen3_block_spec(cfg, config, vp_stage),
         vocab_size=model_vocab_size(cfg),
@@ -204,3 +204,5 @@ def build_qwen3_model(
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         vp_stage=vp_stage,
     )
+    model.true_vocab_size = lm.vocab_size  # the loss masks the padded logit columns
+    return model

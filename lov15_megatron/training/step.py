@@ -3,6 +3,10 @@
 The loss of a step is the sum of the masked per-token losses over the whole global batch divided
 by the number of loss tokens in it (``calculate_per_token_loss``): micro-batches and DP ranks are
 weighted by their token counts, so every parallel layout optimises the same objective.
+
+The per-token loss is computed here from the last stage's vocab-parallel logits rather than
+inside ``GPTModel``: Megatron pads the vocabulary to a multiple of 128 × TP, and the padded
+columns must not enter the softmax, or the loss would depend on TP (and differ from HF's).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -30,8 +34,33 @@ class StepResult:
     skipped: bool  # the optimizer skipped the update (inf/nan grads)
 
 
-def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron loss function: (sum of masked losses, token count, values to report)."""
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross entropy ``[b, s]`` from vocab-parallel logits ``[b, s, V_padded/TP]``.
+
+    Columns at ids ≥ ``vocab_size`` (Megatron's padding) are excluded from the softmax; labels
+    outside the vocabulary (e.g. -100) give a finite value that the loss mask removes. Like
+    Megatron's own loss path, Megatron's cross entropy may reuse ``logits``' memory in place:
+    pass a copy if the logits are needed afterwards.
+    """
+    shard = logits.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * shard
+    logits = logits.transpose(0, 1).float().contiguous()  # [s, b, v]
+    if first + shard > vocab_size:
+        ids = torch.arange(first, first + shard, device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    target = labels.transpose(0, 1).clamp(0, vocab_size - 1).contiguous()
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, target).transpose(0, 1)
+
+
+def masked_token_loss(
+    loss_mask: torch.Tensor, output_tensor: torch.Tensor, labels=None, vocab_size: int = 0
+):
+    """Megatron loss function: (sum of masked losses, token count, values to report).
+
+    ``output_tensor`` is per-token losses, or logits when ``labels`` are given.
+    """
+    if labels is not None:
+        output_tensor = token_losses(output_tensor, labels, vocab_size)
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
@@ -40,18 +69,67 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Forward step of a language-model micro-batch (every pipeline stage reads the batch)."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    output = model(
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None
+    )
+    vocab = _unwrap(model).true_vocab_size
+    return logits, partial(
+        masked_token_loss, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab
+    )
+
+
+def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
+    """Forward step of a (packed) vision-language micro-batch.
+
+    The batch is the task encoder's: ``input_ids``, ``labels`` (already shifted), ``loss_mask``,
+    ``position_ids`` ``[b, s]``, ``pixel_values``, ``image_grid_thw`` and, for packed rows,
+    ``cu_seqlens`` over the flattened ``[b·s]`` stream. With the local spec (CPU) the packing
+    becomes a block-diagonal causal mask; with Transformer Engine a THD ``PackedSeqParams`` over
+    the flattened stream (``[1, b·s]``).
+    """
+    from lov15_megatron.models.packed_seq import (
+        packed_attention_mask,
+        row_cu_seqlens_from_flat,
+        thd_packed_seq_params,
+    )
+
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    cu_seqlens = batch.pop("cu_seqlens", None)
+    mask = packed = None
+    if cu_seqlens is not None:
+        b, s = batch["input_ids"].shape
+        rows = row_cu_seqlens_from_flat(cu_seqlens, b, s)
+        if _unwrap(model).explicit_positions:
+            mask = packed_attention_mask(rows, s, causal=True).to(device)
+        else:
+            packed = thd_packed_seq_params(rows, s, device=device)
+            for key in ("input_ids", "labels", "loss_mask", "position_ids"):
+                batch[key] = batch[key].reshape(1, -1)
+    logits = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=None,
-        labels=batch["labels"],
+        attention_mask=mask,
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        packed_seq_params=packed,
     )
-    return output, partial(masked_token_loss, batch["loss_mask"])
+    vocab = _unwrap(model).true_vocab_size
+    return logits, partial(
+        masked_token_loss, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab
+    )
 
 
 def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""LLaVA-OneVision-1.5 on Megatron-Core: Rice ViT → 2×2 patch merger → Qwen3.
+
+The vision tower (``vision_model``) and the merger (``vision_projection``) live on the first
+pipeline stage only (first virtual chunk); every stage holds its slice of the Qwen3
+``language_model`` (a ``GPTModel``). On the first stage the merger output replaces, in order, the
+embeddings at every ``<|image_pad|>`` position (a count mismatch is an error), then — with
+sequence parallelism — the merged embeddings are scattered to the sequence-parallel region.
+
+Packed sequences (several sub-samples per row, micro-batch size ≥ 1):
+
+* GPU / Transformer Engine: THD attention from ``PackedSeqParams`` (``cu_seqlens``), RoPE
+  restarting per sub-sequence (Megatron's ``rope`` with ``cu_seqlens``).
+* CPU / local spec: an explicit block-diagonal causal mask and RoPE at explicit per-token
+  positions (``mrope`` with three equal position rows is exactly 1-D RoPE), which is the same
+  computation.
+
+The module names follow Megatron's ``LLaVAModel`` (``vision_model``, ``vision_projection``,
+``language_model``) and the freeze groups are ``vision``, ``merger`` and ``language``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from lov15_megatron.config import TRAINABLE_GROUPS, ConfigError, RunConfig
+from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
+from lov15_megatron.models.qwen3 import (
+    build_qwen3_model,
+    qwen3_transformer_config,
+    use_transformer_engine,
+)
+from lov15_megatron.models.rice_vit import build_patch_merger, build_rice_vit
+
+_GROUP_MODULES = {
+    "vision": "vision_model",
+    "merger": "vision_projection",
+    "language": "language_model",
+}
+
+
+def vlm_language_config(cfg: RunConfig) -> TransformerConfig:
+    """The language model's config; on the local spec with RoPE sections for explicit positions."""
+    config = qwen3_transformer_config(cfg)
+    if not use_transformer_engine(cfg):
+        half = config.kv_channels // 2
+        config.mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    return config
+
+
+class LLaVAOneVisionModel(MegatronModule):
+    """One pipeline chunk of LLaVA-OV-1.5 (vision tower and merger on the first one)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        vp_stage: int | None = None,
+    ) -> None:
+        if cfg.model.vision is None:
+            raise ConfigError("model.vision is required for the LLaVA-OneVision model")
+        config = vlm_language_config(cfg)
+        super().__init__(config=config)
+        ps = parallel_state
+        if pre_process is None:
+            pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if post_process is None:
+            post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.explicit_positions = config.mrope_section is not None
+        self.add_encoder = pre_process
+        if self.add_encoder:
+            self.vision_model = build_rice_vit(cfg)
+            self.vision_projection = build_patch_merger(cfg)
+        self.language_model = build_qwen3_model(
+            cfg,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+            config=config,
+            position_embedding_type="mrope" if self.explicit_positions else "rope",
+            scatter_embedding_sequence_parallel=False,
+        )
+        self.share_embeddings_and_output_weights = (
+            self.language_model.share_embeddings_and_output_weights
+        )
+        self.image_token_id = IMAGE_PAD_ID
+        self.true_vocab_size = cfg.model.language.vocab_size
+
+    # Pipeline / embedding hooks Megatron-Core calls on the outermost module.
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def freeze(self, trainable: Iterable[str] | None) -> None:
+        """Train only the named groups (``vision``, ``merger``, ``language``); None = all."""
+        keep = set(TRAINABLE_GROUPS if trainable is None else trainable)
+        unknown = keep - set(TRAINABLE_GROUPS)
+        if unknown:
+            raise ConfigError(f"unknown trainable group(s) {sorted(unknown)}")
+        for group, attr in _GROUP_MODULES.items():
+            module = getattr(self, attr, None)
+            if module is not None:
+                for param in module.parameters():
+                    param.requires_grad_(group in keep)
+
+    def _merge_image_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Text embeddings ``[s, b, h]`` with image features at the ``<|image_pad|>`` slots."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if pixel_values is not None and pixel_values.numel() > 0:
+            features = self.vision_projection(self.vision_model(pixel_values, image_grid_thw))
+            if features.shape[0] != n_slots:
+                grids = image_grid_thw.tolist()
+                raise ValueError(
+                    f"the micro-batch has {n_slots} <|image_pad|> tokens but its images give "
+                    f"{features.shape[0]} merged features (image_grid_thw={grids})"
+                )
+            batch_first = embeddings.transpose(0, 1).clone()  # [b, s, h]: images in sample order
+            batch_first[is_image] = features.to(batch_first.dtype)
+            embeddings = batch_first.transpose(0, 1).contiguous()
+        elif n_slots:
+            raise ValueError(f"{n_slots} <|image_pad|> tokens but no pixel_values")
+        elif self.training:
+            # Text-only micro-batch: touch every vision/merger parameter with a zero so that
+            # their gradients exist (zeros) and DDP's grad-ready hooks fire for every bucket.
+            encoder = [*self.vision_model.parameters(), *self.vision_projection.parameters()]
+            dummy = sum(p.sum() for p in encoder if p.requires_grad)
+            if isinstance(dummy, torch.Tensor):
+                embeddings = embeddings + 0.0 * dummy
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[b, s, V_padded/TP]`` on the last stage (hidden states elsewhere).
+
+        The loss is computed by the training step from these logits
+        (:func:`lov15_megatron.training.step.token_losses`, which masks the vocab padding).
+
+        ``position_ids`` ``[b, s]`` restart at 0 per packed sub-sample; ``attention_mask``
+        (local spec) is the packed block-causal mask ``[b, 1, s, s]`` (True = masked) or None
+        for plain causal attention; ``packed_seq_params`` (TE) carries THD ``cu_seqlens``.
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._merge_image_embeddings(input_ids, pixel_values, image_grid_thw)
+        if self.explicit_positions:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            packed_seq_params=packed_seq_params,
+        )
+
+
+def build_llava_ov_model(cfg: RunConfig, vp_stage: int | None = None) -> LLaVAOneVisionModel:
+    """Model provider for ``training.setup.build_model_chunks`` and the converter."""
+    model = LLaVAOneVisionModel(cfg, vp_stage=vp_stage)
+    model.freeze(cfg.train.trainable)
+    return model
