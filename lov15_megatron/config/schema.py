@@ -93,6 +93,7 @@ class SchedulerConfig:
     """Learning-rate schedule: linear warmup to ``optimizer.lr``, then decay to ``min_lr``."""
 
     warmup_iters: int = 0
+    warmup_fraction: float | None = None  # if set: warmup = fraction × decay iterations
     decay_style: Literal["constant", "linear", "cosine"] = "cosine"
     decay_iters: int | None = None  # None -> train.train_iters
 
@@ -102,10 +103,14 @@ class DataConfig:
     """Training data source."""
 
     kind: Literal["synthetic", "energon"] = "synthetic"
-    path: str | None = None  # dataset location (required for energon)
-    seq_length: int = 32  # tokens per sample
-    num_workers: int = 0  # dataloader worker processes
+    path: str | None = None  # energon dataset dir or metadataset YAML (required for energon)
+    valid_path: str | None = None  # optional validation dataset (same forms as path)
+    seq_length: int = 32  # tokens per sample / pack length (packed rows are padded to this)
+    num_workers: int = 0  # dataloader worker processes per DP rank
     seed: int = 1234  # data order / synthetic data seed
+    tokenizer: str = "qwen-offline"  # HF tokenizer dir, or qwen-offline (bundled Qwen vocab)
+    min_pixels: int = 4 * 28 * 28  # image resize bounds (Qwen2-VL smart resize)
+    max_pixels: int = 1600 * 1600
 
 
 @dataclass
@@ -118,6 +123,9 @@ class TrainConfig:
     trainable: list[str] | None = (
         None  # module groups to train (vision/merger/language); None = all
     )
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
+    eval_interval: int | None = None  # evaluate on data.valid_path every N iterations
+    eval_iters: int = 0  # micro-batch rounds per evaluation
 
 
 @dataclass
