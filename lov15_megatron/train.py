@@ -20,12 +20,14 @@ from lov15_megatron.training import checkpointing, setup, synthetic
 from lov15_megatron.training.step import train_step
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config in configs/")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return parser.parse_args(argv)
 
 
 def language_model_provider(cfg: RunConfig, vp_stage: int | None):
@@ -84,8 +86,11 @@ def train(cfg: RunConfig) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_args(argv)
-    cfg = load_config(config_path, overrides)
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(format_config(cfg))
+        return 0
     try:
         train(cfg)
     finally:
