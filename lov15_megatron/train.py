@@ -1,23 +1,39 @@
 """Training entry point: ``python -m lov15_megatron.train --config CFG.yaml [key.sub=value …]``.
 
-Launched by ``torchrun`` on any number of ranks, or as a single plain process. Reads top to
-bottom: config → runtime → model → optimizer → (weights) → loop with metrics → save.
+Launched by ``torchrun`` on any number of nodes/ranks, or as a single plain process. Reads top
+to bottom: config → runtime → model → optimizer → resume or weights → data → loop (metrics,
+checkpoints, SIGTERM, NaN guard) → final checkpoint.
+
+* The model is the LLaVA-OV-1.5 VLM when ``model.vision`` is set, else the Qwen3 LM.
+* Resume is automatic: if ``checkpoint.load`` (or else ``checkpoint.save``) holds a training
+  checkpoint, the latest one is restored exactly (model, optimizer, scheduler, RNG, counters,
+  data-loader state). Otherwise ``checkpoint.pretrained`` starts from weights only (a previous
+  stage or a converted checkpoint) with a fresh optimizer and iteration 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from lov15_megatron.config import RunConfig, format_config, load_config
 from lov15_megatron.models.qwen3 import build_qwen3_model, zero_vocab_padding
 from lov15_megatron.runtime import distributed
 from lov15_megatron.runtime.distributed import print_rank_0
-from lov15_megatron.training import checkpointing, setup, synthetic
-from lov15_megatron.training.step import train_step
+from lov15_megatron.training import checkpointing, setup
+from lov15_megatron.training.data import build_train_data
+from lov15_megatron.training.flops import StepCounts, peak_tflops, step_flops
+from lov15_megatron.training.metrics import MetricsLogger
+from lov15_megatron.training.signals import ExitSignal
+from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +50,43 @@ def language_model_provider(cfg: RunConfig, vp_stage: int | None):
     return build_qwen3_model(cfg, vp_stage=vp_stage)
 
 
-def train(cfg: RunConfig) -> list[float]:
-    """Train for ``cfg.train.train_iters`` steps; returns the per-step losses."""
+def model_provider(cfg: RunConfig):
+    if cfg.model.vision is not None:
+        from lov15_megatron.models.llava_ov import build_llava_ov_model
+
+        return build_llava_ov_model
+    if cfg.train.trainable not in (None, ["language"]):
+        raise ValueError(f"train.trainable={cfg.train.trainable}: a language-only model")
+    return language_model_provider
+
+
+@dataclass
+class TrainResult:
+    """What a run did (returned to tests and the quickstart; also logged)."""
+
+    first_iteration: int
+    last_iteration: int
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    consumed_sample_ids: list[str] = field(default_factory=list)
+    stopped_by_signal: bool = False
+    checkpoint: str | None = None
+
+
+def _global_counts(counts: StepCounts, device: torch.device) -> StepCounts:
+    """Counts of the whole global batch: sum over DP (one PP/TP/CP position counts)."""
+    t = counts.as_tensor().to(device)
+    ps = parallel_state
+    if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank():
+        t.zero_()
+    if ps.get_context_parallel_rank():
+        t.zero_()
+    dist.all_reduce(t)
+    return StepCounts.from_tensor(t.cpu())
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train until ``train.train_iters`` (or SIGTERM); returns what happened."""
     rt = distributed.initialize(cfg)
     print_rank_0(format_config(cfg))
     print_rank_0(
@@ -43,46 +94,91 @@ def train(cfg: RunConfig) -> list[float]:
         f"TP={rt.tensor_parallel} PP={rt.pipeline_parallel} CP={rt.context_parallel} "
         f"DP={rt.data_parallel}"
     )
-    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, language_model_provider))
-    if cfg.checkpoint.pretrained:
+    vlm = cfg.model.vision is not None
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, model_provider(cfg)))
+    optimizer = setup.build_optimizer(cfg, model)
+    scheduler = setup.build_scheduler(cfg, optimizer)
+
+    start, progress, data_state = 0, {"consumed_samples": 0}, None
+    resume_dir = cfg.checkpoint.load or cfg.checkpoint.save
+    if checkpointing.has_checkpoint(resume_dir):
+        progress, data_state = checkpointing.load_checkpoint(
+            resume_dir, model, optimizer, scheduler
+        )
+        start = progress["iteration"]
+        print_rank_0(f"resumed from {resume_dir} at iteration {start}")
+    elif cfg.checkpoint.pretrained:
         checkpointing.load_model_weights(model, cfg.checkpoint.pretrained)
         for chunk in model:
             zero_vocab_padding(chunk, cfg.model.language.vocab_size)
-        print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained}")
-    optimizer = setup.build_optimizer(cfg, model)
-    scheduler = setup.build_scheduler(cfg, optimizer)
-    n_micro = setup.num_microbatches(cfg)
-    data = [synthetic.synthetic_batches(cfg) for _ in model]
-    data_iter = data[0] if len(data) == 1 else data
-    n_params = sum(p.numel() for c in model for p in c.parameters())
-    print_rank_0(f"parameters on rank 0: {n_params:,}; micro-batches per step: {n_micro}")
+        print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained} (fresh optimizer)")
 
-    losses: list[float] = []
-    for it in range(1, cfg.train.train_iters + 1):
-        t0 = time.perf_counter()
-        res = train_step(cfg, data_iter, model, optimizer, scheduler, n_micro)
-        dt = time.perf_counter() - t0
-        losses.append(res.loss)
-        if res.loss != res.loss or res.loss in (float("inf"), float("-inf")):
-            raise FloatingPointError(f"loss is {res.loss} at iteration {it}; stopping")
-        if it % cfg.logging.log_interval == 0 or it == cfg.train.train_iters:
-            mem = (
-                f" mem={torch.cuda.max_memory_allocated() / 2**30:.2f}GiB"
-                if rt.device.type == "cuda"
-                else ""
+    data = build_train_data(cfg, len(model), start, data_state)
+    n_micro = setup.num_microbatches(cfg)
+    forward_step = vlm_forward_step if vlm else language_forward_step
+    trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
+    total = sum(p.numel() for c in model for p in c.parameters())
+    print_rank_0(
+        f"parameters on rank 0: {total:,} ({trainable:,} trainable); micro-batches/step: {n_micro}"
+    )
+    metrics = MetricsLogger(cfg, rt)
+    peak = peak_tflops(rt.device)
+    exit_signal = ExitSignal()
+    result = TrainResult(first_iteration=start, last_iteration=start)
+    saved_at = start if checkpointing.has_checkpoint(resume_dir) else None
+
+    def save(iteration: int) -> None:
+        nonlocal saved_at
+        if not cfg.checkpoint.save or saved_at == iteration:
+            return
+        state = {**progress, "iteration": iteration}
+        path = checkpointing.save_checkpoint(
+            cfg.checkpoint.save, iteration, model, optimizer, scheduler, state,
+            data.state(), keep_last=cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        saved_at, result.checkpoint = iteration, str(path)
+        print_rank_0(f"saved checkpoint {path}")
+
+    try:
+        for iteration in range(start + 1, cfg.train.train_iters + 1):
+            t0 = time.perf_counter()
+            res = train_step(
+                cfg, data.for_schedule(), model, optimizer, scheduler, n_micro, forward_step
             )
-            gn = "n/a" if res.grad_norm is None else f"{res.grad_norm:.4f}"
-            print_rank_0(
-                f"iter {it}/{cfg.train.train_iters} loss={res.loss:.5f} lr={res.lr:.3e} "
-                f"grad_norm={gn} tokens/s={res.num_tokens / dt:,.0f} "
-                f"samples/s={cfg.train.global_batch_size / dt:.1f} step_time={dt:.3f}s{mem}"
-                + (" (update skipped)" if res.skipped else "")
-            )
-    if cfg.checkpoint.save:
-        path = checkpointing.save_model_weights(model, cfg.checkpoint.save)
-        print_rank_0(f"saved weights to {path}")
-    print_rank_0(f"done: first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}")
-    return losses
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(
+                    f"loss is {res.loss} at iteration {iteration} (lr {res.lr:.3e}); stopping. "
+                    f"Last checkpoint: {result.checkpoint or 'none'}"
+                )
+            counts = _global_counts(data.counter.take(), rt.device)
+            data.next_iteration = iteration
+            progress["consumed_samples"] += cfg.train.global_batch_size
+            tflops = step_flops(cfg, counts) / dt / 1e12 / rt.world_size
+            result.losses.append(res.loss)
+            result.tokens_per_s.append(counts.token_positions / dt)
+            result.last_iteration = iteration
+            metrics.log(iteration, res, dt, counts, tflops, peak)
+            if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                save(iteration)
+            if exit_signal.received(rt.device):
+                print_rank_0(f"SIGTERM received: saving at iteration {iteration} and stopping")
+                result.stopped_by_signal = True
+                break
+        save(result.last_iteration)
+    finally:
+        exit_signal.restore()
+        metrics.close()
+    if data.consumed_sample_ids is not None:
+        result.consumed_sample_ids = list(data.consumed_sample_ids)
+    if result.losses:
+        print_rank_0(
+            f"done: iterations {start + 1}-{result.last_iteration}, first loss "
+            f"{result.losses[0]:.4f}, last loss {result.losses[-1]:.4f}"
+        )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg))
         return 0
+    if cfg.checkpoint.save:
+        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
     try:
         train(cfg)
     finally:

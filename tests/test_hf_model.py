@@ -522,14 +522,7 @@ def test_modeling_files_are_self_contained() -> None:
 
 
 @torch.no_grad()
-def test_trust_remote_code_load_and_generate(model, tmp_path, monkeypatch) -> None:
-    import sys
-
-    import transformers.dynamic_module_utils as dynamic
-
-    modules_cache = tmp_path / "hf_modules"
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(modules_cache))
-    monkeypatch.setattr(sys, "path", [*sys.path])
+def test_trust_remote_code_load_and_generate(model, tmp_path, isolated_hf_modules) -> None:
     save_dir = save_pretrained_with_code(model, tmp_path / "export")
 
     remote = AutoModelForCausalLM.from_pretrained(save_dir, trust_remote_code=True).eval()

@@ -84,7 +84,7 @@ def test_logit_parity_with_hf_model(converted, tp, pp):
     assert result["top1_agreement"] == 1.0, result
 
 
-def test_round_trip_and_remote_code_generate(converted, tmp_path, monkeypatch):
+def test_round_trip_and_remote_code_generate(converted, tmp_path, isolated_hf_modules):
     hf_dir, mc_dir = converted
     back = tmp_path / "export"
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(mc_dir), "--save-dir",
@@ -101,7 +101,6 @@ def test_round_trip_and_remote_code_generate(converted, tmp_path, monkeypatch):
 
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     model = AutoModelForCausalLM.from_pretrained(back, trust_remote_code=True, dtype=torch.float32)
     ids = torch.tensor([[11, 12, VISION_START, IMAGE_PAD, VISION_END, 13]])
     pixels = torch.randn(4, 588)

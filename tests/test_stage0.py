@@ -441,13 +441,8 @@ def test_bfloat16_output(built, tmp_path) -> None:
 
 
 @torch.no_grad()
-def test_trust_remote_code_load(built, tmp_path, monkeypatch) -> None:
-    import transformers.dynamic_module_utils as dynamic
-
-    modules_cache = tmp_path / "hf_modules"
-    monkeypatch.setenv("HF_MODULES_CACHE", str(modules_cache))
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(modules_cache))
-    monkeypatch.setattr(sys, "path", [*sys.path])
+def test_trust_remote_code_load(built, isolated_hf_modules) -> None:
+    modules_cache = isolated_hf_modules
     out = built["out"]["untied"]
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(remote).__name__ == "LLaVAOneVision1_5_ForConditionalGeneration"

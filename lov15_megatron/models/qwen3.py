@@ -88,6 +88,12 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of the Qwen3 language model for ``cfg``."""
     lm, p = cfg.model.language, cfg.parallel
     dtype = _DTYPES[cfg.model.params_dtype]
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                 "recompute_num_layers": 1},
+    }[cfg.train.recompute]  # fmt: skip
     on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
     te = on_gpu and use_transformer_engine(cfg)
     return TransformerConfig(
@@ -127,6 +133,7 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         # isend/irecv under virtual pipelining can pair an activation with a gradient of the
         # same shape. The unbatched path orders sends and receives by rank parity.
         batch_p2p_comm=on_gpu,
+        **recompute,
     )
 
 

@@ -1,19 +1,38 @@
-"""Model weights as Megatron-Core distributed checkpoints (``torch_dist``).
+"""Checkpoints as Megatron-Core distributed checkpoints (``torch_dist``).
 
 A distributed checkpoint stores every tensor once, with its global shape and each rank's shard
-offsets, so it loads at any TP×PP layout that the shapes allow: the layout of the writer does not
-matter to the reader. Directories are written under a temporary name and renamed when complete,
-so a half-written checkpoint never looks like a checkpoint.
+offsets, so model weights load at any TP×PP layout that the shapes allow.
+
+Two kinds are written here:
+
+* **weights** (:func:`save_model_weights` / :func:`load_model_weights`): the model only — what
+  the converter writes and what a stage starts from (``checkpoint.pretrained``);
+* **training checkpoints** (:func:`save_checkpoint` / :func:`load_checkpoint`): model, optimizer
+  (distributed-optimizer state sharded over DP), LR scheduler, RNG states of every rank,
+  iteration and consumed-sample counters, and the Energon loader state of every DP rank
+  (``dataloader/dp_rank_XXX.pt``) — everything an exact resume needs. Layout:
+  ``<save>/iter_0000100/`` plus ``<save>/latest_checkpointed_iteration.txt``.
+
+Every directory is written under a temporary name and renamed when complete; the ``latest``
+file is replaced atomically after the rename, and only the last ``keep_last`` are kept. A
+half-written checkpoint never looks like a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+LATEST = "latest_checkpointed_iteration.txt"
 
 
 def _unwrap(chunk):
@@ -27,16 +46,21 @@ def model_sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_model_weights(chunks: list, path: str | os.PathLike) -> Path:
-    """Write the model weights of all ranks to ``path`` atomically (collective call)."""
-    final = Path(path)
+def _load_model_state(chunks: list, state: dict, strict: bool = True) -> None:
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks, strict=True):
+        _unwrap(chunk).load_state_dict(state[key], strict=strict)
+
+
+def _atomic_dir_save(final: Path, write) -> Path:
+    """Run collective ``write(tmp_dir)`` and rename ``tmp_dir`` to ``final`` when all are done."""
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    write(tmp)
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():
@@ -46,14 +70,169 @@ def save_model_weights(chunks: list, path: str | os.PathLike) -> Path:
     return final
 
 
+def save_model_weights(chunks: list, path: str | os.PathLike) -> Path:
+    """Write the model weights of all ranks to ``path`` atomically (collective call)."""
+    sharded = model_sharded_state_dict(chunks)
+    return _atomic_dir_save(Path(path), lambda tmp: dist_checkpointing.save(sharded, str(tmp)))
+
+
 def load_model_weights(chunks: list, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load weights written by :func:`save_model_weights` at any layout (collective call)."""
+    """Load weights written by :func:`save_model_weights`, the converter or a training
+    checkpoint, at any layout (collective call)."""
     path = Path(path)
+    if (path / LATEST).exists():  # a training checkpoint root: take its latest iteration
+        path = path / f"iter_{read_latest(path):07d}"
     if not (path / "metadata.json").exists():
-        raise FileNotFoundError(
-            f"{path} is not a Megatron-Core distributed checkpoint (no metadata.json)"
-        )
+        raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint")
     state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks, strict=True):
-        _unwrap(chunk).load_state_dict(state[key], strict=strict)
+    _load_model_state(chunks, state, strict)
+
+
+# ------------------------------------------------------------------ training checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data: Any) -> ShardedObject:
+    """One RNG state per (PP, TP) position, replicated over DP (as Megatron-LM stores it)."""
+    ps = parallel_state
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    dp = ps.get_data_parallel_rank(with_context_parallel=True)
+    return ShardedObject("rng_state", data, shape, (pp, tp), replica_id=dp)
+
+
+# The distributed optimizer's state is saved per DP shard as it lives in memory ("dp_reshardable",
+# Megatron-LM's default): fully parallel, no gather; a resume may change DP but not TP/PP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _init_torch_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam(W) its state (step 0, zero moments) before a load.
+
+    Without Transformer Engine/Apex, Megatron-Core's distributed optimizer wraps torch's AdamW,
+    and its ``state_dict()`` (needed to build the load template) expects every parameter to
+    have a ``step`` already — true after one step, not on a fresh optimizer.
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(p.data),
+                        exp_avg_sq=torch.zeros_like(p.data),
+                    )
+
+
+def _training_state_dict(chunks, optimizer, scheduler, progress, is_loading: bool) -> dict:
+    if is_loading:
+        _init_torch_adam_state(optimizer)
+    model_sd = model_sharded_state_dict(chunks)
+    return {
+        **model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        ),
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "rng_state": _rng_sharded_object(_rng_state()),
+    }
+
+
+def read_latest(root: str | os.PathLike) -> int:
+    text = (Path(root) / LATEST).read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{Path(root) / LATEST} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def _loader_file(directory: Path) -> Path | None:
+    """This rank's loader-state file if it is the one that writes it for its DP rank."""
+    ps = parallel_state
+    writer = (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_pipeline_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+    name = f"dp_rank_{ps.get_data_parallel_rank():03d}.pt"
+    return directory / "dataloader" / name if writer else None
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    chunks: list,
+    optimizer,
+    scheduler,
+    progress: dict[str, Any],
+    loader_state: Any = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write a full training checkpoint for ``iteration`` (collective call)."""
+    root = Path(root)
+    sharded = _training_state_dict(chunks, optimizer, scheduler, progress, is_loading=False)
+
+    def write(tmp: Path) -> None:
+        dist_checkpointing.save(sharded, str(tmp))
+        loader_path = _loader_file(tmp)
+        if loader_path is not None and loader_state is not None:
+            loader_path.parent.mkdir(exist_ok=True)
+            torch.save(loader_state, loader_path)
+
+    final = _atomic_dir_save(root / f"iter_{iteration:07d}", write)
+    if dist.get_rank() == 0:
+        tracker = root / (LATEST + ".tmp")
+        tracker.write_text(f"{iteration}\n")
+        os.replace(tracker, root / LATEST)
+        iterations = sorted(
+            int(p.name.removeprefix("iter_")) for p in root.glob("iter_*") if p.name[5:].isdigit()
+        )
+        for old in iterations[:-keep_last]:
+            shutil.rmtree(root / f"iter_{old:07d}", ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    root: str | os.PathLike, chunks: list, optimizer, scheduler
+) -> tuple[dict[str, Any], Any]:
+    """Restore the latest training checkpoint under ``root``; returns (progress, loader state)."""
+    root = Path(root)
+    directory = root / f"iter_{read_latest(root):07d}"
+    template = _training_state_dict(chunks, optimizer, scheduler, {}, is_loading=True)
+    state = dist_checkpointing.load(template, str(directory))
+    _load_model_state(chunks, state)
+    with torch.no_grad():  # fp32 training: the optimizer's main params are the model's leaves
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng_state"]
+    _set_rng_state(rng[0] if isinstance(rng, list) else rng)
+    name = f"dp_rank_{parallel_state.get_data_parallel_rank():03d}.pt"
+    loader_path = directory / "dataloader" / name
+    loader_state = torch.load(loader_path, weights_only=False) if loader_path.exists() else None
+    return state["progress"], loader_state
+
+
+def has_checkpoint(root: str | os.PathLike | None) -> bool:
+    return root is not None and (Path(root) / LATEST).exists()

@@ -32,6 +32,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     skipped: bool  # the optimizer skipped the update (inf/nan grads)
+    loss_scale: float | None = None  # fp16 dynamic loss scale (None in bf16/fp32)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -150,6 +151,12 @@ def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device
     return totals
 
 
+def _loss_scale(optimizer: MegatronOptimizer) -> float | None:
+    if not getattr(optimizer, "config", None) or not optimizer.config.fp16:
+        return None
+    return float(optimizer.get_loss_scale())
+
+
 def train_step(
     cfg: RunConfig,
     data_iterator: Iterator | list[Iterator],
@@ -185,4 +192,5 @@ def train_step(
         grad_norm=None if grad_norm is None else float(grad_norm),
         lr=lr,
         skipped=not updated,
+        loss_scale=_loss_scale(optimizer),
     )

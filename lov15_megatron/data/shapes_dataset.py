@@ -1,0 +1,558 @@
+"""A procedurally generated vision-language data set that a tiny VLM can learn on CPU in minutes.
+
+Every image is a plain background with 1–3 shapes (circle, square, triangle) of distinct
+colours at distinct coarse positions (top, left, center, right, bottom), drawn with PIL without
+anti-aliasing at one of four small native sizes whose sides are multiples of 28 (4–12 LM image
+tokens with patch 14 and a 2×2 merge). The text is regular and tiny-vocabulary:
+
+- ``caption`` (stages 1 / 1.5): ``"two shapes: a red circle on the left and a blue square at the
+  top, white background"``, in two raw layouts the packer reads: LLaVA JSON with an image folder
+  and a mid-training-style parquet (``id``, ``image`` = ``{bytes, path}``, ``caption``);
+- ``instruct`` (stage 2): "messages/images" JSON, multi-turn one-word question answering about
+  one image (see :data:`QUESTION_TYPES`);
+- ``eval``: a JSONL of held-out ``(image, question, answer)`` items whose scenes (and therefore
+  images) never occur in ``caption`` or ``instruct``.
+
+Everything is a function of the seed: the same arguments give byte-identical files (paths in the
+files are relative, so the output folder may be anywhere). See ``docs/shapes-dataset.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+METADATA_NAME = "metadata.json"
+
+#: Native image sizes (width, height); multiples of 28, so the resize keeps them unchanged.
+IMAGE_SIZES: tuple[tuple[int, int], ...] = ((56, 56), (84, 56), (56, 112), (112, 84))
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
+#: Canonical position order (also the order in which captions list the shapes).
+POSITIONS: tuple[str, ...] = ("top", "left", "center", "right", "bottom")
+#: Shape centre as a fraction of (width, height).
+POSITION_FRACTIONS: dict[str, tuple[float, float]] = {
+    "top": (0.5, 0.18),
+    "left": (0.18, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.82, 0.5),
+    "bottom": (0.5, 0.82),
+}
+PREPOSITIONS: dict[str, str] = {
+    "top": "at the top",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom": "at the bottom",
+}
+#: Shape "radius" / min(width, height): circle radius, square half-side, half the triangle's base
+#: and height. Shapes at neighbouring positions stay a few pixels apart.
+RADIUS_FRACTION = 0.13
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+MAX_SHAPES = 3
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One drawn shape."""
+
+    shape: str
+    colour: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything an image is drawn from; shapes are kept in canonical position order."""
+
+    width: int
+    height: int
+    background: str
+    shapes: tuple[ShapeSpec, ...]
+
+    def shape_at(self, position: str) -> ShapeSpec:
+        return next(spec for spec in self.shapes if spec.position == position)
+
+    def shape_named(self, shape: str) -> ShapeSpec:
+        return next(spec for spec in self.shapes if spec.shape == shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "background": self.background,
+            "shapes": [
+                {"shape": s.shape, "colour": s.colour, "position": s.position} for s in self.shapes
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class QuestionType:
+    """A family of one-word questions; ``chance`` = 1 / number of possible answers."""
+
+    name: str
+    template: str
+    answers: tuple[str, ...]
+    ask: Callable[[Scene, random.Random], tuple[str, str]]
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.answers)
+
+
+def _ask_count(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    return "How many shapes are there?", str(len(scene.shapes))
+
+
+def _ask_shape(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    spec = rng.choice(scene.shapes)
+    return f"What shape is {PREPOSITIONS[spec.position]}?", spec.shape
+
+
+def _ask_colour(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    spec = rng.choice(scene.shapes)
+    return f"What colour is the {spec.shape}?", spec.colour
+
+
+def _ask_position(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    spec = rng.choice(scene.shapes)
+    return f"Where is the {spec.shape}?", spec.position
+
+
+def _ask_background(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    return "What colour is the background?", scene.background
+
+
+#: The question types of ``instruct`` and ``eval``; answers are one lower-case word.
+QUESTION_TYPES: dict[str, QuestionType] = {
+    q.name: q
+    for q in (
+        QuestionType(
+            "count",
+            "How many shapes are there?",
+            tuple(str(n) for n in range(1, MAX_SHAPES + 1)),
+            _ask_count,
+        ),
+        QuestionType(
+            "shape", "What shape is {on the left|at the top|in the center|…}?", SHAPES, _ask_shape
+        ),
+        QuestionType("colour", "What colour is the {shape}?", tuple(COLOURS), _ask_colour),
+        QuestionType("position", "Where is the {shape}?", POSITIONS, _ask_position),
+        QuestionType(
+            "background", "What colour is the background?", tuple(BACKGROUNDS), _ask_background
+        ),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def shape_geometry(scene: Scene, spec: ShapeSpec) -> tuple[int, int, int]:
+    """``(cx, cy, r)`` in pixels of a shape in its scene (integer, so drawing is exact)."""
+    fx, fy = POSITION_FRACTIONS[spec.position]
+    radius = round(RADIUS_FRACTION * min(scene.width, scene.height))
+    return round(fx * scene.width), round(fy * scene.height), radius
+
+
+def draw_scene(scene: Scene) -> Image.Image:
+    """The RGB image of a scene (no anti-aliasing: every pixel is a palette colour)."""
+    image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for spec in scene.shapes:
+        cx, cy, r = shape_geometry(scene, spec)
+        fill = COLOURS[spec.colour]
+        if spec.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif spec.shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif spec.shape == "triangle":  # isosceles, pointing up, filling the square's box
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {spec.shape!r}")
+    return image
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of an image (deterministic for a given Pillow/zlib)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def caption_of(scene: Scene) -> str:
+    """The caption: shapes in canonical position order, a count when there are several."""
+    parts = [f"a {s.colour} {s.shape} {PREPOSITIONS[s.position]}" for s in scene.shapes]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if len(parts) > 1:
+        listed = f"{COUNT_WORDS[1 + len(parts) % 3]} shapes: {listed}"
+    return f"{listed}, {scene.background} background"
+
+
+def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
+    """A uniformly drawn scene: distinct shape types, colours and positions."""
+    count = num_shapes if num_shapes is not None else rng.randint(1, MAX_SHAPES)
+    width, height = rng.choice(IMAGE_SIZES)
+    background = rng.choice(tuple(BACKGROUNDS))
+    shapes = rng.sample(SHAPES, count)
+    colours = rng.sample(tuple(COLOURS), count)
+    positions = rng.sample(POSITIONS, count)
+    specs = sorted(
+        (ShapeSpec(s, c, p) for s, c, p in zip(shapes, colours, positions, strict=True)),
+        key=lambda spec: POSITIONS.index(spec.position),
+    )
+    return Scene(width, height, background, tuple(specs))
+
+
+def scene_space_size() -> int:
+    """Number of distinct scenes (sizes × backgrounds × shape sets)."""
+    from math import comb, perm
+
+    per_layout = sum(
+        comb(len(SHAPES), n) * perm(len(COLOURS), n) * perm(len(POSITIONS), n)
+        for n in range(1, MAX_SHAPES + 1)
+    )
+    return len(IMAGE_SIZES) * len(BACKGROUNDS) * per_layout
+
+
+def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
+    """``(question, answer)`` of the given question type about a scene."""
+    return QUESTION_TYPES[kind].ask(scene, rng)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class _Image:
+    name: str  # relative to its split folder
+    scene: Scene
+    data: bytes
+
+
+def _make_images(
+    rng: random.Random, prefix: str, count: int, avoid: set[Scene] | None = None
+) -> list[_Image]:
+    images = []
+    for index in range(count):
+        scene = random_scene(rng)
+        if avoid is not None:
+            attempts = 0
+            while scene in avoid:
+                attempts += 1
+                if attempts > 10_000:
+                    raise ValueError(
+                        "cannot draw held-out scenes: the training sets cover the scene space "
+                        f"({scene_space_size()} scenes); use fewer training samples"
+                    )
+                scene = random_scene(rng, len(scene.shapes))
+            avoid.add(scene)
+        images.append(
+            _Image(f"images/{prefix}{index:05d}.png", scene, encode_png(draw_scene(scene)))
+        )
+    return images
+
+
+def _write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.write_bytes(data)
+
+
+def _dump(value: Any) -> str:
+    """JSON text; a list of records is written one record per line."""
+    if isinstance(value, list):
+        body = ",\n".join(json.dumps(item, ensure_ascii=False) for item in value)
+        return f"[\n{body}\n]\n"
+    return json.dumps(value, indent=1, ensure_ascii=False) + "\n"
+
+
+def _write_images(root: Path, images: Sequence[_Image]) -> None:
+    for image in images:
+        _write(root / image.name, image.data)
+
+
+def _caption_split(root: Path, rng: random.Random, count: int) -> dict[str, Any]:
+    """Half LLaVA JSON (stage-1 style, with a prompt), half parquet (mid-training style)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = _make_images(rng, "c", count)
+    n_llava = (count + 1) // 2
+    llava = [
+        {
+            "id": f"caption-{index:05d}",
+            "image": image.name,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                {"from": "gpt", "value": caption_of(image.scene)},
+            ],
+        }
+        for index, image in enumerate(images[:n_llava])
+    ]
+    _write_images(root, images[:n_llava])
+    _write(root / "llava.json", _dump(llava))
+    rows = [
+        {
+            "id": f"caption-{n_llava + index:05d}",
+            "image": {"bytes": image.data, "path": image.name.rsplit("/", 1)[-1]},
+            "caption": caption_of(image.scene),
+        }
+        for index, image in enumerate(images[n_llava:])
+    ]
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("caption", pa.string()),
+        ]
+    )
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema),
+        root / "mid.parquet",
+        row_group_size=256,
+        compression="none",  # PNG bytes do not compress further
+    )
+    return {
+        "kind": "caption",
+        "sources": ["caption/llava.json", "caption/mid.parquet"],
+        "samples": count,
+        "samples_per_source": {"caption/llava.json": n_llava, "caption/mid.parquet": len(rows)},
+        "scenes": [image.scene for image in images],
+    }
+
+
+def _instruct_split(root: Path, rng: random.Random, count: int) -> dict[str, Any]:
+    """'messages/images' JSON; 2–4 one-word QA turns of distinct types per image."""
+    images = _make_images(rng, "i", count)
+    records = []
+    turns = Counter[str]()
+    for index, image in enumerate(images):
+        kinds = rng.sample(tuple(QUESTION_TYPES), rng.randint(2, 4))
+        messages = []
+        for turn, kind in enumerate(kinds):
+            question, answer = ask(image.scene, kind, rng)
+            messages.append(
+                {"role": "user", "content": ("<image>\n" if turn == 0 else "") + question}
+            )
+            messages.append({"role": "assistant", "content": answer})
+            turns[kind] += 1
+        records.append(
+            {"id": f"instruct-{index:05d}", "messages": messages, "images": [image.name]}
+        )
+    _write_images(root, images)
+    _write(root / "instruct.json", _dump(records))
+    return {
+        "kind": "instruct",
+        "sources": ["instruct/instruct.json"],
+        "samples": count,
+        "qa_turns": dict(sorted(turns.items())),
+        "scenes": [image.scene for image in images],
+    }
+
+
+def _eval_split(root: Path, rng: random.Random, count: int, seen: set[Scene]) -> dict[str, Any]:
+    """One question per held-out image, question types in rotation."""
+    images = _make_images(rng, "e", count, avoid=seen)
+    kinds = tuple(QUESTION_TYPES)
+    lines = []
+    per_type = Counter[str]()
+    answers: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
+    for index, image in enumerate(images):
+        kind = kinds[index % len(kinds)]
+        question, answer = ask(image.scene, kind, rng)
+        per_type[kind] += 1
+        answers[kind][answer] += 1
+        record = {
+            "id": f"eval-{index:05d}",
+            "image": image.name,
+            "question": question,
+            "answer": answer,
+            "type": kind,
+            "chance": round(QUESTION_TYPES[kind].chance, 6),
+            "scene": image.scene.to_json(),
+        }
+        lines.append(json.dumps(record, ensure_ascii=False))
+    _write_images(root, images)
+    _write(root / "eval.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    chance = sum(QUESTION_TYPES[kinds[i % len(kinds)]].chance for i in range(count))
+    majority = sum(counter.most_common(1)[0][1] for counter in answers.values() if counter)
+    return {
+        "path": "eval/eval.jsonl",
+        "questions": count,
+        "questions_per_type": {kind: per_type[kind] for kind in kinds},
+        "chance_accuracy": round(chance / count, 6) if count else None,
+        "majority_answer_accuracy": round(majority / count, 6) if count else None,
+    }
+
+
+def _metadata(seed: int, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "lov15-shapes",
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "image_sizes": [f"{w}x{h}" for w, h in IMAGE_SIZES],
+        "image_tokens": {f"{w}x{h}": (w // 28) * (h // 28) for w, h in IMAGE_SIZES},
+        "scene_space": scene_space_size(),
+        "caption_prompt": CAPTION_PROMPT,
+        "question_types": {
+            q.name: {
+                "template": q.template,
+                "answers": list(q.answers),
+                "chance": round(q.chance, 6),
+            }
+            for q in QUESTION_TYPES.values()
+        },
+        "splits": splits,
+    }
+
+
+def _total_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The summary returned by :func:`generate_shapes_dataset` (absolute paths)."""
+    splits = meta["splits"]
+    summary = {
+        "root": str(root),
+        "metadata": str(root / METADATA_NAME),
+        "seed": meta["seed"],
+        "caption": {
+            "sources": [str(root / p) for p in splits["caption"]["sources"]],
+            "count": splits["caption"]["samples"],
+            "kind": "caption",
+        },
+        "instruct": {
+            "sources": [str(root / p) for p in splits["instruct"]["sources"]],
+            "count": splits["instruct"]["samples"],
+            "kind": "instruct",
+        },
+        "eval": {
+            "path": str(root / splits["eval"]["path"]),
+            "count": splits["eval"]["questions"],
+            "chance_accuracy": splits["eval"]["chance_accuracy"],
+            "majority_answer_accuracy": splits["eval"]["majority_answer_accuracy"],
+        },
+        "chance": {name: q["chance"] for name, q in meta["question_types"].items()},
+        "bytes": _total_bytes(root),
+    }
+    return summary
+
+
+def generate_shapes_dataset(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    n_caption: int = 600,
+    n_instruct: int = 600,
+    n_eval: int = 60,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Generate the data set into ``out_dir`` (atomically: a temp folder renamed at the end).
+
+    Layout::
+
+        out_dir/metadata.json          seed, sizes, question types with chance levels, splits
+        out_dir/caption/llava.json     LLaVA records, images under caption/images/
+        out_dir/caption/mid.parquet    id, image {bytes, path}, caption
+        out_dir/instruct/instruct.json "messages/images" records, images under instruct/images/
+        out_dir/eval/eval.jsonl        {id, image, question, answer, type, chance, scene}
+
+    Returns a summary: ``root``, ``metadata``, ``seed``, ``caption``/``instruct`` (``sources``:
+    absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``), ``eval``
+    (``path``, ``count``, ``chance_accuracy``, ``majority_answer_accuracy``), ``chance`` (per
+    question type) and ``bytes``. Raises :class:`FileExistsError` if ``out_dir`` exists and
+    ``overwrite`` is false.
+    """
+    if min(n_caption, n_instruct) < 1 or n_eval < 0:
+        raise ValueError("n_caption and n_instruct must be >= 1, n_eval >= 0")
+    root = Path(out_dir).expanduser().resolve()
+    if root.exists() and not overwrite:
+        raise FileExistsError(f"{root} exists (pass overwrite=True / --overwrite to replace it)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        caption = _caption_split(
+            temp / "caption", random.Random(f"shapes-{seed}-caption"), n_caption
+        )
+        instruct = _instruct_split(
+            temp / "instruct", random.Random(f"shapes-{seed}-instruct"), n_instruct
+        )
+        seen = set(caption.pop("scenes")) | set(instruct.pop("scenes"))
+        evaluation = _eval_split(temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, seen)
+        meta = _metadata(seed, {"caption": caption, "instruct": instruct, "eval": evaluation})
+        _write(temp / METADATA_NAME, _dump(meta))
+        os.chmod(temp, 0o755)  # mkdtemp makes it 0700
+        if root.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+            os.replace(root, trash / root.name)
+            os.replace(temp, root)
+            shutil.rmtree(trash)
+        else:
+            os.replace(temp, root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return _absolute(root, meta)
+
+
+def load_eval(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The eval items with ``image`` made absolute (relative to the JSONL's folder)."""
+    path = Path(path)
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            item["image"] = str(path.parent / item["image"])
+            items.append(item)
+    return items
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A human-readable summary of :func:`generate_shapes_dataset`'s result."""
+    chance = ", ".join(f"{name} {value:.3f}" for name, value in summary["chance"].items())
+    ev = summary["eval"]
+    lines = [
+        f"shapes data set (seed {summary['seed']}) in {summary['root']}: "
+        f"{summary['bytes'] / 1024:.0f} KiB",
+        f"  caption : {summary['caption']['count']} samples in "
+        + ", ".join(summary["caption"]["sources"]),
+        f"  instruct: {summary['instruct']['count']} samples in "
+        + ", ".join(summary["instruct"]["sources"]),
+        f"  eval    : {ev['count']} questions in {ev['path']}",
+        f"  chance per question type: {chance}",
+    ]
+    if ev["count"]:
+        lines.append(
+            f"  eval chance accuracy {ev['chance_accuracy']:.3f}, "
+            f"always-most-frequent-answer accuracy {ev['majority_answer_accuracy']:.3f}"
+        )
+    return "\n".join(lines)

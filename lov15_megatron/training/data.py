@@ -1,0 +1,95 @@
+"""The training data stream of one rank, with a state that checkpoints save and restore.
+
+* ``data.kind: synthetic`` — the learnable token stream of :mod:`.synthetic` (language model);
+  its state is the next iteration.
+* ``data.kind: energon`` — packed (or unpacked) Energon shards through the VLM task encoder
+  (:func:`lov15_megatron.data.loader.build_train_loader`), sharded by data-parallel rank; its
+  state is Energon's savable-loader state of this DP rank.
+
+Every rank of a DP group (its TP/PP/CP peers) reads the same stream. Under virtual pipelining
+each model chunk gets its own iterator over the same micro-batches (``itertools.tee``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from megatron.core import parallel_state
+
+from lov15_megatron.config import RunConfig
+from lov15_megatron.training import synthetic
+from lov15_megatron.training.flops import CountingIterator
+
+BATCH_KEYS = (
+    "input_ids", "labels", "loss_mask", "position_ids", "cu_seqlens", "pixel_values",
+    "image_grid_thw",
+)  # fmt: skip
+
+
+@dataclass
+class TrainData:
+    iterators: list[Iterator]  # one per model chunk
+    counter: CountingIterator
+    loader: Any = None  # energon savable loader
+    next_iteration: int = 0  # synthetic stream position
+    consumed_sample_ids: list[str] | None = None  # energon sample keys, in order
+
+    def state(self) -> Any:
+        if self.loader is not None:
+            return {"energon": self.loader.save_state_rank()}
+        return {"iteration": self.next_iteration}
+
+    def for_schedule(self) -> Iterator | list[Iterator]:
+        return self.iterators[0] if len(self.iterators) == 1 else self.iterators
+
+
+def _energon_batches(loader, consumed: list[str]) -> Iterator[dict]:
+    for batch in loader:
+        consumed.extend(key for row in batch.sample_ids for key in row)
+        yield {k: getattr(batch, k) for k in BATCH_KEYS}
+
+
+def build_train_data(
+    cfg: RunConfig, n_chunks: int, start_iteration: int = 0, state: Any = None
+) -> TrainData:
+    """The data stream for this rank, resumed from ``state`` when given."""
+    if cfg.data.kind == "synthetic":
+        first = state["iteration"] if state else start_iteration
+        counter = CountingIterator(synthetic.synthetic_batches(cfg, first))
+        data = TrainData([], counter, next_iteration=first)
+        stream: Iterator = counter
+    else:
+        from lov15_megatron.data.image_processing import ImageConfig
+        from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
+        from lov15_megatron.data.tokenizer import load_tokenizer
+
+        p = cfg.parallel
+        multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+        if p.pipeline_model_parallel_size > 1:  # fixed activation shapes between stages
+            multiple = cfg.data.seq_length
+        worker_config = data_parallel_worker_config(
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+            cfg.data.num_workers,
+            cfg.data.seed,
+        )
+        loader = build_train_loader(
+            cfg.data.path,
+            tokenizer=load_tokenizer(cfg.data.tokenizer),
+            micro_batch_size=cfg.train.micro_batch_size,
+            worker_config=worker_config,
+            image_config=ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels),
+            seq_len=cfg.data.seq_length,
+            pad_to_multiple_of=multiple,
+        )
+        if state is not None:
+            loader.restore_state_rank(state["energon"])
+        consumed: list[str] = []
+        counter = CountingIterator(_energon_batches(loader, consumed))
+        data = TrainData([], counter, loader=loader, consumed_sample_ids=consumed)
+        stream = counter
+    data.iterators = list(itertools.tee(stream, n_chunks)) if n_chunks > 1 else [stream]
+    return data
