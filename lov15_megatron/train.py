@@ -114,6 +114,7 @@ def train(cfg: RunConfig) -> TrainResult:
         print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained} (fresh optimizer)")
 
     data = build_train_data(cfg, len(model), start, data_state)
+    model_file = checkpointing.describe_model(cfg, cfg.checkpoint.pretrained or resume_dir)
     n_micro = setup.num_microbatches(cfg)
     forward_step = vlm_forward_step if vlm else language_forward_step
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
@@ -134,7 +135,7 @@ def train(cfg: RunConfig) -> TrainResult:
         state = {**progress, "iteration": iteration}
         path = checkpointing.save_checkpoint(
             cfg.checkpoint.save, iteration, model, optimizer, scheduler, state,
-            data.state(), keep_last=cfg.checkpoint.keep_last,
+            data.state(), keep_last=cfg.checkpoint.keep_last, model_file=model_file,
         )  # fmt: skip
         saved_at, result.checkpoint = iteration, str(path)
         print_rank_0(f"saved checkpoint {path}")
@@ -166,6 +167,9 @@ def train(cfg: RunConfig) -> TrainResult:
             if exit_signal.received(rt.device):
                 print_rank_0(f"SIGTERM received: saving at iteration {iteration} and stopping")
                 result.stopped_by_signal = True
+                break
+            if cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0:
+                print_rank_0(f"train.exit_interval: saving at iteration {iteration} and stopping")
                 break
         save(result.last_iteration)
     finally:

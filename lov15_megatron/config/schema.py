@@ -126,6 +126,7 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
     eval_interval: int | None = None  # evaluate on data.valid_path every N iterations
     eval_iters: int = 0  # micro-batch rounds per evaluation
+    exit_interval: int | None = None  # save and stop after an iteration divisible by this
 
 
 @dataclass

@@ -164,7 +164,9 @@ def hf_to_mcore(
 
 
 def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(load_dir) / MODEL_FILE
+    from lov15_megatron.training.checkpointing import resolve
+
+    path = resolve(load_dir) / MODEL_FILE
     if not path.exists():
         raise ConversionError(f"{path} is missing: not a checkpoint written by this converter")
     return json.loads(path.read_text())
@@ -194,6 +196,9 @@ def mcore_to_hf(
 ) -> ConversionSummary:
     """Convert a converter/training torch_dist checkpoint back into an HF directory."""
     start = time.perf_counter()
+    from lov15_megatron.training.checkpointing import resolve
+
+    load_dir = resolve(load_dir)  # a training root exports its latest iteration
     meta = read_model_file(load_dir)
     cfg = run_config_of_checkpoint(load_dir)
     torch_dtype = _DTYPES[meta.get("dtype", "float32")]

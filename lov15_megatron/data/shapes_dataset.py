@@ -212,7 +212,7 @@ def caption_of(scene: Scene) -> str:
     parts = [f"a {s.colour} {s.shape} {PREPOSITIONS[s.position]}" for s in scene.shapes]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     if len(parts) > 1:
-        listed = f"{COUNT_WORDS[1 + len(parts) % 3]} shapes: {listed}"
+        listed = f"{COUNT_WORDS[len(parts)]} shapes: {listed}"
     return f"{listed}, {scene.background} background"
 
 
@@ -492,8 +492,9 @@ def generate_shapes_dataset(
     question type) and ``bytes``. Raises :class:`FileExistsError` if ``out_dir`` exists and
     ``overwrite`` is false.
     """
-    if min(n_caption, n_instruct) < 1 or n_eval < 0:
-        raise ValueError("n_caption and n_instruct must be >= 1, n_eval >= 0")
+    if n_caption < 2 or n_instruct < 1 or n_eval < 0:
+        # Two caption samples at least: one per layout (LLaVA JSON and parquet).
+        raise ValueError("need n_caption >= 2, n_instruct >= 1 and n_eval >= 0")
     root = Path(out_dir).expanduser().resolve()
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True / --overwrite to replace it)")

@@ -20,6 +20,7 @@ half-written checkpoint never looks like a checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 LATEST = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "lov15_model.json"  # same name and content as the converter writes
 
 
 def _unwrap(chunk):
@@ -79,9 +81,7 @@ def save_model_weights(chunks: list, path: str | os.PathLike) -> Path:
 def load_model_weights(chunks: list, path: str | os.PathLike, strict: bool = True) -> None:
     """Load weights written by :func:`save_model_weights`, the converter or a training
     checkpoint, at any layout (collective call)."""
-    path = Path(path)
-    if (path / LATEST).exists():  # a training checkpoint root: take its latest iteration
-        path = path / f"iter_{read_latest(path):07d}"
+    path = resolve(path)  # a training checkpoint root: its latest iteration
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint")
     state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
@@ -145,6 +145,25 @@ def _init_torch_adam_state(optimizer) -> None:
                     )
 
 
+def _restore_torch_adam_step(optimizer, saved: dict) -> None:
+    """Put the saved Adam step count back into torch's per-parameter ``step`` state.
+
+    With torch's AdamW (no TE/Apex) the distributed optimizer keeps the step in its param
+    groups; its load path leaves torch's per-parameter ``step`` at the freshly initialised 0,
+    which would change the bias correction of every step after a resume.
+    """
+    groups = saved.get("optimizer", {}).get("param_groups", [])
+    steps = {float(g["step"]) for g in groups if "step" in g}
+    if len(steps) != 1:
+        return
+    (step,) = steps
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for per_param in inner.state.values():
+                per_param["step"] = torch.tensor(step)
+
+
 def _training_state_dict(chunks, optimizer, scheduler, progress, is_loading: bool) -> dict:
     if is_loading:
         _init_torch_adam_state(optimizer)
@@ -188,8 +207,13 @@ def save_checkpoint(
     progress: dict[str, Any],
     loader_state: Any = None,
     keep_last: int = 2,
+    model_file: dict | None = None,
 ) -> Path:
-    """Write a full training checkpoint for ``iteration`` (collective call)."""
+    """Write a full training checkpoint for ``iteration`` (collective call).
+
+    ``model_file`` (see :func:`describe_model`) is written as ``lov15_model.json`` so that
+    ``tools/convert_checkpoint.py mcore-to-hf`` can export the checkpoint directly.
+    """
     root = Path(root)
     sharded = _training_state_dict(chunks, optimizer, scheduler, progress, is_loading=False)
 
@@ -199,6 +223,8 @@ def save_checkpoint(
         if loader_path is not None and loader_state is not None:
             loader_path.parent.mkdir(exist_ok=True)
             torch.save(loader_state, loader_path)
+        if model_file is not None and dist.get_rank() == 0:
+            (tmp / MODEL_FILE).write_text(json.dumps(model_file, indent=2, sort_keys=True) + "\n")
 
     final = _atomic_dir_save(root / f"iter_{iteration:07d}", write)
     if dist.get_rank() == 0:
@@ -225,6 +251,7 @@ def load_checkpoint(
     _load_model_state(chunks, state)
     with torch.no_grad():  # fp32 training: the optimizer's main params are the model's leaves
         optimizer.load_state_dict(state["optimizer"])
+    _restore_torch_adam_step(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng_state"]
     _set_rng_state(rng[0] if isinstance(rng, list) else rng)
@@ -232,6 +259,28 @@ def load_checkpoint(
     loader_path = directory / "dataloader" / name
     loader_state = torch.load(loader_path, weights_only=False) if loader_path.exists() else None
     return state["progress"], loader_state
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory: a training root resolves to its latest iteration."""
+    path = Path(path)
+    return path / f"iter_{read_latest(path):07d}" if (path / LATEST).exists() else path
+
+
+def describe_model(cfg, source: str | os.PathLike | None) -> dict:
+    """What ``lov15_model.json`` records: model name and config, the HF config template
+    (inherited from the checkpoint the run started from, when it has one) and the dtype."""
+    from lov15_megatron.config import config_to_dict
+
+    hf_config: dict = {}
+    if source is not None and (resolve(source) / MODEL_FILE).exists():
+        hf_config = json.loads((resolve(source) / MODEL_FILE).read_text()).get("hf_config", {})
+    return {
+        "model": "llava-ov-1.5" if cfg.model.vision is not None else "qwen3",
+        "model_config": config_to_dict(cfg)["model"],
+        "hf_config": hf_config,
+        "dtype": cfg.model.params_dtype,
+    }
 
 
 def has_checkpoint(root: str | os.PathLike | None) -> bool:

@@ -1,0 +1,335 @@
+"""The generated shapes data set: determinism, image sizes, answers vs pixels, held-out eval,
+and that ``tools/pack_offline.py`` accepts every training split without skipping anything.
+
+Answers are checked against what is *in the pixels*: each image is "perceived" independently of
+the generator's text code by sampling the pixel at every coarse position's centre (colour) and at
+a few offsets that tell a circle, a square and a triangle apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lov15_megatron.data import shapes_dataset as sd
+from lov15_megatron.data.image_processing import image_token_count, smart_resize
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"n_caption": 40, "n_instruct": 30, "n_eval": 25}
+PREPOSITION_TO_POSITION = {
+    "at the top": "top",
+    "on the left": "left",
+    "in the center": "center",
+    "on the right": "right",
+    "at the bottom": "bottom",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "data"
+    summary = sd.generate_shapes_dataset(out, seed=3, **SMALL)
+    return out, summary
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+# ----------------------------------------------------------------------------- perception
+
+
+def _perceive(image: Image.Image) -> dict:
+    """Background, and shape/colour per occupied position, read from the pixels only."""
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    by_rgb = {value: name for name, value in sd.BACKGROUNDS.items()}
+    background = by_rgb[rgb.getpixel((0, 0))]
+    colour_of = {value: name for name, value in sd.COLOURS.items()}
+    shapes = {}
+    for position in sd.POSITIONS:
+        probe = sd.Scene(width, height, background, (sd.ShapeSpec("circle", "red", position),))
+        cx, cy, r = sd.shape_geometry(probe, probe.shapes[0])
+        centre = rgb.getpixel((cx, cy))
+        if centre == sd.BACKGROUNDS[background]:
+            continue
+
+        def filled(dx: float, dy: float, cx=cx, cy=cy, r=r, centre=centre) -> bool:
+            return rgb.getpixel((cx + round(dx * r), cy + round(dy * r))) == centre
+
+        if filled(0.85, -0.85):  # upper-right corner: only the square reaches it
+            shape = "square"
+        elif filled(-0.6, -0.6) and not filled(-0.75, 0.9):
+            shape = "circle"
+        elif filled(-0.75, 0.9) and not filled(-0.6, -0.6):  # wide base, narrow top
+            shape = "triangle"
+        else:
+            raise AssertionError(f"unrecognisable shape at {position}")
+        shapes[position] = (shape, colour_of[centre])
+    # Every non-background pixel belongs to one of the perceived shapes' colours.
+    colours = {colour for _, colour in rgb.getcolors(maxcolors=16)} - {sd.BACKGROUNDS[background]}
+    assert colours == {sd.COLOURS[c] for _, c in shapes.values()}
+    return {"background": background, "shapes": shapes}
+
+
+def test_positions_mean_what_they_say_and_shapes_never_touch():
+    for width, height in sd.IMAGE_SIZES:
+        boxes = {}
+        for position in sd.POSITIONS:
+            scene = sd.Scene(width, height, "white", (sd.ShapeSpec("square", "red", position),))
+            cx, cy, r = sd.shape_geometry(scene, scene.shapes[0])
+            column = "left" if cx < width / 3 else "right" if cx > 2 * width / 3 else "middle"
+            row = "top" if cy < height / 3 else "bottom" if cy > 2 * height / 3 else "middle"
+            expected = {"left": ("left", "middle"), "right": ("right", "middle")}
+            expected |= {"top": ("middle", "top"), "bottom": ("middle", "bottom")}
+            assert (column, row) == expected.get(position, ("middle", "middle")), position
+            assert r >= 7 and 0 <= cx - r and cx + r < width and 0 <= cy - r and cy + r < height
+            boxes[position] = (cx - r, cy - r, cx + r, cy + r)
+        for a in sd.POSITIONS:
+            for b in sd.POSITIONS:
+                if a < b:
+                    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+                    gap = max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+                    assert gap >= 2, (width, height, a, b)
+
+
+def _caption_from_pixels(seen: dict) -> set[tuple[str, str, str]]:
+    return {(colour, shape, pos) for pos, (shape, colour) in seen["shapes"].items()}
+
+
+def _check_caption(caption: str, seen: dict) -> None:
+    match = re.fullmatch(r"(?:(two|three) shapes: )?(.+), (\w+) background", caption)
+    assert match, caption
+    count_word, listed, background = match.groups()
+    assert background == seen["background"]
+    items = re.split(r", | and ", listed)
+    parsed = set()
+    for item in items:
+        item_match = re.fullmatch(r"a (\w+) (\w+) (.+)", item)
+        assert item_match, item
+        colour, shape, prep = item_match.groups()
+        parsed.add((colour, shape, PREPOSITION_TO_POSITION[prep]))
+    assert parsed == _caption_from_pixels(seen), caption
+    expected_count = {None: 1, "two": 2, "three": 3}[count_word]
+    assert len(items) == expected_count == len(seen["shapes"])
+
+
+def _answer_from_pixels(question: str, seen: dict) -> str:
+    by_shape = {shape: (pos, colour) for pos, (shape, colour) in seen["shapes"].items()}
+    if question == "How many shapes are there?":
+        return str(len(seen["shapes"]))
+    if question == "What colour is the background?":
+        return seen["background"]
+    if match := re.fullmatch(r"What shape is (.+)\?", question):
+        return seen["shapes"][PREPOSITION_TO_POSITION[match.group(1)]][0]
+    if match := re.fullmatch(r"What colour is the (\w+)\?", question):
+        return by_shape[match.group(1)][1]
+    if match := re.fullmatch(r"Where is the (\w+)\?", question):
+        return by_shape[match.group(1)][0]
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def _training_images(root: Path) -> list[bytes]:
+    images = [path.read_bytes() for path in sorted((root / "caption" / "images").glob("*.png"))]
+    images += [
+        row["image"]["bytes"] for row in pq.read_table(root / "caption" / "mid.parquet").to_pylist()
+    ]
+    images += [path.read_bytes() for path in sorted((root / "instruct" / "images").glob("*.png"))]
+    return images
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_same_seed_gives_identical_bytes_other_seed_differs(dataset, tmp_path):
+    out, summary = dataset
+    again = sd.generate_shapes_dataset(tmp_path / "again", seed=3, **SMALL)
+    assert _files(out) == _files(tmp_path / "again")
+    assert again["bytes"] == summary["bytes"]
+    other = sd.generate_shapes_dataset(tmp_path / "other", seed=4, **SMALL)
+    assert _files(Path(other["root"]))["caption/llava.json"] != _files(out)["caption/llava.json"]
+    # Atomic write: nothing but the finished folders is left next to them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]
+
+
+def test_summary_metadata_and_layout(dataset):
+    out, summary = dataset
+    meta = json.loads((out / sd.METADATA_NAME).read_text())
+    assert summary["caption"]["count"] == SMALL["n_caption"]
+    assert summary["instruct"]["count"] == SMALL["n_instruct"]
+    assert summary["eval"]["count"] == SMALL["n_eval"]
+    assert [Path(p).name for p in summary["caption"]["sources"]] == ["llava.json", "mid.parquet"]
+    assert all(Path(p).is_file() for p in summary["caption"]["sources"])
+    assert summary["chance"] == {
+        "count": pytest.approx(1 / 3, abs=1e-6),
+        "shape": pytest.approx(1 / 3, abs=1e-6),
+        "colour": pytest.approx(1 / 4, abs=1e-6),
+        "position": pytest.approx(1 / 5, abs=1e-6),
+        "background": pytest.approx(1 / 3, abs=1e-6),
+    }
+    for question_type in meta["question_types"].values():
+        assert question_type["chance"] == pytest.approx(1 / len(question_type["answers"]), 1e-5)
+    llava = json.loads((out / "caption" / "llava.json").read_text())
+    rows = pq.read_table(out / "caption" / "mid.parquet").to_pylist()
+    assert len(llava) + len(rows) == SMALL["n_caption"]
+    assert set(rows[0]) == {"id", "image", "caption"}
+    instruct = json.loads((out / "instruct" / "instruct.json").read_text())
+    assert len(instruct) == SMALL["n_instruct"]
+    for record in instruct:
+        roles = [m["role"] for m in record["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and 4 <= len(roles) <= 8
+        assert record["messages"][0]["content"].startswith("<image>\n")
+    # Whole set: a few hundred bytes per image.
+    assert summary["bytes"] < 400 * sum(SMALL.values()) + 60_000
+
+
+def test_images_are_small_multiples_of_28_and_decode(dataset):
+    out, _ = dataset
+    sizes = set()
+    all_images = _training_images(out) + [
+        p.read_bytes() for p in sorted((out / "eval" / "images").glob("*.png"))
+    ]
+    assert len(all_images) == sum(SMALL.values())
+    for data in all_images:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            width, height = image.size
+            assert image.format == "PNG"
+        assert width % 28 == 0 and height % 28 == 0
+        assert smart_resize(height, width) == (height, width)  # training keeps native size
+        assert 4 <= image_token_count(height, width) <= 12
+        assert len(data) < 1500
+        sizes.add((width, height))
+    assert len(sizes) >= 3  # several resolutions and aspect ratios actually occur
+
+
+def test_captions_match_the_pixels(dataset):
+    out, _ = dataset
+    llava = json.loads((out / "caption" / "llava.json").read_text())
+    for record in llava:
+        assert record["conversations"][0]["value"].startswith("<image>")
+        with Image.open(out / "caption" / record["image"]) as image:
+            _check_caption(record["conversations"][1]["value"], _perceive(image))
+    for row in pq.read_table(out / "caption" / "mid.parquet").to_pylist():
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
+            _check_caption(row["caption"], _perceive(image))
+
+
+def test_instruct_answers_match_the_pixels(dataset):
+    out, _ = dataset
+    checked = 0
+    for record in json.loads((out / "instruct" / "instruct.json").read_text()):
+        with Image.open(out / "instruct" / record["images"][0]) as image:
+            seen = _perceive(image)
+        messages = record["messages"]
+        for question, answer in zip(messages[::2], messages[1::2], strict=True):
+            text = question["content"].removeprefix("<image>\n")
+            assert answer["content"] == _answer_from_pixels(text, seen), text
+            checked += 1
+    assert checked >= 2 * SMALL["n_instruct"]
+
+
+def test_eval_answers_match_pixels_and_images_are_held_out(dataset):
+    out, summary = dataset
+    items = sd.load_eval(summary["eval"]["path"])
+    assert len(items) == SMALL["n_eval"]
+    meta = json.loads((out / sd.METADATA_NAME).read_text())
+    types = meta["question_types"]
+    assert {item["type"] for item in items} == set(types)  # every question type is asked
+    train_pixels = set()
+    for data in _training_images(out):
+        with Image.open(io.BytesIO(data)) as image:
+            train_pixels.add((image.size, image.convert("RGB").tobytes()))
+    eval_pixels = set()
+    for item in items:
+        with Image.open(item["image"]) as image:
+            seen = _perceive(image)
+            key = (image.size, image.convert("RGB").tobytes())
+        assert item["answer"] == _answer_from_pixels(item["question"], seen)
+        assert item["answer"] in types[item["type"]]["answers"]
+        assert item["chance"] == pytest.approx(types[item["type"]]["chance"])
+        assert key not in train_pixels, f"{item['id']} shows a training image"
+        eval_pixels.add(key)
+    assert len(eval_pixels) == len(items)  # and no eval image is repeated
+    chance = sum(item["chance"] for item in items) / len(items)
+    assert summary["eval"]["chance_accuracy"] == pytest.approx(chance, abs=1e-5)
+
+
+def _pack(inputs: list[str], output: Path, kind: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "tools" / "pack_offline.py"), "--input", *inputs]
+    command += ["--output", str(output), "--tokenizer", "qwen-offline", "--seq-len", "512"]
+    command += ["--workers", "1", "--kind", kind, "--no-progress"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_packer_accepts_mixed_caption_layouts_and_instruct(dataset, tmp_path):
+    _, summary = dataset
+    runs = {
+        "caption": _pack(summary["caption"]["sources"], tmp_path / "caption", "caption"),
+        "instruct": _pack(summary["instruct"]["sources"], tmp_path / "instruct", "instruct"),
+    }
+    for kind, process in runs.items():
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
+        report = json.loads((tmp_path / kind / "pack_report.json").read_text())
+        assert report["kind"] == kind
+        assert report["samples_skipped"] == {}
+        assert report["samples_packed"] == report["samples_in"] == summary[kind]["count"]
+        assert report["seq_len"] == 512
+
+
+def test_cli_prints_summary_and_refuses_to_clobber(tmp_path, capsys):
+    from importlib import util
+
+    spec = util.spec_from_file_location("make_shapes", ROOT / "tools" / "make_shapes_dataset.py")
+    tool = util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--out", str(tmp_path / "d"), "--n-caption", "4", "--n-instruct", "3", "--n-eval", "5"]
+    assert tool.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "caption : 4 samples" in printed and "eval    : 5 questions" in printed
+    before = hashlib.sha256(json.dumps(_files(tmp_path / "d"), default=str).encode()).hexdigest()
+    assert tool.main(argv) == 2  # exists
+    assert "exists" in capsys.readouterr().err
+    assert tool.main([*argv, "--seed", "1", "--overwrite"]) == 0
+    after = hashlib.sha256(json.dumps(_files(tmp_path / "d"), default=str).encode()).hexdigest()
+    assert before != after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_eval_scenes_avoid_training_scenes_in_a_crowded_scene_space(tmp_path, monkeypatch):
+    # 1 size x 1 background x 1 shape: 60 scenes, most of them drawn for training.
+    monkeypatch.setattr(sd, "IMAGE_SIZES", ((56, 56),))
+    monkeypatch.setattr(sd, "BACKGROUNDS", {"white": (255, 255, 255)})
+    monkeypatch.setattr(sd, "MAX_SHAPES", 1)
+    summary = sd.generate_shapes_dataset(tmp_path / "d", n_caption=30, n_instruct=30, n_eval=12)
+    train = {hashlib.sha256(data).digest() for data in _training_images(tmp_path / "d")}
+    held_out = [Path(item["image"]).read_bytes() for item in sd.load_eval(summary["eval"]["path"])]
+    assert len(train) < 60 - 12
+    assert not train & {hashlib.sha256(data).digest() for data in held_out}
+    with pytest.raises(ValueError, match="scene space"):
+        sd.generate_shapes_dataset(tmp_path / "full", n_caption=30, n_instruct=30, n_eval=61)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sd, "_eval_split", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        sd.generate_shapes_dataset(tmp_path / "d", n_caption=2, n_instruct=2, n_eval=2)
+    assert list(tmp_path.iterdir()) == []

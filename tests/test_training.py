@@ -1,0 +1,196 @@
+"""The training loop on real packed Energon shards: learning, exact resume, SIGTERM, stages,
+parallel layouts, export.
+
+Shared set-up (module fixture): the procedural shapes data set is packed with
+``tools/pack_offline.py``; a tiny random LLaVA-OV-1.5 HF checkpoint is converted with
+``tools/convert_checkpoint.py`` (the "stage-0" every run starts from).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lov15_megatron.runtime.launch import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 256
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory):
+    from test_llava_ov import make_hf_vlm
+
+    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    data = generate_shapes_dataset(root / "raw", seed=0, n_caption=40, n_instruct=40, n_eval=4)
+    for split in ("caption", "instruct"):
+        _run("tools/pack_offline.py", "--input", *data[split]["sources"], "--output",
+             str(root / split), "--tokenizer", "qwen-offline", "--seq-len", str(SEQ),
+             "--workers", "1", "--kind", data[split]["kind"], "--no-progress")  # fmt: skip
+    make_hf_vlm(root / "hf")
+    _run("tools/convert_checkpoint.py", "hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir",
+         str(root / "hf"), "--save-dir", str(root / "stage0"))  # fmt: skip
+    return root
+
+
+def _cfg(root: Path, overrides: list[str]):
+    from lov15_megatron.config import apply_override, validate
+    from lov15_megatron.convert.core import run_config_of_checkpoint
+
+    cfg = run_config_of_checkpoint(root / "stage0")
+    for override in [
+        "data.kind=energon", f"data.path={root / 'caption'}", f"data.seq_length={SEQ}",
+        "train.micro_batch_size=1", "train.global_batch_size=2", "optimizer.lr=3e-3",
+        "optimizer.min_lr=3e-4", "scheduler.warmup_iters=1", "logging.log_interval=1",
+        f"checkpoint.pretrained={root / 'stage0'}", "runtime.device=cpu", *overrides,
+    ]:  # fmt: skip
+        apply_override(cfg, override)
+    validate(cfg)
+    return cfg
+
+
+def train_runs(root: str, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """Runs inside ranks: each named run is a ``train()`` call with these overrides."""
+    from lov15_megatron.train import train
+
+    out = {}
+    for name, overrides in runs.items():
+        result = train(_cfg(Path(root), overrides))
+        out[name] = {
+            "losses": result.losses,
+            "first": result.first_iteration,
+            "last": result.last_iteration,
+            "ids": result.consumed_sample_ids,
+            "checkpoint": result.checkpoint,
+        }
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """Model tensors of a checkpoint, read at TP=1 with the converter's streaming reader."""
+    return dict(run_ranks(1, _read_weights, str(path))[0])
+
+
+def _read_weights(path: str):
+    from lov15_megatron.convert import core
+    from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming
+    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training.checkpointing import resolve
+
+    distributed.initialize(core.converter_runtime_config())
+    cfg = core.run_config_of_checkpoint(resolve(path))
+    model = build_on_meta(lambda: get_converter("llava-ov-1.5").build_model(cfg))
+    return list(load_streaming(model, resolve(path)))
+
+
+def test_learns_resumes_exactly_and_freezes(setup_dirs):
+    root = setup_dirs
+    runs = {
+        "straight": ["train.train_iters=6", f"checkpoint.save={root / 'a'}"],
+        "part1": ["train.train_iters=6", "train.exit_interval=2", f"checkpoint.save={root / 'b'}"],
+        "part2": ["train.train_iters=6", f"checkpoint.save={root / 'b'}"],
+        "learn": ["train.train_iters=24", "optimizer.lr=1e-2", f"data.path={root / 'instruct'}"],
+        "stage1": [
+            "train.train_iters=2",
+            "train.trainable=[merger]",
+            f"checkpoint.save={root / 's1'}",
+        ],
+    }
+    (out,) = run_ranks(1, train_runs, str(root), runs)
+
+    a, b1, b2 = out["straight"], out["part1"], out["part2"]
+    assert (b1["first"], b1["last"], b2["first"], b2["last"]) == (0, 2, 2, 6)
+    assert b1["losses"] + b2["losses"] == a["losses"], "resumed losses must equal the straight run"
+    assert b1["ids"] + b2["ids"] == a["ids"], "the data stream must continue exactly"
+    assert len(set(a["ids"])) < len(a["ids"]) or len(a["ids"]) == 12  # 6 steps x 2 packs seen
+    wa, wb = _weights(root / "a"), _weights(root / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights must be bit-identical"
+
+    learn = out["learn"]["losses"]
+    assert all(math.isfinite(x) for x in learn)
+    assert sum(learn[-4:]) / 4 < 0.6 * learn[0], learn
+
+    w0, w1 = _weights(root / "stage0"), _weights(root / "s1")
+    changed = {k.split(".")[0] for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert changed == {"vision_projection"}, changed
+
+
+def test_parallel_layouts_match_single_rank(setup_dirs):
+    root = setup_dirs
+    common = ["train.train_iters=3"]
+    (single,) = run_ranks(1, train_runs, str(root), {"single": common})
+    layouts = {
+        "tp2": [*common, "parallel.tensor_model_parallel_size=2"],
+        "pp2": [*common, "parallel.pipeline_model_parallel_size=2"],
+    }
+    per_rank = run_ranks(2, train_runs, str(root), layouts)
+    for name in layouts:
+        for x, y in zip(single["single"]["losses"], per_rank[0][name]["losses"], strict=True):
+            assert math.isclose(x, y, rel_tol=1e-5), (name, x, y)
+
+
+def test_sigterm_stage_chain_and_export(setup_dirs, tmp_path, isolated_hf_modules):
+    from lov15_megatron.config import config_to_yaml
+
+    root = setup_dirs
+    save = tmp_path / "stage1_5"
+    cfg = _cfg(root, ["train.train_iters=40", f"checkpoint.save={save}"])
+    (tmp_path / "run.yaml").write_text(config_to_yaml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lov15_megatron.train", "--config", str(tmp_path / "run.yaml")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGTERM)
+        assert time.monotonic() < deadline, "".join(lines[-20:])
+    assert proc.wait() == 0, "".join(lines[-30:])
+    log = "".join(lines)
+    assert "SIGTERM received" in log and "saved checkpoint" in log
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped < 40
+
+    # stage 2 starts from the stage-1.5 result: weights only, fresh optimizer, iteration 0
+    stage2 = [f"checkpoint.pretrained={save}", f"checkpoint.save={tmp_path / 'stage2'}"]
+    runs = {"stage2": ["train.train_iters=2", *stage2, f"data.path={root / 'instruct'}"]}
+    (out,) = run_ranks(1, train_runs, str(root), runs)
+    assert out["stage2"]["first"] == 0 and out["stage2"]["last"] == 2
+
+    export = tmp_path / "hf_export"
+    _run("tools/convert_checkpoint.py", "mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir",
+         str(tmp_path / "stage2"), "--save-dir", str(export),
+         "--hf-template", str(root / "hf"))  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        export, trust_remote_code=True, dtype=torch.float32
+    )
+    ids = torch.tensor([[11, 12, 151652, 151655, 151653, 13]])
+    generated = model.generate(input_ids=ids, pixel_values=torch.randn(4, 588),
+                               image_grid_thw=torch.tensor([[1, 2, 2]]), max_new_tokens=2,
+                               do_sample=False)  # fmt: skip
+    assert generated.shape == (1, 8)
+    assert json.loads((export / "config.json").read_text())["model_type"] == "llavaonevision1_5"
