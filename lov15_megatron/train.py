@@ -14,6 +14,7 @@ checkpoints, SIGTERM, NaN guard) → final checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -177,12 +178,31 @@ def train(cfg: RunConfig) -> TrainResult:
         metrics.close()
     if data.consumed_sample_ids is not None:
         result.consumed_sample_ids = list(data.consumed_sample_ids)
+    if result.losses and cfg.checkpoint.save and rt.rank == 0:
+        _write_summary(Path(cfg.checkpoint.save) / "train_summary.json", result)
     if result.losses:
         print_rank_0(
             f"done: iterations {start + 1}-{result.last_iteration}, first loss "
             f"{result.losses[0]:.4f}, last loss {result.losses[-1]:.4f}"
         )
     return result
+
+
+def _write_summary(path: Path, result: TrainResult) -> None:
+    """A small JSON of the run for scripts (the quickstart's summary table reads it)."""
+    speeds = result.tokens_per_s[1:] or result.tokens_per_s  # the first step warms up
+    summary = {
+        "first_iteration": result.first_iteration,
+        "last_iteration": result.last_iteration,
+        "first_loss": result.losses[0],
+        "last_loss": result.losses[-1],
+        "tokens_per_s": sum(speeds) / len(speeds),
+        "checkpoint": result.checkpoint,
+        "stopped_by_signal": result.stopped_by_signal,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

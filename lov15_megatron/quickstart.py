@@ -1,0 +1,199 @@
+"""The embedded default: the whole LLaVA-OV-1.5 pipeline on one CPU machine in minutes.
+
+``python -m lov15_megatron.quickstart [--out runs/quickstart] [--size default|small]`` runs, with
+the real tools and the real training entry point (each as its own process):
+
+1. generate the procedural shapes data set (captions, multi-turn QA, held-out eval);
+2. make tiny random Rice ViT (MLCD layout) and Qwen3 checkpoints with the offline Qwen
+   vocabulary, and build the stage-0 checkpoint with ``tools/make_stage0.py``;
+3. pack the caption and instruct sets with ``tools/pack_offline.py``;
+4. convert stage-0 to Megatron with ``tools/convert_checkpoint.py hf-to-mcore``;
+5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
+   ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint;
+6. export the result with ``mcore-to-hf`` and answer the held-out questions with ``generate()``;
+7. print a summary: per stage steps, first/last loss, tokens/s and checkpoint; packing fill;
+   the answers next to the expected ones and the accuracy against chance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {  # data counts and steps per stage
+    "default": {"caption": 400, "instruct": 400, "eval": 40, "steps": (30, 40, 80)},
+    "small": {"caption": 80, "instruct": 80, "eval": 12, "steps": (6, 8, 24)},
+}
+
+
+def run(*cmd: str, log: Path | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if log is not None:
+        log.write_text(out.stdout + out.stderr)
+    if out.returncode:
+        raise SystemExit(f"step failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
+    return out.stdout
+
+
+def make_sources(out: Path) -> tuple[Path, Path]:
+    """Tiny random MLCD-layout ViT and Qwen3 (tied, offline Qwen vocabulary) checkpoints."""
+    from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    from lov15_megatron.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    vit = MLCDVisionModel(MLCDVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        patch_size=14, image_size=56, num_channels=3,
+    ))  # fmt: skip
+    vit.save_pretrained(out / "rice_vit")
+    llm = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        rope_theta=10000.0, tie_word_embeddings=True,
+    ))  # fmt: skip
+    llm.save_pretrained(out / "qwen3")
+    load_tokenizer("qwen-offline").save_pretrained(out / "qwen3")
+    return out / "rice_vit", out / "qwen3"
+
+
+def stage(out: Path, name: str, config: str, overrides: list[str]) -> dict:
+    log = out / f"{name}.log"
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "lov15_megatron.train", "--config", config, *overrides, log=log)  # fmt: skip
+    summary = json.loads(
+        (Path(overrides_value(overrides, "checkpoint.save")) / "train_summary.json").read_text()
+    )
+    return {"stage": name, **summary, "log": str(log)}
+
+
+def overrides_value(overrides: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
+
+
+def answer(export: Path, eval_path: Path) -> list[dict]:
+    """Ask the exported HF model each held-out question about its image (greedy)."""
+    from transformers import AutoModelForCausalLM
+
+    from lov15_megatron.data.chat import Message, encode_conversation
+    from lov15_megatron.data.image_processing import preprocess_image
+    from lov15_megatron.data.shapes_dataset import load_eval
+    from lov15_megatron.data.special_tokens import IM_END_ID
+    from lov15_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("qwen-offline")
+    model = AutoModelForCausalLM.from_pretrained(
+        export, trust_remote_code=True, dtype=torch.float32
+    )
+    model.eval()
+    results = []
+    for item in load_eval(eval_path):
+        image = preprocess_image(Path(item["image"]).read_bytes())
+        messages = [Message("user", "<image>\n" + item["question"]), Message("assistant", "")]
+        ids = encode_conversation(tok, messages, [image.num_tokens], "instruct").input_ids[:-1]
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]),
+                pixel_values=torch.as_tensor(image.pixel_values, dtype=torch.float32),
+                image_grid_thw=torch.as_tensor(image.grid_thw).reshape(1, 3),
+                max_new_tokens=4, do_sample=False,
+                eos_token_id=IM_END_ID, pad_token_id=IM_END_ID,
+            )  # fmt: skip
+        text = tok.decode(out[0, len(ids) :].tolist()).replace("<|im_end|>", "").strip()
+        results.append({**item, "predicted": text, "correct": text == item["answer"]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/quickstart")
+    parser.add_argument("--size", choices=list(SIZES), default="default")
+    args = parser.parse_args(argv)
+    size, out = SIZES[args.size], Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+
+    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+
+    print("[1/7] generating the shapes data set", flush=True)
+    data = generate_shapes_dataset(out / "data", seed=0, n_caption=size["caption"],
+                                   n_instruct=size["instruct"], n_eval=size["eval"])  # fmt: skip
+    print("[2/7] tiny random Rice ViT + Qwen3 -> stage-0 (tools/make_stage0.py)", flush=True)
+    vit, llm = make_sources(out / "sources")
+    run(sys.executable, "tools/make_stage0.py", "--vit-dir", str(vit), "--llm-dir", str(llm),
+        "--save-dir", str(out / "stage0_hf"), "--quiet")  # fmt: skip
+    print("[3/7] packing (tools/pack_offline.py)", flush=True)
+    fill = {}
+    for split in ("caption", "instruct"):
+        run(sys.executable, "tools/pack_offline.py", "--input", *data[split]["sources"],
+            "--output", str(out / f"packed_{split}"), "--tokenizer", "qwen-offline",
+            "--seq-len", "512", "--workers", "2", "--kind", data[split]["kind"],
+            "--no-progress")  # fmt: skip
+        report = json.loads((out / f"packed_{split}" / "pack_report.json").read_text())
+        fill[split] = (report["samples_in"], report["packs"], report["fill_efficiency"])
+    print("[4/7] stage-0 HF -> Megatron (tools/convert_checkpoint.py hf-to-mcore)", flush=True)
+    run(sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--model", "llava-ov-1.5",
+        "--hf-dir", str(out / "stage0_hf"), "--save-dir", str(out / "stage0_mcore"))  # fmt: skip
+
+    steps = size["steps"]
+    plan = [
+        ("stage1", "configs/quickstart/stage1.yaml", "caption", out / "stage0_mcore", steps[0]),
+        ("stage1_5", "configs/quickstart/stage1_5.yaml", "caption", out / "stage1", steps[1]),
+        ("stage2", "configs/quickstart/stage2.yaml", "instruct", out / "stage1_5", steps[2]),
+    ]
+    stages = []
+    for name, config, split, previous, n in plan:
+        print(f"[5/7] {name}: {n} steps on 2 CPU ranks ({config})", flush=True)
+        stages.append(stage(out, name, config, [
+            f"data.path={out / f'packed_{split}'}", f"checkpoint.pretrained={previous}",
+            f"checkpoint.save={out / name}", f"train.train_iters={n}",
+        ]))  # fmt: skip
+    print("[6/7] export to Hugging Face (mcore-to-hf) and answer held-out questions", flush=True)
+    run(sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--model", "llava-ov-1.5",
+        "--load-dir", str(out / "stage2"), "--save-dir", str(out / "final_hf"),
+        "--hf-template", str(out / "stage0_hf"))  # fmt: skip
+    results = answer(out / "final_hf", Path(data["eval"]["path"]))
+    accuracy = sum(r["correct"] for r in results) / len(results)
+    summary = {
+        "stages": stages, "packing": fill, "accuracy": accuracy,
+        "chance_accuracy": data["eval"]["chance_accuracy"],
+        "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
+        "answers": results, "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(s: dict, out: Path) -> None:
+    print("\n[7/7] summary")
+    for st in s["stages"]:
+        steps = f"{st['first_iteration'] + 1}-{st['last_iteration']}"
+        loss = f"{st['first_loss']:.3f} -> {st['last_loss']:.3f}"
+        print(f"  {st['stage']:9s} steps {steps}  loss {loss}  {st['tokens_per_s']:,.0f} tokens/s  "
+              f"checkpoint {st['checkpoint']}")  # fmt: skip
+    for split, (n, packs, fill) in s["packing"].items():
+        print(f"  packing {split}: {n} samples -> {packs} packs, fill efficiency {fill:.3f}")
+    print("  held-out answers (question -> predicted / expected):")
+    for r in s["answers"]:
+        mark = "ok " if r["correct"] else "   "
+        print(f"    {mark}{r['question']!r:45s} -> {r['predicted']!r} / {r['answer']!r}")
+    print(
+        f"  accuracy {s['accuracy']:.2f} (chance {s['chance_accuracy']:.2f}, always-majority "
+        f"{s['majority_answer_accuracy']:.2f}); total {s['seconds']:.0f}s; outputs in {out}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
