@@ -167,7 +167,7 @@ def test_bad_overrides(override, match):
         ("model:\n  params_dtype: fp16\n", r"model.params_dtype: 'fp16' is not allowed"),
         ("train: 5\n", r"train: expected a mapping for TrainConfig"),
         ("- 1\n", r"top level must be a mapping"),
-        ("base: 3\n", r"'base' must be a path string"),
+        ("base: 3\n", r"'base' must be a path or a list of paths"),
     ],
 )
 def test_bad_yaml_values(tmp_path, yaml_text, match):

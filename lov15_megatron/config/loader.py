@@ -5,8 +5,9 @@ using the resolved field annotations (``int``, ``float``, ``str``, ``bool``, ``X
 ``list[X]``, ``dict[str, X]``, ``Literal[...]``, nested dataclasses). Adding a field or section
 to :mod:`lov15_megatron.config.schema` therefore needs no change here.
 
-YAML files mirror the tree; missing keys keep their defaults. A top-level ``base:`` key (a path
-relative to the file) names a YAML that is loaded first and deep-merged under the file.
+YAML files mirror the tree; missing keys keep their defaults. A top-level ``base:`` key (a path,
+or a list of paths merged in order, relative to the file) names YAML loaded first and
+deep-merged under the file.
 Overrides are ``a.b.c=value`` strings whose value is parsed with ``yaml.safe_load``.
 """
 
@@ -202,9 +203,13 @@ def load_yaml_tree(
     build(cls, data, "", str(path))  # early check so errors name the file that has the key
     if base is None:
         return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'base' must be a path string, {_got(base)}")
-    return deep_merge(load_yaml_tree(file.parent / base, cls, (*_chain, resolved)), data)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a path or a list of paths, {_got(base)}")
+    merged: dict[str, Any] = {}
+    for b in bases:  # later bases override earlier ones; the file itself overrides all
+        merged = deep_merge(merged, load_yaml_tree(file.parent / b, cls, (*_chain, resolved)))
+    return deep_merge(merged, data)
 
 
 def apply_override(obj: Any, text: str) -> None:

@@ -90,13 +90,16 @@ def build_scheduler(cfg: RunConfig, optimizer: MegatronOptimizer) -> OptimizerPa
     """Warmup then constant/linear/cosine decay to ``optimizer.min_lr``, stepped per iteration."""
     s, o = cfg.scheduler, cfg.optimizer
     decay = s.decay_iters or cfg.train.train_iters
+    warmup = s.warmup_iters
+    if s.warmup_fraction is not None:  # the release's "warmup fraction" of the decay length
+        warmup = max(1, round(s.warmup_fraction * decay))
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if s.warmup_iters else o.lr,
+        init_lr=0.0 if warmup else o.lr,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters,
-        lr_decay_steps=max(decay, s.warmup_iters + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=s.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
