@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # data counts and steps per stage
     "default": {"caption": 400, "instruct": 400, "eval": 40, "steps": (30, 40, 80)},
-    "small": {"caption": 80, "instruct": 80, "eval": 12, "steps": (6, 8, 24)},
+    "small": {"caption": 120, "instruct": 200, "eval": 24, "steps": (8, 10, 70)},
 }
 
 
