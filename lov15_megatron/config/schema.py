@@ -104,7 +104,6 @@ class DataConfig:
 
     kind: Literal["synthetic", "energon"] = "synthetic"
     path: str | None = None  # energon dataset dir or metadataset YAML (required for energon)
-    valid_path: str | None = None  # optional validation dataset (same forms as path)
     seq_length: int = 32  # tokens per sample / pack length (packed rows are padded to this)
     num_workers: int = 0  # dataloader worker processes per DP rank
     seed: int = 1234  # data order / synthetic data seed
@@ -124,8 +123,6 @@ class TrainConfig:
         None  # module groups to train (vision/merger/language); None = all
     )
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
-    eval_interval: int | None = None  # evaluate on data.valid_path every N iterations
-    eval_iters: int = 0  # micro-batch rounds per evaluation
     exit_interval: int | None = None  # save and stop after an iteration divisible by this
 
 
