@@ -1,62 +1,202 @@
 #!/usr/bin/env bash
-# Launch one training stage on the nodes of the current Slurm allocation (or print what it would
-# run with --dry-run). The per-stage *.sbatch files call this; it can also be run inside salloc.
+# Launch one LLaVA-OV-1.5 training stage on the nodes of the current Slurm job: the one
+# parametrised launcher behind stage1_alignment.sbatch, stage1_5_mid_training.sbatch and
+# stage2_instruct.sbatch (which only add #SBATCH headers).
 #
-#   examples/llava_ov_1_5/launch.sh CONFIG [--dry-run] [key.sub=value ...]
+#   launch.sh [--dry-run] STAGE SIZE [key.sub=value ...]
 #
-# Paths come from the environment (nothing is hard-coded):
-#   LOV15_DATA        energon dataset dir or metadataset YAML for this stage   (required)
-#   LOV15_SAVE        checkpoint dir of this stage; resumes from it if it holds one (required)
-#   LOV15_PRETRAINED  checkpoint to start from, weights only: the previous stage's LOV15_SAVE, or
-#                     the converted stage-0 for stage 1 (required unless LOV15_SAVE holds a
-#                     checkpoint to resume)
-#   LOV15_TOKENIZER   HF tokenizer dir (default: qwen-offline, the bundled Qwen vocabulary)
-#   LOV15_REPO        this repository (default: $SLURM_SUBMIT_DIR, else the current dir)
-#   LOV15_CONTAINER   optional container image for srun --container-image (pyxis)
-#   GPUS_PER_NODE     default 8; MASTER_PORT default 29500
+#   STAGE  stage1_alignment | stage1_5_mid_training | stage2_instruct
+#   SIZE   4b | 8b            -> configs/llava_ov_1_5/SIZE/STAGE.yaml
+#   key.sub=value             extra config overrides, passed to lov15_megatron.train last
+#
+# Inputs (environment variables; besides these only Slurm's own SLURM_* are read):
+#   LOV15_DATA       required: the stage's packed energon dataset (tools/pack_offline.py output)
+#                    or a metadataset YAML
+#   LOV15_CKPT_ROOT  required: checkpoint root; this stage saves to $LOV15_CKPT_ROOT/SIZE/STAGE
+#   LOV15_PREV_CKPT  the checkpoint this stage starts from (weights only, fresh optimizer).
+#                    Default: $LOV15_CKPT_ROOT/SIZE/stage0 for stage 1 (the converted stage-0
+#                    checkpoint), else the previous stage's directory. Not needed when the
+#                    stage's own directory already holds a checkpoint: the run then resumes.
+#   LOV15_CONTAINER  optional: container image for srun (pyxis --container-image); with
+#                    LOV15_CONTAINER_MOUNTS (optional, srun --container-mounts syntax)
+#   MASTER_PORT      optional rendezvous port (default: 20000 + job id mod 20000)
+#   PYTHON           optional: interpreter for the pre-flight checks (default: python)
+#
+# --dry-run prints the resolved config and the exact srun/torchrun command instead of running
+# them; outside a Slurm job the Slurm-derived values are shown as placeholders.
 set -euo pipefail
 
-die() { echo "error: $*" >&2; exit 2; }
-[[ $# -ge 1 ]] || die "usage: launch.sh CONFIG [--dry-run] [key.sub=value ...]"
-CONFIG="$1"; shift
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+die() {
+  echo "launch.sh: error: $*" >&2
+  exit 2
+}
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
 DRY_RUN=0
 ARGS=()
 for arg in "$@"; do
-  if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else ARGS+=("$arg"); fi
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) ARGS+=("$arg") ;;
+  esac
 done
-
-REPO="${LOV15_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
-cd "$REPO" || die "LOV15_REPO=$REPO is not a directory"
-[[ -f "$CONFIG" ]] || die "config $CONFIG not found (relative to LOV15_REPO=$REPO)"
-[[ -n "${LOV15_DATA:-}" ]] || die "LOV15_DATA is not set: point it at the packed energon dataset (tools/pack_offline.py --output) or a metadataset YAML"
-[[ -n "${LOV15_SAVE:-}" ]] || die "LOV15_SAVE is not set: the checkpoint directory of this stage"
-if [[ ! -f "$LOV15_SAVE/latest_checkpointed_iteration.txt" && -z "${LOV15_PRETRAINED:-}" ]]; then
-  die "LOV15_PRETRAINED is not set and $LOV15_SAVE holds no checkpoint to resume: set it to the previous stage's checkpoint (stage 1: the converted stage-0)"
+if [[ ${#ARGS[@]} -lt 2 ]]; then
+  usage >&2
+  die "expected STAGE and SIZE (4b or 8b), got: ${ARGS[*]:-nothing}"
 fi
-[[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "not inside a Slurm allocation (SLURM_JOB_NODELIST unset); use scripts/run_local.sh on one node"
+STAGE="${ARGS[0]}"
+SIZE="${ARGS[1]}"
+OVERRIDES=("${ARGS[@]:2}")
 
-NNODES="${SLURM_NNODES:-1}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-MASTER_PORT="${MASTER_PORT:-29500}"
-OVERRIDES=("data.path=$LOV15_DATA" "checkpoint.save=$LOV15_SAVE"
-           "data.tokenizer=${LOV15_TOKENIZER:-qwen-offline}")
-[[ -n "${LOV15_PRETRAINED:-}" ]] && OVERRIDES+=("checkpoint.pretrained=$LOV15_PRETRAINED")
-OVERRIDES+=("${ARGS[@]}")
+case "$STAGE" in
+  stage1_alignment) PREV_STAGE=stage0 ;;
+  stage1_5_mid_training) PREV_STAGE=stage1_alignment ;;
+  stage2_instruct) PREV_STAGE=stage1_5_mid_training ;;
+  *) die "unknown STAGE '$STAGE'; expected stage1_alignment, stage1_5_mid_training" \
+    "or stage2_instruct" ;;
+esac
+case "$SIZE" in
+  4b | 8b) ;;
+  *) die "unknown SIZE '$SIZE'; expected 4b or 8b" ;;
+esac
+for o in "${OVERRIDES[@]}"; do
+  [[ "$o" == *=* ]] || die "'$o' is not a key.sub=value override"
+done
+CONFIG="$REPO/configs/llava_ov_1_5/$SIZE/$STAGE.yaml"
+[[ -f "$CONFIG" ]] || die "config $CONFIG not found"
 
-SRUN=(srun --nodes "$NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1)
-[[ -n "${LOV15_CONTAINER:-}" ]] && SRUN+=(--container-image "$LOV15_CONTAINER" --container-mounts "$REPO:$REPO" --container-workdir "$REPO")
-CMD=("${SRUN[@]}" python -m torch.distributed.run
-     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
-     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-0}"
-     -m lov15_megatron.train --config "$CONFIG" "${OVERRIDES[@]}")
+# ---- inputs ---------------------------------------------------------------------------------
+[[ -n "${LOV15_DATA:-}" ]] || die "LOV15_DATA is not set: point it at the packed energon" \
+  "dataset for $STAGE (the output directory of tools/pack_offline.py, or a metadataset YAML)"
+[[ -e "$LOV15_DATA" ]] || die "LOV15_DATA=$LOV15_DATA does not exist"
+[[ -n "${LOV15_CKPT_ROOT:-}" ]] || die "LOV15_CKPT_ROOT is not set: point it at the directory" \
+  "that holds the checkpoints of all stages (this stage saves to \$LOV15_CKPT_ROOT/$SIZE/$STAGE)"
+SAVE="$LOV15_CKPT_ROOT/$SIZE/$STAGE"
+PREV="${LOV15_PREV_CKPT:-$LOV15_CKPT_ROOT/$SIZE/$PREV_STAGE}"
+if [[ -f "$SAVE/latest_checkpointed_iteration.txt" ]]; then
+  START="resume: $SAVE holds iteration $(cat "$SAVE/latest_checkpointed_iteration.txt")"
+  START+=" (model, optimizer, scheduler, RNG and data position restored)"
+elif [[ -d "$PREV" ]]; then
+  START="start: weights only from $PREV (fresh optimizer, iteration 0)"
+else
+  if [[ "$PREV_STAGE" == stage0 ]]; then
+    what="the stage-0 checkpoint converted to Megatron (tools/convert_checkpoint.py"
+    what+=" hf-to-mcore --model llava-ov-1.5 --hf-dir STAGE0_HF --save-dir $PREV)"
+  else
+    what="the checkpoint directory of $PREV_STAGE"
+  fi
+  msg="the checkpoint to start from, $PREV, does not exist: set LOV15_PREV_CKPT to $what"
+  [[ $DRY_RUN -eq 1 ]] || die "$msg"
+  echo "launch.sh: warning (a real run stops here): $msg" >&2
+  START="start: weights only from $PREV (fresh optimizer, iteration 0) -- not there yet"
+fi
 
-if [[ $DRY_RUN == 1 ]]; then
-  python -m lov15_megatron.train --config "$CONFIG" --print-config "${OVERRIDES[@]}"
-  echo "launch command:"
-  printf ' %q' "${CMD[@]}"; echo
+TRAIN_ARGS=(
+  -m lov15_megatron.train --config "$CONFIG"
+  "data.path=$LOV15_DATA"
+  "checkpoint.save=$SAVE"
+  "checkpoint.pretrained=$PREV"
+  "logging.tensorboard_dir=$SAVE/tensorboard"
+  "${OVERRIDES[@]}"
+)
+
+# ---- the Slurm job ----------------------------------------------------------------------------
+IN_SLURM=0
+if [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+  IN_SLURM=1
+  NNODES="${SLURM_NNODES:?SLURM_NNODES is not set inside the Slurm job}"
+  NPROC="${SLURM_GPUS_ON_NODE:-8}"
+  # The first host of the job (= `scontrol show hostnames ... | head -n1`, without the SIGPIPE
+  # that `head` can cause under pipefail).
+  HOSTS="$(scontrol show hostnames "$SLURM_JOB_NODELIST")" ||
+    die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
+  MASTER_ADDR="${HOSTS%%$'\n'*}"
+  [[ -n "$MASTER_ADDR" ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host"
+  MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  JOB_ID="$SLURM_JOB_ID"
+  CPUS="${SLURM_CPUS_PER_TASK:-}"
+elif [[ $DRY_RUN -eq 1 ]]; then
+  # shellcheck disable=SC2016  # placeholders, expanded inside the job
+  NNODES='$SLURM_NNODES' NPROC='$SLURM_GPUS_ON_NODE' MASTER_ADDR='$MASTER_ADDR'
+  # shellcheck disable=SC2016
+  MASTER_PORT='$MASTER_PORT' JOB_ID='$SLURM_JOB_ID' CPUS='$SLURM_CPUS_PER_TASK'
+else
+  die "not inside a Slurm job (SLURM_JOB_ID/SLURM_JOB_NODELIST unset): submit with" \
+    "sbatch examples/llava_ov_1_5/$STAGE.sbatch $SIZE, or use scripts/run_local.sh on one node"
+fi
+
+# torchrun forwards Slurm's SIGTERM (sbatch --signal) to the ranks and SIGKILLs them after this
+# many seconds (default 30): leave time to write a checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}"
+SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
+[[ -n "$CPUS" ]] && SRUN+=("--cpus-per-task=$CPUS") # newer Slurm: srun does not inherit it
+if [[ -n "${LOV15_CONTAINER:-}" ]]; then
+  SRUN+=("--container-image=$LOV15_CONTAINER" "--container-workdir=$REPO")
+  SRUN+=("--container-mounts=${LOV15_CONTAINER_MOUNTS:-$REPO:$REPO}")
+fi
+CMD=(
+  "${SRUN[@]}"
+  torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC"
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID"
+  "${TRAIN_ARGS[@]}"
+)
+
+# ---- pre-flight: the config resolves, and its layout fits the allocation ------------------------
+preflight() { # world size (or empty)
+  local rc=0
+  "$PYTHON" - "$1" "$CONFIG" "${TRAIN_ARGS[@]:4}" <<'PY' || rc=$?
+import sys
+
+try:
+    from lov15_megatron.config import ConfigError, load_config, validate_world_size
+except ImportError as e:
+    print(f"launch.sh: {sys.executable} cannot import lov15_megatron ({e})", file=sys.stderr)
+    sys.exit(3)
+
+world, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+try:
+    cfg = load_config(config, overrides)
+    if world:
+        dp = validate_world_size(cfg, int(world))
+        n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        p = cfg.parallel
+        print(f"layout: world {world} = TP {p.tensor_model_parallel_size} x PP "
+              f"{p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {dp}; "
+              f"{n_micro} micro-batch(es) per rank per step")
+except ConfigError as e:
+    sys.exit(f"launch.sh: error: {e}")
+PY
+  if [[ $rc -eq 3 && -n "${LOV15_CONTAINER:-}" && $DRY_RUN -eq 0 ]]; then
+    echo "pre-flight skipped: the container checks the config when it starts"
+  elif [[ $rc -eq 3 ]]; then
+    die "activate the environment that has lov15_megatron installed, or set PYTHON to its python"
+  elif [[ $rc -ne 0 ]]; then
+    exit "$rc"
+  fi
+}
+WORLD=""
+[[ $IN_SLURM -eq 1 ]] && WORLD=$((NNODES * NPROC))
+
+echo "==== llava-ov-1.5 $SIZE $STAGE ===="
+echo "config: $CONFIG"
+echo "$START"
+echo "checkpoints: $SAVE   tensorboard: $SAVE/tensorboard"
+preflight "$WORLD"
+if [[ $DRY_RUN -eq 1 ]]; then
+  "$PYTHON" "${TRAIN_ARGS[@]}" --print-config
+  echo "==== command (dry run: not started) ===="
+  printf '%q ' "${CMD[@]}"
+  echo
   exit 0
 fi
-mkdir -p "$LOV15_SAVE"
-echo "[launch] $(date -Is) job ${SLURM_JOB_ID:-?} on $NNODES node(s) x $GPUS_PER_NODE GPU(s), master $MASTER_ADDR:$MASTER_PORT"
+mkdir -p "$SAVE"
+cd "$REPO"
+printf '%q ' "${CMD[@]}"
+echo
 exec "${CMD[@]}"
