@@ -310,15 +310,6 @@ def _train_batches(dp_rank: int, per_rank: int):
             yield _pack([[_sample(100 + i, grids), _sample(200 + i, [(2, 2)])]], 64)
 
 
-def _train_batches(dp_rank: int, per_rank: int):
-    """Global batch of 4 packed rows per step; DP rank r takes rows [r·per_rank, …)."""
-    for step in range(STEPS):
-        for j in range(per_rank):
-            i = step * 4 + dp_rank * per_rank + j
-            grids = [[(4, 4)], [], [(2, 6), (2, 2)], [(2, 2)]][i % 4]
-            yield _pack([[_sample(100 + i, grids), _sample(200 + i, [(2, 2)])]], 64)
-
-
 def train_runs(
     load_dir: str, layouts: dict[str, list[str]]
 ) -> dict[str, list[tuple[float, float]]]:

@@ -84,18 +84,40 @@ def _te_importable() -> bool:
     return True
 
 
+def runs_on_gpu(cfg: RunConfig) -> bool:
+    return torch.cuda.is_available() and cfg.runtime.device != "cpu"
+
+
+def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT.
+
+    Fused kernels come with Transformer Engine; the local spec uses plain torch ops.
+    """
+    dtype = _DTYPES[cfg.model.params_dtype]
+    on_gpu = runs_on_gpu(cfg)
+    te = on_gpu and use_transformer_engine(cfg)
+    return {
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "use_cpu_initialization": not on_gpu,
+        "masked_softmax_fusion": te,
+        "persist_layer_norm": te,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+    }
+
+
 def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of the Qwen3 language model for ``cfg``."""
     lm, p = cfg.model.language, cfg.parallel
-    dtype = _DTYPES[cfg.model.params_dtype]
+    on_gpu = runs_on_gpu(cfg)
     recompute = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform",
                  "recompute_num_layers": 1},
     }[cfg.train.recompute]  # fmt: skip
-    on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
-    te = on_gpu and use_transformer_engine(cfg)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -113,27 +135,19 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.model.init_method_std,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=True,
-        use_cpu_initialization=not on_gpu,
-        # Fused kernels come with Transformer Engine; the local spec uses plain torch ops.
-        bias_activation_fusion=te,
-        masked_softmax_fusion=te,
-        persist_layer_norm=te,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu and use_transformer_engine(cfg),  # fused kernels: TE
         # gloo matches point-to-point messages between two ranks in posting order; a batched
         # isend/irecv under virtual pipelining can pair an activation with a gradient of the
         # same shape. The unbatched path orders sends and receives by rank parity.
         batch_p2p_comm=on_gpu,
         **recompute,
+        **device_config_kwargs(cfg),
     )
 
 

@@ -51,9 +51,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from lov15_megatron.config import RunConfig, VisionModelConfig
 from lov15_megatron.models.norms import LocalNorm
-from lov15_megatron.models.qwen3 import use_transformer_engine
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lov15_megatron.models.qwen3 import device_config_kwargs, use_transformer_engine
 
 AttentionFormat = Literal["thd", "mask"]
 """How packed images reach the attention: TE THD (``cu_seqlens``) or a block-diagonal mask."""
@@ -73,9 +71,6 @@ def _vision(cfg: RunConfig) -> VisionModelConfig:
 def _common_config_kwargs(cfg: RunConfig) -> dict:
     """TransformerConfig fields shared by the ViT and the merger."""
     v, p = _vision(cfg), cfg.parallel
-    dtype = _DTYPES[cfg.model.params_dtype]
-    on_gpu = torch.cuda.is_available() and cfg.runtime.device != "cpu"
-    te = on_gpu and use_transformer_engine(cfg)
     return dict(
         num_query_groups=v.num_attention_heads,
         num_attention_heads=v.num_attention_heads,
@@ -90,9 +85,6 @@ def _common_config_kwargs(cfg: RunConfig) -> dict:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.model.init_method_std,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         # The tower lives whole on the first pipeline stage and runs unsplit on every CP rank.
         pipeline_model_parallel_size=1,
@@ -100,15 +92,12 @@ def _common_config_kwargs(cfg: RunConfig) -> dict:
         # Released layout: no sequence parallelism inside the ViT (the VLM scatters to the SP
         # region only after the image embeddings are merged into the LM input).
         sequence_parallel=False,
-        use_cpu_initialization=not on_gpu,
         # Megatron's fused bias-GELU is the tanh approximation; the model uses exact GELU.
         bias_activation_fusion=False,
-        masked_softmax_fusion=te,
-        persist_layer_norm=te,
-        # TE's fused THD RoPE restarts positions at 0 in every sequence; ours are per token.
-        apply_rope_fusion=False,
+        # (apply_rope_fusion stays off: TE's fused THD RoPE restarts positions at 0 in every
+        # sequence; ours are per token.)
         rotary_interleaved=False,
-        gradient_accumulation_fusion=False,
+        **device_config_kwargs(cfg),
     )
 
 
