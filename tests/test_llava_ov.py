@@ -198,9 +198,10 @@ def _build(cfg, load_dir: str, ddp: bool = False):
 
 def packed_checks(load_dir: str) -> dict:
     """One rank: packing equivalence, micro-batch 2, bad inputs, stage-1 freezing."""
+    from lov15_megatron.models.lm_loss import token_losses
     from lov15_megatron.models.packed_seq import packed_attention_mask, row_cu_seqlens_from_flat
     from lov15_megatron.training import setup
-    from lov15_megatron.training.step import token_losses, train_step, vlm_forward_step
+    from lov15_megatron.training.step import train_step, vlm_forward_step
 
     (model,) = _build(_cfg(load_dir, []), load_dir)
     model.eval()
@@ -243,6 +244,35 @@ def packed_checks(load_dir: str) -> dict:
                 offset += n
                 k += 1
     out["subsamples_checked"] = k
+
+    # The training loss path (logits only at loss positions) = full logits + token_losses,
+    # in value and in gradient; an all-zero mask gives zero losses.
+    batch = _pack([[subs[0], subs[2]], [subs[1], subs[3]]], 64)
+    b, s = batch["input_ids"].shape
+    rows = row_cu_seqlens_from_flat(batch["cu_seqlens"], b, s)
+    kwargs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "attention_mask": packed_attention_mask(rows, s, causal=True),
+        "pixel_values": batch["pixel_values"],
+        "image_grid_thw": batch["image_grid_thw"],
+    }
+    mask = batch["loss_mask"].float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = token_losses(model(**kwargs).clone(), batch["labels"], model.true_vocab_size) * mask
+    full_grads = torch.autograd.grad(full.sum(), params)
+    picked = model(**kwargs, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    picked_grads = torch.autograd.grad((picked * mask).sum(), params)
+    out["picked_loss_diff"] = float((picked - full).abs().max())
+    out["picked_outside_mask"] = float(picked[mask == 0].abs().max())
+    out["picked_grad_rel"] = max(
+        float((a - g).norm() / g.norm().clamp_min(1e-12))
+        for a, g in zip(picked_grads, full_grads, strict=True)
+    )
+    out["mask_tokens"], out["tokens"] = int(mask.sum()), b * s
+    with torch.no_grad():
+        none = model(**kwargs, labels=batch["labels"], loss_mask=torch.zeros_like(mask))
+    out["zero_mask_losses"] = float(none.abs().max())
 
     broken = _pack([[subs[0]]], 32)
     broken["input_ids"][0, 7] = 17  # one <|image_pad|> fewer than the image's features
@@ -287,6 +317,9 @@ def test_packing_micro_batch_errors_and_freezing(converted):
     (out,) = run_ranks(1, packed_checks, str(mc_dir))
     assert out["subsamples_checked"] == 7
     assert out["logit_diff"] < 1e-4 and out["loss_diff"] < 1e-4, out
+    assert out["picked_loss_diff"] < 1e-5 and out["picked_grad_rel"] < 1e-5, out
+    assert out["picked_outside_mask"] == 0.0 and out["zero_mask_losses"] == 0.0, out
+    assert 0 < out["mask_tokens"] < out["tokens"], out
     assert "<|image_pad|> tokens" in out["count"] and "merged features" in out["count"]
     assert "image 0" in out["grid"], out["grid"]
     assert out["changed_groups"] == ["vision_projection"], out["changed_groups"]

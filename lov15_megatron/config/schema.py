@@ -86,6 +86,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+    # Per module group (vision/merger/language) multiplier of lr and min_lr, e.g. {vision: 0.2}
+    # (LLaVA-OneVision trains the ViT at a fifth of the LM's lr); unlisted groups use 1.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,6 +304,12 @@ def validate(cfg: RunConfig) -> None:
             not bad,
             f"train.trainable has unknown group(s) {bad}; allowed: {list(TRAINABLE_GROUPS)}",
         )
+    bad = sorted(set(cfg.optimizer.lr_mult) - set(TRAINABLE_GROUPS))
+    _require(
+        not bad, f"optimizer.lr_mult has unknown group(s) {bad}; allowed: {list(TRAINABLE_GROUPS)}"
+    )
+    for group, mult in cfg.optimizer.lr_mult.items():
+        _require(mult > 0, f"optimizer.lr_mult.{group}={mult} must be > 0")
 
     _require(
         d.seq_length <= lm.max_position_embeddings,

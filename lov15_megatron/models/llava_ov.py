@@ -38,7 +38,7 @@ from lov15_megatron.models.qwen3 import (
 )
 from lov15_megatron.models.rice_vit import build_patch_merger, build_rice_vit
 
-_GROUP_MODULES = {
+GROUP_MODULES = {
     "vision": "vision_model",
     "merger": "vision_projection",
     "language": "language_model",
@@ -110,7 +110,7 @@ class LLaVAOneVisionModel(MegatronModule):
         unknown = keep - set(TRAINABLE_GROUPS)
         if unknown:
             raise ConfigError(f"unknown trainable group(s) {sorted(unknown)}")
-        for group, attr in _GROUP_MODULES.items():
+        for group, attr in GROUP_MODULES.items():
             module = getattr(self, attr, None)
             if module is not None:
                 for param in module.parameters():
@@ -158,11 +158,12 @@ class LLaVAOneVisionModel(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[b, s, V_padded/TP]`` on the last stage (hidden states elsewhere).
-
-        The loss is computed by the training step from these logits
-        (:func:`lov15_megatron.training.step.token_losses`, which masks the vocab padding).
+        """On the last stage: logits ``[b, s, V_padded/TP]``, or with ``labels`` and
+        ``loss_mask`` the per-token losses ``[b, s]`` (0 outside the mask; see
+        :mod:`lov15_megatron.models.lm_loss`). Hidden states on the other stages.
 
         ``position_ids`` ``[b, s]`` restart at 0 per packed sub-sample; ``attention_mask``
         (local spec) is the packed block-causal mask ``[b, 1, s, s]`` (True = masked) or None
@@ -179,6 +180,8 @@ class LLaVAOneVisionModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             packed_seq_params=packed_seq_params,
+            labels=labels,
+            loss_mask=loss_mask,
         )
 
 

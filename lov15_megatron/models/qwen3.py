@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -34,6 +33,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.models.lm_loss import LossPositionsGPTModel
 from lov15_megatron.models.norms import LocalNorm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -198,7 +198,7 @@ def build_qwen3_model(
     config: TransformerConfig | None = None,
     position_embedding_type: str = "rope",
     scatter_embedding_sequence_parallel: bool = True,
-) -> GPTModel:
+) -> LossPositionsGPTModel:
     """One pipeline chunk of the Qwen3 model (stage flags derived from parallel state).
 
     The VLM builds its language model with ``scatter_embedding_sequence_parallel=False`` (it
@@ -212,7 +212,7 @@ def build_qwen3_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     lm = cfg.model.language
     config = config or qwen3_transformer_config(cfg)
-    model = GPTModel(
+    model = LossPositionsGPTModel(
         config=config,
         transformer_layer_spec=qwen3_block_spec(cfg, config, vp_stage),
         vocab_size=model_vocab_size(cfg),
@@ -224,6 +224,6 @@ def build_qwen3_model(
         rotary_base=lm.rotary_base,
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         vp_stage=vp_stage,
+        true_vocab_size=lm.vocab_size,  # the loss masks the padded logit columns
     )
-    model.true_vocab_size = lm.vocab_size  # the loss masks the padded logit columns
     return model

@@ -14,7 +14,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    ParamGroupOverride,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import MegatronModule
 
@@ -74,7 +81,8 @@ def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel]) -> Me
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, chunks)
+    overrides = lr_overrides(cfg, opt_config)
+    optimizer = get_megatron_optimizer(opt_config, chunks, config_overrides=overrides)
     # Hooks the pipeline schedules call: grad sync, per-token loss scaling, loss scaling.
     for chunk in chunks:
         config = chunk.config
@@ -84,6 +92,22 @@ def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel]) -> Me
         if len(chunks) == 1:
             config.no_sync_func = config.no_sync_func[0]
     return optimizer
+
+
+def lr_overrides(cfg: RunConfig, opt_config: OptimizerConfig) -> dict:
+    """Megatron's default param-group overrides plus ``optimizer.lr_mult`` per module group.
+
+    Each listed group gets its own ``max_lr``/``min_lr``; the scheduler applies warmup and
+    decay to every group relative to those.
+    """
+    from lov15_megatron.models.llava_ov import GROUP_MODULES
+
+    overrides = get_standard_config_overrides(opt_config)
+    o = cfg.optimizer
+    for group, mult in sorted(o.lr_mult.items()):
+        key = ParamKey(name=f"*{GROUP_MODULES[group]}.*")
+        overrides[key] = ParamGroupOverride(max_lr=o.lr * mult, min_lr=o.min_lr * mult)
+    return overrides
 
 
 def build_scheduler(cfg: RunConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:

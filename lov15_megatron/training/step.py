@@ -4,9 +4,8 @@ The loss of a step is the sum of the masked per-token losses over the whole glob
 by the number of loss tokens in it (``calculate_per_token_loss``): micro-batches and DP ranks are
 weighted by their token counts, so every parallel layout optimises the same objective.
 
-The per-token loss is computed here from the last stage's vocab-parallel logits rather than
-inside ``GPTModel``: Megatron pads the vocabulary to a multiple of 128 × TP, and the padded
-columns must not enter the softmax, or the loss would depend on TP (and differ from HF's).
+The per-token losses come from the model (:mod:`lov15_megatron.models.lm_loss`: the padded
+vocabulary is kept out of the softmax, and logits are computed only at loss positions).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -35,33 +34,11 @@ class StepResult:
     loss_scale: float | None = None  # fp16 dynamic loss scale (None in bf16/fp32)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token cross entropy ``[b, s]`` from vocab-parallel logits ``[b, s, V_padded/TP]``.
-
-    Columns at ids ≥ ``vocab_size`` (Megatron's padding) are excluded from the softmax; labels
-    outside the vocabulary (e.g. -100) give a finite value that the loss mask removes. Like
-    Megatron's own loss path, Megatron's cross entropy may reuse ``logits``' memory in place:
-    pass a copy if the logits are needed afterwards.
-    """
-    shard = logits.shape[-1]
-    first = parallel_state.get_tensor_model_parallel_rank() * shard
-    logits = logits.transpose(0, 1).float().contiguous()  # [s, b, v]
-    if first + shard > vocab_size:
-        ids = torch.arange(first, first + shard, device=logits.device)
-        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
-    target = labels.transpose(0, 1).clamp(0, vocab_size - 1).contiguous()
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, target).transpose(0, 1)
-
-
-def masked_token_loss(
-    loss_mask: torch.Tensor, output_tensor: torch.Tensor, labels=None, vocab_size: int = 0
-):
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron loss function: (sum of masked losses, token count, values to report).
 
-    ``output_tensor`` is per-token losses, or logits when ``labels`` are given.
+    ``output_tensor`` is the model's per-token losses ``[b, s]``.
     """
-    if labels is not None:
-        output_tensor = token_losses(output_tensor, labels, vocab_size)
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
@@ -81,13 +58,14 @@ def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None
+    losses = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
-    vocab = _unwrap(model).true_vocab_size
-    return logits, partial(
-        masked_token_loss, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab
-    )
+    return losses, partial(masked_token_loss, batch["loss_mask"])
 
 
 def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
@@ -119,18 +97,17 @@ def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
             packed = thd_packed_seq_params(rows, s, device=device)
             for key in ("input_ids", "labels", "loss_mask", "position_ids"):
                 batch[key] = batch[key].reshape(1, -1)
-    logits = model(
+    losses = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=mask,
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
         packed_seq_params=packed,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
-    vocab = _unwrap(model).true_vocab_size
-    return logits, partial(
-        masked_token_loss, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab
-    )
+    return losses, partial(masked_token_loss, batch["loss_mask"])
 
 
 def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -182,7 +159,9 @@ def train_step(
     )
     # Step i (1-based) runs at the scheduler's lr for i: warmup never spends a step at lr 0.
     scheduler.step(increment=1)
-    lr = optimizer.param_groups[0]["lr"]
+    # The lr of the base schedule (groups with an optimizer.lr_mult have their own).
+    groups = optimizer.param_groups
+    lr = next((g["lr"] for g in groups if g.get("default_config", True)), groups[0]["lr"])
     updated, grad_norm, _ = optimizer.step()
     totals = _reduce_loss(losses, device)
     loss_sum, tokens = totals.tolist()
