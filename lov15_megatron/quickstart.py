@@ -30,9 +30,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # data counts and steps per stage
-    "default": {"caption": 400, "instruct": 400, "eval": 40, "steps": (30, 40, 80)},
-    "small": {"caption": 120, "instruct": 200, "eval": 24, "steps": (8, 10, 70)},
+    "default": {"caption": 400, "instruct": 3000, "eval": 100, "steps": (10, 20, 400)},
+    "small": {"caption": 120, "instruct": 1000, "eval": 60, "steps": (6, 8, 200)},
 }
+
+
+ANSWERS_SHOWN = 15  # held-out answers printed (all are in summary.json)
 
 
 def run(*cmd: str, log: Path | None = None) -> str:
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = sum(r["correct"] for r in results) / len(results)
     summary = {
         "stages": stages, "packing": fill, "accuracy": accuracy,
+        "accuracy_per_type": accuracy_per_type(results),
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
         "answers": results, "seconds": time.perf_counter() - start,
@@ -174,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return 0
+
+
+def accuracy_per_type(results: list[dict]) -> dict[str, dict]:
+    """Per question type: questions, correct answers, accuracy and chance accuracy."""
+    per: dict[str, dict] = {}
+    for r in results:
+        t = per.setdefault(r["type"], {"questions": 0, "correct": 0, "chance": r["chance"]})
+        t["questions"] += 1
+        t["correct"] += int(r["correct"])
+    for t in per.values():
+        t["accuracy"] = t["correct"] / t["questions"]
+    return per
 
 
 def print_summary(s: dict, out: Path) -> None:
@@ -185,10 +201,16 @@ def print_summary(s: dict, out: Path) -> None:
               f"checkpoint {st['checkpoint']}")  # fmt: skip
     for split, (n, packs, fill) in s["packing"].items():
         print(f"  packing {split}: {n} samples -> {packs} packs, fill efficiency {fill:.3f}")
-    print("  held-out answers (question -> predicted / expected):")
-    for r in s["answers"]:
+    shown = s["answers"][:ANSWERS_SHOWN]
+    print(f"  held-out answers, first {len(shown)} of {len(s['answers'])} "
+          "(question -> predicted / expected):")  # fmt: skip
+    for r in shown:
         mark = "ok " if r["correct"] else "   "
         print(f"    {mark}{r['question']!r:45s} -> {r['predicted']!r} / {r['answer']!r}")
+    print("  accuracy per question type (chance):")
+    for name, t in s["accuracy_per_type"].items():
+        print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
+              f"({t['chance']:.2f})")  # fmt: skip
     print(
         f"  accuracy {s['accuracy']:.2f} (chance {s['chance_accuracy']:.2f}, always-majority "
         f"{s['majority_answer_accuracy']:.2f}); total {s['seconds']:.0f}s; outputs in {out}"

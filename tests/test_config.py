@@ -226,6 +226,8 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
         (["data.kind=energon"], r"data.kind='energon' requires data.path"),
         (["train.trainable=[vision, decoder]"], r"train.trainable .*'decoder'"),
         (["train.trainable=[]"], r"train.trainable"),
+        (["optimizer.lr_mult={decoder: 0.1}"], r"optimizer.lr_mult has unknown group.*'decoder'"),
+        (["optimizer.lr_mult={vision: 0}"], r"optimizer.lr_mult.vision=0.0 must be > 0"),
         (["model.language.num_layers=0"], r"model.language.num_layers=0 must be >= 1"),
         (["parallel.context_parallel_size=0"], r"parallel.context_parallel_size=0 must be >= 1"),
         (["train.train_iters=0"], r"train.train_iters=0 must be >= 1"),

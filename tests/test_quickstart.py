@@ -2,11 +2,12 @@
 
 Runs ``python -m lov15_megatron.quickstart --size small`` (the same code as
 ``bash scripts/quickstart.sh``) and checks that every stage's loss falls, every artefact exists
-and loads, and the exported model answers every held-out question.
-
-Not asserted yet: accuracy above chance. At this size the tiny model (hidden 64, the full
-151,936-token vocabulary) learns answer priors per question type but not yet the image
-(measured 2026-11-23: 2/24 correct, chance 0.29) — see issue 7.
+and loads (the exported model is loaded to answer), and the exported model answers the held-out
+questions better than chance. The skill it reliably learns at this size is reading the image's
+background colour: every background question has the same text, so an image-blind model cannot
+answer more than the most frequent colour correctly (measured 2026-11-23: 12/12; overall 0.37
+against chance 0.29; the other question types stay near chance at this size, see
+``docs/quickstart.md``).
 """
 
 from __future__ import annotations
@@ -45,5 +46,8 @@ def test_quickstart_small_pipeline(tmp_path):
     assert (out / "final_hf" / "modeling_llavaonevision1_5.py").exists()
 
     answers = summary["answers"]
-    assert len(answers) == 24 and all(a["predicted"] for a in answers)
-    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["chance_accuracy"] > 0
+    assert len(answers) == 60 and all(a["predicted"] for a in answers)
+    assert summary["accuracy"] > summary["chance_accuracy"], summary["accuracy_per_type"]
+    background = [a for a in answers if a["type"] == "background"]
+    assert len({a["answer"] for a in background}) == 3  # white, gray and black all asked
+    assert sum(a["correct"] for a in background) >= 0.8 * len(background), background

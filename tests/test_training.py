@@ -109,6 +109,11 @@ def test_learns_resumes_exactly_and_freezes(setup_dirs):
         "part1": ["train.train_iters=6", "train.exit_interval=2", f"checkpoint.save={root / 'b'}"],
         "part2": ["train.train_iters=6", f"checkpoint.save={root / 'b'}"],
         "learn": ["train.train_iters=24", "optimizer.lr=1e-2", f"data.path={root / 'instruct'}"],
+        "lr_mult": [
+            "train.train_iters=1",
+            "optimizer.lr_mult={vision: 0.25}",
+            f"checkpoint.save={root / 'lr_mult'}",
+        ],
         "stage1": [
             "train.train_iters=2",
             "train.trainable=[merger]",
@@ -129,7 +134,13 @@ def test_learns_resumes_exactly_and_freezes(setup_dirs):
     assert all(math.isfinite(x) for x in learn)
     assert sum(learn[-4:]) / 4 < 0.6 * learn[0], learn
 
-    w0, w1 = _weights(root / "stage0"), _weights(root / "s1")
+    # Adam's first update moves every parameter with a gradient by ±lr: 3e-3 × lr_mult.
+    w0, w1 = _weights(root / "stage0"), _weights(root / "lr_mult")
+    for group, lr in (("vision_model", 0.25 * 3e-3), ("language_model", 3e-3)):
+        step = torch.cat([(w1[k] - w0[k]).abs().flatten() for k in w0 if k.startswith(group)])
+        assert math.isclose(float(step[step > 0].median()), lr, rel_tol=0.05), (group, lr)
+
+    w1 = _weights(root / "s1")
     changed = {k.split(".")[0] for k in w0 if not torch.equal(w0[k], w1[k])}
     assert changed == {"vision_projection"}, changed
 
