@@ -112,6 +112,13 @@ def test_round_trip_is_bit_exact(converted, name, tmp_path):
        "--hf-template", str(hf_dir), "--max-shard-gb", "0.00005")  # fmt: skip
     original, exported = tensors(hf_dir), tensors(back)
     assert (back / "model.safetensors.index.json").exists()
+    if name == "tied":  # an existing export is not replaced without --overwrite
+        again = ["mcore-to-hf", "--model", "qwen3", "--load-dir", str(mc_dir), "--save-dir",
+                 str(back), "--hf-template", str(hf_dir)]  # fmt: skip
+        err = _fails(*again)
+        assert f"--save-dir {back} exists and is not empty" in err and "--overwrite" in err
+        assert tensors(back).keys() == exported.keys()
+        ok(*again, "--overwrite")
     assert sorted(original) == sorted(exported)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key

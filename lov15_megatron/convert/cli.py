@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lov15_megatron.config import ConfigError, validate_world_size
 from lov15_megatron.convert.mapping import ConversionError
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--save-dir", required=True)
     b.add_argument("--hf-template", help="HF directory to take config fields and tokenizer from")
     b.add_argument("--max-shard-gb", type=float, default=2.0)
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     c = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
     c.add_argument("--model", required=True, choices=MODELS)
     c.add_argument("--hf-dir", required=True)
@@ -65,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         converter = get_converter(args.model)
         if args.command == "hf-to-mcore":
             _check_layout(converter, args.hf_dir, args.tp, args.pp)
+        else:
+            from lov15_megatron.convert.hf_io import check_save_dir
+
+            sources = [Path(args.load_dir)] + ([Path(args.hf_template)] if args.hf_template else [])
+            check_save_dir(Path(args.save_dir), sources, args.overwrite)
         distributed.initialize(core.converter_runtime_config())
         try:
             if args.command == "hf-to-mcore":

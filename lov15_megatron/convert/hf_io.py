@@ -22,6 +22,23 @@ from safetensors.torch import save_file
 
 from lov15_megatron.convert.mapping import ConversionError
 
+
+def check_save_dir(save_dir: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse an output directory that overlaps an input, is a file, or is non-empty
+    (unless ``overwrite``): the atomic writer would otherwise replace it."""
+    resolved = save_dir.resolve()
+    for source in sources:
+        src = source.resolve()
+        if resolved == src or src in resolved.parents or resolved in src.parents:
+            raise ConversionError(f"--save-dir {save_dir} overlaps the input directory {source}")
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ConversionError(f"cannot write to {save_dir}: it exists and is not a directory")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"--save-dir {save_dir} exists and is not empty (pass --overwrite to replace it)"
+        )
+
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = (

@@ -46,6 +46,7 @@ from lov15_megatron.convert.hf_io import (
     TOKENIZER_FILES,
     HFCheckpointReader,
     HFCheckpointWriter,
+    check_save_dir,
 )
 from lov15_megatron.convert.mapping import ConversionError
 
@@ -558,20 +559,6 @@ def _copy_tokenizer(plan: Stage0Plan, writer: HFCheckpointWriter) -> list[str]:
     return copied
 
 
-def _check_save_dir(save_dir: Path, sources: list[Path], overwrite: bool) -> None:
-    resolved = save_dir.resolve()
-    for source in sources:
-        src = source.resolve()
-        if resolved == src or src in resolved.parents or resolved in src.parents:
-            raise ConversionError(f"--save-dir {save_dir} overlaps the input directory {source}")
-    if save_dir.exists() and not save_dir.is_dir():
-        raise ConversionError(f"cannot write to {save_dir}: it exists and is not a directory")
-    if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
-        raise ConversionError(
-            f"--save-dir {save_dir} exists and is not empty (pass --overwrite to replace it)"
-        )
-
-
 def make_stage0(
     vit_dir: str | Path,
     llm_dir: str | Path,
@@ -594,7 +581,7 @@ def make_stage0(
     start = time.perf_counter()
     save_dir = Path(save_dir)
     plan = plan_stage0(vit_dir, llm_dir, tokenizer_dir, dtype)
-    _check_save_dir(save_dir, [plan.vit_dir, plan.llm_dir, plan.tokenizer_dir], overwrite)
+    check_save_dir(save_dir, [plan.vit_dir, plan.llm_dir, plan.tokenizer_dir], overwrite)
     if progress:
         _describe(plan, seed, init_std)
     merger = init_merger(plan.tensors, seed, init_std)

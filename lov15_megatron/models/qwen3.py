@@ -71,8 +71,8 @@ def zero_vocab_padding(model: torch.nn.Module, vocab_size: int) -> None:
 
 def use_transformer_engine(cfg: RunConfig) -> bool:
     impl = cfg.model.transformer_impl
-    if impl == "auto":
-        return torch.cuda.is_available() and _te_importable()
+    if impl == "auto":  # TE where it can run: a GPU run (not runtime.device=cpu) with TE
+        return runs_on_gpu(cfg) and _te_importable()
     return impl == "transformer_engine"
 
 
