@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lov15_megatron.config import RunConfig, format_config, load_config
+from lov15_megatron.config import ConfigError, RunConfig, format_config, load_config
 from lov15_megatron.models.qwen3 import build_qwen3_model, zero_vocab_padding
 from lov15_megatron.runtime import distributed
 from lov15_megatron.runtime.distributed import print_rank_0
@@ -207,7 +207,11 @@ def _write_summary(path: Path, result: TrainResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # one line naming the file/field, not a traceback
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(format_config(cfg))
         return 0

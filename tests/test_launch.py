@@ -325,3 +325,14 @@ def test_run_local_errors(tmp_path):
     assert res.returncode == 2 and "expected a CONFIG" in res.stderr
     res = run(["bash", "scripts/run_local.sh", "configs/nope.yaml"], env)
     assert res.returncode == 2 and "config configs/nope.yaml not found" in res.stderr
+
+
+def test_train_config_errors_are_one_line(tmp_path):
+    env = no_slurm(tmp_path)
+    cmd = [sys.executable, "-m", "lov15_megatron.train", "--config", "configs/tiny/model.yaml"]
+    res = run([*cmd, "--print-config"], env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "config error: data.kind='energon' requires data.path" in res.stderr
+    res = run([*cmd, "data.path=x", "optimizer.lr_mult={decoder: 1}"], env)
+    assert res.returncode == 2
+    assert "optimizer.lr_mult has unknown group(s) ['decoder']" in res.stderr
