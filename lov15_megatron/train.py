@@ -20,21 +20,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
+from typing import TYPE_CHECKING
 
 from lov15_megatron.config import ConfigError, RunConfig, format_config, load_config
-from lov15_megatron.models.qwen3 import build_qwen3_model, zero_vocab_padding
-from lov15_megatron.runtime import distributed
-from lov15_megatron.runtime.distributed import print_rank_0
-from lov15_megatron.training import checkpointing, setup
-from lov15_megatron.training.data import build_train_data
-from lov15_megatron.training.flops import StepCounts, peak_tflops, step_flops
-from lov15_megatron.training.metrics import MetricsLogger
-from lov15_megatron.training.signals import ExitSignal
-from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
+
+# torch, Megatron and everything built on them are imported where they are used, so that
+# ``--print-config`` (the launchers' pre-flight) answers in a fraction of a second.
+if TYPE_CHECKING:
+    import torch
+
+    from lov15_megatron.training.flops import StepCounts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def language_model_provider(cfg: RunConfig, vp_stage: int | None):
+    from lov15_megatron.models.qwen3 import build_qwen3_model
+
     return build_qwen3_model(cfg, vp_stage=vp_stage)
 
 
@@ -76,6 +73,11 @@ class TrainResult:
 
 def _global_counts(counts: StepCounts, device: torch.device) -> StepCounts:
     """Counts of the whole global batch: sum over DP (one PP/TP/CP position counts)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from lov15_megatron.training.flops import StepCounts
+
     t = counts.as_tensor().to(device)
     ps = parallel_state
     if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank():
@@ -88,6 +90,18 @@ def _global_counts(counts: StepCounts, device: torch.device) -> StepCounts:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Train until ``train.train_iters`` (or SIGTERM); returns what happened."""
+    import torch
+
+    from lov15_megatron.models.qwen3 import zero_vocab_padding
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.runtime.distributed import print_rank_0
+    from lov15_megatron.training import checkpointing, setup
+    from lov15_megatron.training.data import build_train_data
+    from lov15_megatron.training.flops import peak_tflops, step_flops
+    from lov15_megatron.training.metrics import MetricsLogger
+    from lov15_megatron.training.signals import ExitSignal
+    from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
+
     rt = distributed.initialize(cfg)
     print_rank_0(format_config(cfg))
     print_rank_0(
@@ -215,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg))
         return 0
+    from lov15_megatron.runtime import distributed
+
     if cfg.checkpoint.save:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
     try:
