@@ -9,18 +9,14 @@ Megatron model at TP=1, PP=2 and TP=2×PP=2 (untied) and TP=2 (tied) against the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, ok
 from safetensors import safe_open
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
 LOGIT_TOL = 1e-4
 
 
@@ -38,17 +34,6 @@ def make_hf_qwen3(path: Path, tied: bool, seed: int = 0, **overrides) -> Qwen3Fo
     model.save_pretrained(path)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     return model
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT)
-
-
-def ok(*args: str) -> str:
-    out = cli(*args)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

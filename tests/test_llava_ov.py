@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ok
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
 LOGIT_TOL = 1e-4
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
 
@@ -51,17 +47,6 @@ def make_hf_vlm(path: Path, seed: int = 0):
                 p.add_(1.0)
     save_pretrained_with_code(model, path)
     return model
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT)
-
-
-def ok(*args: str) -> str:
-    out = cli(*args)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +197,20 @@ def packed_checks(load_dir: str) -> dict:
         _sample(4, [(2, 2)]),
     ]
 
-    def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(batch: dict) -> dict:
         b, s = batch["input_ids"].shape
         rows = row_cu_seqlens_from_flat(batch["cu_seqlens"], b, s)
-        kwargs = {
+        return {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
             "attention_mask": packed_attention_mask(rows, s, causal=True),
             "pixel_values": batch["pixel_values"],
             "image_grid_thw": batch["image_grid_thw"],
         }
+
+    def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            logits = model(**kwargs)
+            logits = model(**inputs(batch))
         losses = token_losses(logits.clone(), batch["labels"], model.true_vocab_size)
         return logits, losses * batch["loss_mask"]
 
@@ -248,15 +235,7 @@ def packed_checks(load_dir: str) -> dict:
     # The training loss path (logits only at loss positions) = full logits + token_losses,
     # in value and in gradient; an all-zero mask gives zero losses.
     batch = _pack([[subs[0], subs[2]], [subs[1], subs[3]]], 64)
-    b, s = batch["input_ids"].shape
-    rows = row_cu_seqlens_from_flat(batch["cu_seqlens"], b, s)
-    kwargs = {
-        "input_ids": batch["input_ids"],
-        "position_ids": batch["position_ids"],
-        "attention_mask": packed_attention_mask(rows, s, causal=True),
-        "pixel_values": batch["pixel_values"],
-        "image_grid_thw": batch["image_grid_thw"],
-    }
+    kwargs = inputs(batch)
     mask = batch["loss_mask"].float()
     params = [p for p in model.parameters() if p.requires_grad]
     full = token_losses(model(**kwargs).clone(), batch["labels"], model.true_vocab_size) * mask
@@ -269,7 +248,7 @@ def packed_checks(load_dir: str) -> dict:
         float((a - g).norm() / g.norm().clamp_min(1e-12))
         for a, g in zip(picked_grads, full_grads, strict=True)
     )
-    out["mask_tokens"], out["tokens"] = int(mask.sum()), b * s
+    out["mask_tokens"], out["tokens"] = int(mask.sum()), mask.numel()
     with torch.no_grad():
         none = model(**kwargs, labels=batch["labels"], loss_mask=torch.zeros_like(mask))
     out["zero_mask_losses"] = float(none.abs().max())

@@ -109,7 +109,10 @@ def _load_target(spec: dict[str, str]) -> Callable:
         name = "__multirank_target__"
     if name in sys.modules or not spec["file"]:
         module = importlib.import_module(name)
-    else:
+    else:  # its sibling imports resolve as they would for a script in that folder
+        folder = str(Path(spec["file"]).parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         loader_spec = importlib.util.spec_from_file_location(name, spec["file"])
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
