@@ -190,6 +190,7 @@ def packed_checks(load_dir: str) -> dict:
 
     (model,) = _build(_cfg(load_dir, []), load_dir)
     model.eval()
+    vocab = model.language_model.true_vocab_size
     subs = [
         _sample(1, [(4, 4)]),
         _sample(2, []),
@@ -211,7 +212,7 @@ def packed_checks(load_dir: str) -> dict:
     def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             logits = model(**inputs(batch))
-        losses = token_losses(logits.clone(), batch["labels"], model.true_vocab_size)
+        losses = token_losses(logits.clone(), batch["labels"], vocab)
         return logits, losses * batch["loss_mask"]
 
     out: dict = {"logit_diff": 0.0, "loss_diff": 0.0}
@@ -238,7 +239,7 @@ def packed_checks(load_dir: str) -> dict:
     kwargs = inputs(batch)
     mask = batch["loss_mask"].float()
     params = [p for p in model.parameters() if p.requires_grad]
-    full = token_losses(model(**kwargs).clone(), batch["labels"], model.true_vocab_size) * mask
+    full = token_losses(model(**kwargs).clone(), batch["labels"], vocab) * mask
     full_grads = torch.autograd.grad(full.sum(), params)
     picked = model(**kwargs, labels=batch["labels"], loss_mask=batch["loss_mask"])
     picked_grads = torch.autograd.grad((picked * mask).sum(), params)

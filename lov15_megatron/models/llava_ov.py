@@ -93,7 +93,6 @@ class LLaVAOneVisionModel(MegatronModule):
             self.language_model.share_embeddings_and_output_weights
         )
         self.image_token_id = IMAGE_PAD_ID
-        self.true_vocab_size = cfg.model.language.vocab_size
 
     # Pipeline / embedding hooks Megatron-Core calls on the outermost module.
     def set_input_tensor(self, input_tensor) -> None:
