@@ -88,14 +88,15 @@ def runs_on_gpu(cfg: RunConfig) -> bool:
     return torch.cuda.is_available() and cfg.runtime.device != "cpu"
 
 
-def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT.
+def fused_kernels(cfg: RunConfig) -> bool:
+    """Fused kernels come with Transformer Engine on GPU; the local spec uses plain torch ops."""
+    return runs_on_gpu(cfg) and use_transformer_engine(cfg)
 
-    Fused kernels come with Transformer Engine; the local spec uses plain torch ops.
-    """
+
+def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT."""
     dtype = _DTYPES[cfg.model.params_dtype]
-    on_gpu = runs_on_gpu(cfg)
-    te = on_gpu and use_transformer_engine(cfg)
+    on_gpu, te = runs_on_gpu(cfg), fused_kernels(cfg)
     return {
         "params_dtype": dtype,
         "pipeline_dtype": dtype,
@@ -141,7 +142,7 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=True,
-        bias_activation_fusion=on_gpu and use_transformer_engine(cfg),  # fused kernels: TE
+        bias_activation_fusion=fused_kernels(cfg),
         # gloo matches point-to-point messages between two ranks in posting order; a batched
         # isend/irecv under virtual pipelining can pair an activation with a gradient of the
         # same shape. The unbatched path orders sends and receives by rank parity.
