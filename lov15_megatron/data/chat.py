@@ -58,6 +58,38 @@ IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 
+#: The same template in Jinja, written as ``chat_template.jinja`` into every HF export (what
+#: ``tokenizer.apply_chat_template`` / ``processor.apply_chat_template`` render). Content is a
+#: string (``<image>`` placeholders become image blocks) or a list of ``{"type": "image", …}`` /
+#: ``{"type": "text", "text": …}`` items. ``add_generation_prompt`` appends
+#: ``\n<|im_start|>assistant\n``. Videos raise. ``tests/test_processor_parity.py`` checks that
+#: it tokenises like :func:`encode_conversation`.
+CHAT_TEMPLATE_JINJA = (
+    "{%- set image_block = '<|vision_start|><|image_pad|><|vision_end|>' -%}\n"
+    "{%- if messages[0]['role'] != 'system' -%}\n"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>' -}}\n"
+    "{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if not loop.first or message['role'] != 'system' -%}{{- '\\n' -}}{%- endif -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}\n"
+    "{%- if message['content'] is string -%}\n"
+    "{{- message['content'] | replace('" + IMAGE_PLACEHOLDER + "', image_block) -}}\n"
+    "{%- else -%}\n"
+    "{%- for item in message['content'] -%}\n"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}\n"
+    "{{- image_block -}}\n"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}\n"
+    "{{- raise_exception('this model takes images, not videos') -}}\n"
+    "{%- elif 'text' in item -%}\n"
+    "{{- item['text'] -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- endif -%}\n"
+    "{{- '<|im_end|>' -}}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}\n"
+)
+
 
 @dataclass(frozen=True)
 class Message:

@@ -1,10 +1,21 @@
 """Qwen2-VL style image preprocessing (model.md §6) and header-only size reading.
 
+The one image-size rule shared by the packer, the task encoder and the exported HF processor
+(``lov15_megatron/hf/processing_llavaonevision1_5.py`` reads its settings from
+:class:`ImageConfig`):
+
+- :func:`cap_longest_side`: optional first step, the longest side scaled down to
+  ``max_image_side`` (aspect ratio kept), as the release's stage 2 does before the resize;
 - :func:`smart_resize`: target size with height and width multiples of 28 (patch 14 × merge 2),
-  aspect ratio kept, pixel count within ``[min_pixels, max_pixels]``.
+  aspect ratio kept, pixel count within ``[min_pixels, max_pixels]``. The formula is
+  transformers' ``qwen2_vl`` ``smart_resize`` (a test compares the two on every size up to
+  1000 × 1000 and on extreme ones); it is written out here because importing transformers'
+  image processor costs about 5 s per packer worker (this module imports in 0.1 s);
 - :func:`image_token_count`: LM tokens of an image = H·W / 28².
 - :func:`preprocess_image`: bicubic resize, rescale 1/255, CLIP normalisation, patchify into
   ``[h·w, 588]`` rows (channel-major 3×14×14) in 2×2-merge order, plus ``grid_thw = (1, h, w)``.
+  Equal to transformers' ``Qwen2VLImageProcessorPil`` (``temporal_patch_size=1``) to float32
+  rounding (``tests/test_processor_parity.py``).
 - :func:`read_image_size`: (width, height) from the file header (PIL's lazy open, no decoding).
 
 No EXIF orientation is applied anywhere (as in the Qwen2-VL processor): sizes read from headers
@@ -42,10 +53,12 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Pixel budget of the resize."""
+    """Pixel budget of the resize, and the optional longest-side cap applied before it."""
 
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Longest side in pixels before the min/max-pixels resize (``None``: no cap).
+    max_image_side: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.min_pixels <= self.max_pixels:
@@ -54,24 +67,46 @@ class ImageConfig:
             )
         if self.max_pixels < FACTOR * FACTOR:
             raise ValueError(f"max_pixels must be at least {FACTOR * FACTOR}")
+        if self.max_image_side is not None and self.max_image_side < FACTOR:
+            raise ValueError(f"max_image_side must be at least {FACTOR}, got {self.max_image_side}")
 
 
 #: The release's training pixel budget.
 DEFAULT_IMAGE_CONFIG = ImageConfig()
 
 
+def cap_longest_side(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """(height, width) with the longest side scaled down to ``max_side`` (no-op if shorter).
+
+    The longest side becomes exactly ``max_side``; the other is rounded, at least 1.
+    """
+    longest = max(height, width)
+    if max_side is None or longest <= max_side:
+        return height, width
+    scale = max_side / longest
+    if height >= width:
+        return max_side, max(1, round(width * scale))
+    return max(1, round(height * scale)), max_side
+
+
 def smart_resize(
     height: int, width: int, config: ImageConfig = DEFAULT_IMAGE_CONFIG
 ) -> tuple[int, int]:
-    """Resized (height, width): multiples of 28 with H·W in [min_pixels, max_pixels]."""
+    """Resized (height, width): multiples of 28 with H·W in [min_pixels, max_pixels].
+
+    ``height``/``width`` are the original size; ``config.max_image_side`` is applied first.
+    """
     if height <= 0 or width <= 0:
         raise ImageError(f"degenerate image size {width}x{height}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ImageError(
             f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT_RATIO}:1 (Qwen2-VL limit)"
         )
-    h_bar = max(FACTOR, round(height / FACTOR) * FACTOR)
-    w_bar = max(FACTOR, round(width / FACTOR) * FACTOR)
+    height, width = cap_longest_side(height, width, config.max_image_side)
+    # transformers' qwen2_vl smart_resize from here on (h_bar may round to 0: the pixel count
+    # is then below min_pixels and the branch below scales it up).
+    h_bar = round(height / FACTOR) * FACTOR
+    w_bar = round(width / FACTOR) * FACTOR
     if h_bar * w_bar > config.max_pixels:
         beta = math.sqrt(height * width / config.max_pixels)
         h_bar = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
@@ -177,6 +212,10 @@ def preprocess_image(
         image = image.convert("RGB")
     width, height = image.size
     h_bar, w_bar = smart_resize(height, width, config)
+    capped_h, capped_w = cap_longest_side(height, width, config.max_image_side)
+    if (capped_w, capped_h) != (width, height):  # the cap is its own resize, as in the release
+        image = image.resize((capped_w, capped_h), resample=Image.Resampling.BICUBIC)
+        width, height = capped_w, capped_h
     if (w_bar, h_bar) != (width, height):
         image = image.resize((w_bar, h_bar), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)  # [H, W, 3]

@@ -399,6 +399,10 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Compute logits (and the mean next-token loss if ``labels`` are given).
@@ -406,9 +410,26 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
         ``pixel_values`` ``[Σ h·w, 588]`` (2x2-merge order) and ``image_grid_thw``
         ``[n_images, 3]`` describe the images of the whole batch, in the order their
         ``<|image_pad|>`` runs appear in ``input_ids`` (row-major over the batch).
+
+        The other keys that our processor and transformers' Qwen2/2.5-VL processors return are
+        accepted: ``mm_token_type_ids`` (1 at image tokens; checked against ``input_ids`` when
+        both cover the same positions), and the video keys when they are ``None``
+        (``second_per_grid_ts`` is ignored); videos themselves raise.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise ValueError("videos are not supported (pixel_values_videos / video_grid_thw)")
+        if (
+            mm_token_type_ids is not None
+            and input_ids is not None
+            and mm_token_type_ids.shape == input_ids.shape
+            and not torch.equal(mm_token_type_ids == 1, input_ids == self.config.image_token_id)
+        ):
+            raise ValueError(
+                "mm_token_type_ids do not mark the image tokens of input_ids "
+                f"(id {self.config.image_token_id}): the processor's output was altered"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
 
