@@ -325,8 +325,9 @@ def test_layout_config_and_files(built, which) -> None:
     for name in ("configuration_llavaonevision1_5.py", "modeling_llavaonevision1_5.py"):
         assert (out / name).is_file()
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
-    # generation_config.json comes from the Qwen3 directory in both cases
-    assert (out / "generation_config.json").is_file()
+    # ours (eos <|im_end|>), written in both cases, with the processor and chat template
+    for name in ("generation_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert (out / name).is_file(), name
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])
@@ -436,6 +437,9 @@ def test_bfloat16_output(built, tmp_path) -> None:
     assert summary.tokenizer_files == [
         "tokenizer.json",
         "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
         "generation_config.json",
     ]
 

@@ -3,6 +3,7 @@
 
     python tools/make_stage0.py --vit-dir V --llm-dir L --save-dir OUT [--tokenizer-dir T]
         [--seed S] [--dtype auto|float32|bfloat16] [--max-shard-gb G] [--overwrite]
+        [--min-pixels N] [--max-pixels N] [--max-image-side PX]
 
 See docs/stage0.md. Bad input: one line ``error: …`` on stderr, exit status 2, nothing written.
 """
@@ -13,6 +14,14 @@ import argparse
 import sys
 
 from lov15_megatron.convert.mapping import ConversionError
+from lov15_megatron.data.image_processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """The processor's image settings (written into ``preprocessor_config.json``)."""
+    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS, help="processor budget")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="processor budget")
+    p.add_argument("--max-image-side", type=int, help="processor's longest-side cap (px)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output dtype (auto: the language model's)",
     )
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="maximum safetensors shard")
+    add_image_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -50,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status (0, or 2 on bad input)."""
     args = build_parser().parse_args(argv)
     from lov15_megatron.convert.stage0 import make_stage0
+    from lov15_megatron.data.image_processing import ImageConfig
 
+    try:
+        image = ImageConfig(args.min_pixels, args.max_pixels, args.max_image_side)
+    except ValueError as e:
+        print(f"error: --min-pixels/--max-pixels/--max-image-side: {e}", file=sys.stderr)
+        return 2
     try:
         summary = make_stage0(
             args.vit_dir,
@@ -63,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=int(args.max_shard_gb * 2**30),
             overwrite=args.overwrite,
             progress=not args.quiet,
+            image=image,
         )
     except (ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-template", help="HF directory to take config fields and tokenizer from")
     b.add_argument("--max-shard-gb", type=float, default=2.0)
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    b.add_argument("--min-pixels", type=int, help="processor image budget (default: template's)")
+    b.add_argument("--max-pixels", type=int, help="processor image budget (default: template's)")
+    b.add_argument("--max-image-side", type=int, help="processor's longest-side cap (px)")
     c = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
     c.add_argument("--model", required=True, choices=MODELS)
     c.add_argument("--hf-dir", required=True)
@@ -48,6 +51,25 @@ def _check_layout(converter, hf_dir: str, tp: int, pp: int) -> None:
 
     cfg = converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp)
     validate_world_size(cfg, tp * pp)
+
+
+def _image_config(args: argparse.Namespace):
+    """The processor image settings given on the command line (``None``: none given)."""
+    given = (args.min_pixels, args.max_pixels, args.max_image_side)
+    if all(v is None for v in given):
+        return None
+    from lov15_megatron.data.image_processing import DEFAULT_IMAGE_CONFIG, ImageConfig
+    from lov15_megatron.hf.export import image_config_of
+
+    base = (image_config_of(args.hf_template) if args.hf_template else None) or DEFAULT_IMAGE_CONFIG
+    try:
+        return ImageConfig(
+            args.min_pixels if args.min_pixels is not None else base.min_pixels,
+            args.max_pixels if args.max_pixels is not None else base.max_pixels,
+            args.max_image_side if args.max_image_side is not None else base.max_image_side,
+        )
+    except ValueError as e:
+        raise ConversionError(f"--min-pixels/--max-pixels/--max-image-side: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sources = [Path(args.load_dir)] + ([Path(args.hf_template)] if args.hf_template else [])
             check_save_dir(Path(args.save_dir), sources, args.overwrite)
+            image = _image_config(args)
         distributed.initialize(core.converter_runtime_config())
         try:
             if args.command == "hf-to-mcore":
@@ -79,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shard = int(args.max_shard_gb * 2**30)
                 summary = core.mcore_to_hf(
-                    converter, args.load_dir, args.save_dir, args.hf_template, shard
+                    converter, args.load_dir, args.save_dir, args.hf_template, shard, image
                 )
         finally:
             distributed.shutdown()

@@ -8,7 +8,8 @@ steps here are the same for every model:
   HF tensor against it *before* writing (missing, unexpected, wrong shape → one clear error),
   then stream tensor by tensor into a ``torch_dist`` checkpoint.
 * ``mcore_to_hf``: read the checkpoint one parameter at a time, invert the transforms, write
-  bounded safetensors shards, ``config.json`` and the template's tokenizer files.
+  bounded safetensors shards, ``config.json``, the template's tokenizer files and (LLaVA-OV-1.5)
+  the code, processor, chat template and generation config.
 
 Both write to a temporary name and rename when complete. Both must run after
 ``runtime.distributed.initialize`` (a world of one on CPU is enough).
@@ -193,8 +194,14 @@ def mcore_to_hf(
     save_dir: str | os.PathLike,
     hf_template: str | os.PathLike | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    image: Any = None,
 ) -> ConversionSummary:
-    """Convert a converter/training torch_dist checkpoint back into an HF directory."""
+    """Convert a converter/training torch_dist checkpoint back into an HF directory.
+
+    The template's tokenizer/processor/generation files are copied unchanged; a converter with
+    ``write_extra`` (LLaVA-OV-1.5) then adds its code and any missing file, and with ``image``
+    (an ``ImageConfig``) rewrites the processor's image settings.
+    """
     start = time.perf_counter()
     from lov15_megatron.training.checkpointing import resolve
 
@@ -225,10 +232,10 @@ def mcore_to_hf(
         dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
         hf_config[dtype_key] = str(torch_dtype).removeprefix("torch.")
         writer.write_json("config.json", hf_config)
-        if hasattr(converter, "write_extra"):
-            converter.write_extra(writer.tmp)
-        if template_dir is not None:
+        if template_dir is not None:  # byte for byte; write_extra fills in what is missing
             copy_tokenizer_files(template_dir, writer)
+        if hasattr(converter, "write_extra"):
+            converter.write_extra(writer.tmp, image=image)
         out = writer.finish()
     except BaseException:
         writer.abort()

@@ -84,11 +84,15 @@ class LLaVAOneVisionConverter:
         out.setdefault("vision_end_token_id", VISION_END_ID)
         return out
 
-    def write_extra(self, directory: Path) -> None:
-        """The modeling code next to the weights (``auto_map`` points at it)."""
-        from lov15_megatron.hf.export import write_model_code
+    def write_extra(self, directory: Path, image: Any = None) -> None:
+        """The code next to the weights (``auto_map`` points at it) and every processor,
+        tokenizer, chat-template and generation file the directory does not have yet (files
+        copied from ``--hf-template`` stay byte for byte; ``image`` rewrites the processor's
+        image settings)."""
+        from lov15_megatron.hf.export import write_hf_assets, write_model_code
 
         write_model_code(directory)
+        write_hf_assets(directory, image=image, keep_existing=True)
 
     def ignorable_hf_tensor(self, name: str, cfg: RunConfig) -> bool:
         return False

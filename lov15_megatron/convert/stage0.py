@@ -5,7 +5,8 @@ from an MLCD-layout Rice ViT checkpoint (``transformers``' ``MLCDVisionModel``),
 model from a ``Qwen3ForCausalLM`` checkpoint, and a freshly initialised patch merger. The result
 is a complete Hugging Face directory in the release's on-disk names (spec §7) that loads with
 ``LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained`` and, through ``auto_map``, with
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; its tokenizer, chat
+template and processor load with ``AutoProcessor`` / ``AutoTokenizer`` (``hf/export.py``).
 
 Two steps:
 
@@ -543,20 +544,12 @@ def _stream(
         yield t.name, tensor.to(plan.dtype)
 
 
-def _copy_tokenizer(plan: Stage0Plan, writer: HFCheckpointWriter) -> list[str]:
-    """Tokenizer/processor files from the tokenizer dir; ``generation_config.json`` from there
-    or else from the language model's directory."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        candidates = [plan.tokenizer_dir]
-        if name == "generation_config.json":
-            candidates.append(plan.llm_dir)
-        for source_dir in candidates:
-            if (source_dir / name).is_file():
-                writer.copy_file(source_dir / name)
-                copied.append(name)
-                break
-    return copied
+def _write_assets(plan: Stage0Plan, writer: HFCheckpointWriter, image: Any) -> list[str]:
+    """Tokenizer files from the tokenizer dir (or the offline Qwen tokenizer when it has none),
+    and our chat template, processor and generation config (``hf.export.write_hf_assets``)."""
+    from lov15_megatron.hf.export import write_hf_assets
+
+    return write_hf_assets(writer.tmp, tokenizer_dir=plan.tokenizer_dir, image=image)
 
 
 def make_stage0(
@@ -571,12 +564,15 @@ def make_stage0(
     max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
     progress: bool = True,
+    image: Any = None,
 ) -> Stage0Summary:
     """Build the stage-0 HF directory ``save_dir``; see the module docstring.
 
     Everything is checked by :func:`plan_stage0` before writing starts; output goes to
     ``<save_dir>.tmp`` and is renamed into place when complete, and removed on any error.
     ``progress`` shows a progress bar and a few lines describing the inputs on stderr.
+    ``image`` (a ``data.image_processing.ImageConfig``; default: the release's training
+    budget) goes into the processor files.
     """
     start = time.perf_counter()
     save_dir = Path(save_dir)
@@ -596,7 +592,7 @@ def make_stage0(
             bar.update(1)
         bar.close()
         _write_config(plan, writer.tmp)
-        copied = _copy_tokenizer(plan, writer)
+        copied = _write_assets(plan, writer, image)
         out = writer.finish()
     except BaseException:
         writer.abort()

@@ -183,10 +183,11 @@ def write_hf_assets(
 
 def write_tokenizer(directory: Path, tokenizer_dir: str | Path | None) -> list[str]:
     """Tokenizer files into ``directory``: copied from ``tokenizer_dir`` or generated offline."""
-    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        names = [n for n in TOKENIZER_SOURCE_FILES if (Path(tokenizer_dir) / n).is_file()]
+    source = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    names = [n for n in TOKENIZER_SOURCE_FILES if source is not None and (source / n).is_file()]
+    if source is not None and ("tokenizer.json" in names or "vocab.json" in names):
         for name in names:
-            shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+            shutil.copyfile(source / name, directory / name)
         return names
     from lov15_megatron.data.tokenizer import OFFLINE_QWEN, load_tokenizer
 
