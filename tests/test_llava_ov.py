@@ -184,7 +184,7 @@ def _build(cfg, load_dir: str, ddp: bool = False):
 def packed_checks(load_dir: str) -> dict:
     """One rank: packing equivalence, micro-batch 2, bad inputs, stage-1 freezing."""
     from lov15_megatron.models.lm_loss import token_losses
-    from lov15_megatron.models.packed_seq import packed_attention_mask, row_cu_seqlens_from_flat
+    from lov15_megatron.models.packed_seq import thd_model_inputs
     from lov15_megatron.training import setup
     from lov15_megatron.training.step import train_step, vlm_forward_step
 
@@ -199,19 +199,15 @@ def packed_checks(load_dir: str) -> dict:
     ]
 
     def inputs(batch: dict) -> dict:
-        b, s = batch["input_ids"].shape
-        rows = row_cu_seqlens_from_flat(batch["cu_seqlens"], b, s)
-        return {
-            "input_ids": batch["input_ids"],
-            "position_ids": batch["position_ids"],
-            "attention_mask": packed_attention_mask(rows, s, causal=True),
-            "pixel_values": batch["pixel_values"],
-            "image_grid_thw": batch["image_grid_thw"],
-        }
+        # The training path's layout: rows flattened into one THD stream [1, b·s].
+        thd = thd_model_inputs(batch)
+        keys = ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "packed_seq_params")
+        return {k: thd[k] for k in keys}
 
     def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s = batch["input_ids"].shape
         with torch.no_grad():
-            logits = model(**inputs(batch))
+            logits = model(**inputs(batch)).reshape(b, s, -1)
         losses = token_losses(logits.clone(), batch["labels"], vocab)
         return logits, losses * batch["loss_mask"]
 
@@ -237,11 +233,11 @@ def packed_checks(load_dir: str) -> dict:
     # in value and in gradient; an all-zero mask gives zero losses.
     batch = _pack([[subs[0], subs[2]], [subs[1], subs[3]]], 64)
     kwargs = inputs(batch)
-    mask = batch["loss_mask"].float()
+    labels, mask = batch["labels"].reshape(1, -1), batch["loss_mask"].float().reshape(1, -1)
     params = [p for p in model.parameters() if p.requires_grad]
-    full = token_losses(model(**kwargs).clone(), batch["labels"], vocab) * mask
+    full = token_losses(model(**kwargs).clone(), labels, vocab) * mask
     full_grads = torch.autograd.grad(full.sum(), params)
-    picked = model(**kwargs, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    picked = model(**kwargs, labels=labels, loss_mask=mask)
     picked_grads = torch.autograd.grad((picked * mask).sum(), params)
     out["picked_loss_diff"] = float((picked - full).abs().max())
     out["picked_outside_mask"] = float(picked[mask == 0].abs().max())
@@ -251,7 +247,7 @@ def packed_checks(load_dir: str) -> dict:
     )
     out["mask_tokens"], out["tokens"] = int(mask.sum()), mask.numel()
     with torch.no_grad():
-        none = model(**kwargs, labels=batch["labels"], loss_mask=torch.zeros_like(mask))
+        none = model(**kwargs, labels=labels, loss_mask=torch.zeros_like(mask))
     out["zero_mask_losses"] = float(none.abs().max())
 
     broken = _pack([[subs[0]]], 32)

@@ -96,7 +96,10 @@ def test_stage_recipe_is_the_release(size, stage):
     assert sched == ("cosine", 0.002, 0, None)
     assert (cfg.model.init_method_std, cfg.model.params_dtype) == (0.02, "bfloat16")
     assert cfg.model.transformer_impl == "auto" and cfg.runtime.device == "cuda"
-    assert (t.recompute, cfg.parallel.use_distributed_optimizer) == ("full", True)
+    r = t.recompute  # the release: full / uniform, 4 layers per chunk (stage 2: 1), ViT too
+    layers = 1 if stage == "stage2_instruct" else 4
+    assert (r.granularity, r.method, r.num_layers, r.vision) == ("full", "uniform", layers, True)
+    assert cfg.parallel.use_distributed_optimizer
     assert (cfg.data.kind, cfg.data.seq_length) == ("energon", 8192)
     assert cfg.checkpoint.save_interval == 2000
     c = cfg.checkpoint

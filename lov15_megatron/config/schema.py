@@ -60,6 +60,10 @@ class ModelConfig:
     init_method_std: float = 0.02  # std of the normal weight init
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE if usable
+    # Core attention of the LM and the ViT: te = Transformer Engine's (THD, its own CP), torch =
+    # ours (models/attention.py: per-segment SDPA / varlen flash, never S×S); auto = te where the
+    # TE spec is used, else torch.
+    attention_backend: Literal["auto", "te", "torch"] = "auto"
 
 
 @dataclass
@@ -116,6 +120,18 @@ class DataConfig:
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recomputation (Megatron-Core's knobs), for the LM and, if ``vision``, the ViT."""
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    method: Literal["uniform", "block"] = "uniform"  # full: chunks of num_layers / first num_layers
+    num_layers: int = 1  # full: layers per recomputed chunk (uniform) or recomputed layers (block)
+    # selective: Megatron's recompute_modules (core_attn, mlp, moe_act, layernorm, ...)
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    vision: bool = True  # apply the same setting to the Rice ViT blocks
+
+
+@dataclass
 class TrainConfig:
     """Training loop size and batch shape."""
 
@@ -125,7 +141,7 @@ class TrainConfig:
     trainable: list[str] | None = (
         None  # module groups to train (vision/merger/language); None = all
     )
-    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     exit_interval: int | None = None  # save and stop after an iteration divisible by this
 
 
@@ -193,6 +209,7 @@ _AT_LEAST_ONE = (
     "train.train_iters",
     "train.micro_batch_size",
     "train.global_batch_size",
+    "train.recompute.num_layers",
     "checkpoint.save_interval",
     "checkpoint.keep_last",
     "logging.log_interval",
@@ -291,6 +308,17 @@ def validate(cfg: RunConfig) -> None:
         f"data.seq_length={d.seq_length} must be divisible by 2 x "
         f"parallel.context_parallel_size={cp}",
     )
+
+    r = t.recompute
+    if r.granularity == "full" and r.method == "block":
+        per_chunk = lm.num_layers // stages
+        _require(
+            r.num_layers <= per_chunk,
+            f"train.recompute.num_layers={r.num_layers} exceeds the {per_chunk} language-model "
+            f"layers of a pipeline chunk (method block recomputes the first num_layers of each)",
+        )
+    if r.granularity == "selective":
+        _require(bool(r.modules), "train.recompute.modules=[] recomputes nothing; set a module")
 
     _require(
         t.global_batch_size % t.micro_batch_size == 0,

@@ -6,13 +6,13 @@ pipeline stage only (first virtual chunk); every stage holds its slice of the Qw
 embeddings at every ``<|image_pad|>`` position (a count mismatch is an error), then — with
 sequence parallelism — the merged embeddings are scattered to the sequence-parallel region.
 
-Packed sequences (several sub-samples per row, micro-batch size ≥ 1):
-
-* GPU / Transformer Engine: THD attention from ``PackedSeqParams`` (``cu_seqlens``), RoPE
-  restarting per sub-sequence (Megatron's ``rope`` with ``cu_seqlens``).
-* CPU / local spec: an explicit block-diagonal causal mask and RoPE at explicit per-token
-  positions (``mrope`` with three equal position rows is exactly 1-D RoPE), which is the same
-  computation.
+Packed sequences (several sub-samples per row, micro-batch size ≥ 1) reach the model as one THD
+stream ``[1, t]`` with ``PackedSeqParams`` (``cu_seqlens``), on every backend: causal attention
+within each sub-sample (TE's attention or ours, :mod:`lov15_megatron.models.attention`) and RoPE
+restarting per sub-sample (Megatron's ``rope`` with ``cu_seqlens``).
+:func:`lov15_megatron.models.packed_seq.thd_model_inputs` builds that stream from a packed
+micro-batch, cut for this context-parallel rank; ``image_feature_index`` then says which merged
+image feature lands on each of the rank's ``<|image_pad|>`` tokens.
 
 The module names follow Megatron's ``LLaVAModel`` (``vision_model``, ``vision_projection``,
 ``language_model``) and the freeze groups are ``vision``, ``merger`` and ``language``.
@@ -26,16 +26,11 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import TRAINABLE_GROUPS, ConfigError, RunConfig
 from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
-from lov15_megatron.models.qwen3 import (
-    build_qwen3_model,
-    qwen3_transformer_config,
-    use_transformer_engine,
-)
+from lov15_megatron.models.qwen3 import build_qwen3_model, qwen3_transformer_config
 from lov15_megatron.models.rice_vit import build_patch_merger, build_rice_vit
 
 GROUP_MODULES = {
@@ -43,15 +38,6 @@ GROUP_MODULES = {
     "merger": "vision_projection",
     "language": "language_model",
 }
-
-
-def vlm_language_config(cfg: RunConfig) -> TransformerConfig:
-    """The language model's config; on the local spec with RoPE sections for explicit positions."""
-    config = qwen3_transformer_config(cfg)
-    if not use_transformer_engine(cfg):
-        half = config.kv_channels // 2
-        config.mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
-    return config
 
 
 class LLaVAOneVisionModel(MegatronModule):
@@ -66,7 +52,7 @@ class LLaVAOneVisionModel(MegatronModule):
     ) -> None:
         if cfg.model.vision is None:
             raise ConfigError("model.vision is required for the LLaVA-OneVision model")
-        config = vlm_language_config(cfg)
+        config = qwen3_transformer_config(cfg)
         super().__init__(config=config)
         ps = parallel_state
         if pre_process is None:
@@ -75,7 +61,6 @@ class LLaVAOneVisionModel(MegatronModule):
             post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.model_type = ModelType.encoder_or_decoder
-        self.explicit_positions = config.mrope_section is not None
         self.add_encoder = pre_process
         if self.add_encoder:
             self.vision_model = build_rice_vit(cfg)
@@ -86,7 +71,6 @@ class LLaVAOneVisionModel(MegatronModule):
             post_process=post_process,
             vp_stage=vp_stage,
             config=config,
-            position_embedding_type="mrope" if self.explicit_positions else "rope",
             scatter_embedding_sequence_parallel=False,
         )
         self.share_embeddings_and_output_weights = (
@@ -120,14 +104,25 @@ class LLaVAOneVisionModel(MegatronModule):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.Tensor | None,
+        image_feature_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text embeddings ``[s, b, h]`` with image features at the ``<|image_pad|>`` slots."""
+        """Text embeddings ``[s, b, h]`` with image features at the ``<|image_pad|>`` slots.
+
+        Without ``image_feature_index`` the slots take the features in order (all of the
+        micro-batch's image tokens are here); with it (a context-parallel part of the stream),
+        token ``i`` takes feature ``image_feature_index[i]`` where that is ≥ 0.
+        """
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
         if pixel_values is not None and pixel_values.numel() > 0:
             features = self.vision_projection(self.vision_model(pixel_values, image_grid_thw))
-            if features.shape[0] != n_slots:
+            if image_feature_index is not None:
+                picked = image_feature_index >= 0
+                if not torch.equal(picked, is_image):
+                    raise ValueError("image_feature_index does not mark the <|image_pad|> tokens")
+                features = features[image_feature_index[picked]]  # this rank's slots, in order
+            elif features.shape[0] != n_slots:
                 grids = image_grid_thw.tolist()
                 raise ValueError(
                     f"the micro-batch has {n_slots} <|image_pad|> tokens but its images give "
@@ -159,20 +154,22 @@ class LLaVAOneVisionModel(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        image_feature_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """On the last stage: logits ``[b, s, V_padded/TP]``, or with ``labels`` and
         ``loss_mask`` the per-token losses ``[b, s]`` (0 outside the mask; see
         :mod:`lov15_megatron.models.lm_loss`). Hidden states on the other stages.
 
-        ``position_ids`` ``[b, s]`` restart at 0 per packed sub-sample; ``attention_mask``
-        (local spec) is the packed block-causal mask ``[b, 1, s, s]`` (True = masked) or None
-        for plain causal attention; ``packed_seq_params`` (TE) carries THD ``cu_seqlens``.
+        Packed rows come as one THD stream (``input_ids`` ``[1, t]``, ``packed_seq_params`` with
+        ``cu_seqlens``); without ``packed_seq_params`` every row is one causal sequence.
+        ``attention_mask`` must be None (no dense masks); ``position_ids`` are not used (RoPE
+        positions restart per THD segment).
         """
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._merge_image_embeddings(input_ids, pixel_values, image_grid_thw)
-        if self.explicit_positions:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            decoder_input = self._merge_image_embeddings(
+                input_ids, pixel_values, image_grid_thw, image_feature_index
+            )
         return self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,

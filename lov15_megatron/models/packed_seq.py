@@ -462,3 +462,65 @@ def shard_batch_for_context_parallel(
             .to(device)
         )
     return ContextParallelShard(out, _params(flat, padded, device), held_source.to(device))
+
+
+# --------------------------------------------------------------------------------------------
+# Model inputs
+# --------------------------------------------------------------------------------------------
+
+#: Keys of a micro-batch that are ``[b, s]`` token tensors (everything else passes through).
+_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
+
+
+def image_feature_index(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``[b, s]`` int64: for each ``<|image_pad|>`` token the index of the merged image feature it
+    takes (features in sample order, row-major), -1 elsewhere."""
+    is_image = input_ids == image_token_id
+    order = torch.cumsum(is_image.reshape(-1).long(), 0).reshape(is_image.shape) - 1
+    return torch.where(is_image, order, torch.full_like(order, -1))
+
+
+def thd_model_inputs(
+    batch: Mapping[str, Any],
+    *,
+    cp: int = 1,
+    cp_rank: int = 0,
+    total_multiple_of: int = 1,
+    image_token_id: int | None = None,
+) -> dict[str, Any]:
+    """A ``[b, s]`` micro-batch as model inputs in the THD layout, this CP rank's part of it.
+
+    ``batch`` holds ``input_ids``, ``labels``, ``loss_mask`` (and optionally ``position_ids``)
+    ``[b, s]``, and for packed rows the task encoder's flat ``cu_seqlens``; without
+    ``cu_seqlens`` each row is one sequence. Other entries (``pixel_values``,
+    ``image_grid_thw``) pass through. The result has the token tensors as ``[1, t]`` and
+    ``packed_seq_params``:
+
+    - ``cp == 1``: the rows flattened (``t = b·s``, every sub-sample and padding tail a segment);
+    - ``cp > 1``: :func:`shard_batch_for_context_parallel` (``t = padded total / cp``), and with
+      ``image_token_id`` an ``image_feature_index`` ``[1, t]`` saying which merged image feature
+      each of the rank's ``<|image_pad|>`` tokens takes (:func:`image_feature_index`).
+    """
+    _check_cp(cp, cp_rank)
+    b, s = (int(d) for d in batch["input_ids"].shape)
+    device = batch["input_ids"].device
+    flat = batch.get("cu_seqlens")
+    rows = row_cu_seqlens_from_flat(flat, b, s) if flat is not None else [[0, s] for _ in range(b)]
+    rest = {k: v for k, v in batch.items() if k not in _LAYOUT_KEYS and k not in _TOKEN_KEYS}
+    if cp == 1:
+        if total_multiple_of != 1 and (b * s) % total_multiple_of:
+            raise ValueError(
+                f"the micro-batch holds {b}·{s} tokens, not a multiple of {total_multiple_of}"
+            )
+        out = {k: batch[k].reshape(1, -1) for k in _TOKEN_KEYS if k in batch}
+        out["packed_seq_params"] = thd_packed_seq_params(rows, s, device=device)
+        return {**rest, **out}
+    tokens = {k: batch[k] for k in _TOKEN_KEYS if k in batch}
+    pad_values = dict(DEFAULT_PAD_VALUES)
+    if image_token_id is not None:
+        tokens["image_feature_index"] = image_feature_index(batch["input_ids"], image_token_id)
+        pad_values["image_feature_index"] = -1
+    shard = shard_batch_for_context_parallel(
+        tokens, rows, cp, cp_rank, pad_values=pad_values, total_multiple_of=total_multiple_of
+    )
+    return {**rest, **shard.batch, "packed_seq_params": shard.packed_seq_params}

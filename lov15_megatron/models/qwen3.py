@@ -25,6 +25,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
@@ -33,10 +34,16 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.models.backend import (
+    core_attention_module,
+    device_config_kwargs,
+    fused_kernels,
+    recompute_config_kwargs,
+    runs_on_gpu,
+    use_transformer_engine,
+)
 from lov15_megatron.models.lm_loss import LossPositionsGPTModel
 from lov15_megatron.models.norms import LocalNorm
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -69,56 +76,11 @@ def zero_vocab_padding(model: torch.nn.Module, vocab_size: int) -> None:
                 param[first_pad:].zero_()
 
 
-def use_transformer_engine(cfg: RunConfig) -> bool:
-    impl = cfg.model.transformer_impl
-    if impl == "auto":  # TE where it can run: a GPU run (not runtime.device=cpu) with TE
-        return runs_on_gpu(cfg) and _te_importable()
-    return impl == "transformer_engine"
-
-
-def _te_importable() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def runs_on_gpu(cfg: RunConfig) -> bool:
-    return torch.cuda.is_available() and cfg.runtime.device != "cpu"
-
-
-def fused_kernels(cfg: RunConfig) -> bool:
-    """Fused kernels come with Transformer Engine on GPU; the local spec uses plain torch ops."""
-    return runs_on_gpu(cfg) and use_transformer_engine(cfg)
-
-
-def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT."""
-    dtype = _DTYPES[cfg.model.params_dtype]
-    on_gpu, te = runs_on_gpu(cfg), fused_kernels(cfg)
-    return {
-        "params_dtype": dtype,
-        "pipeline_dtype": dtype,
-        "bf16": dtype == torch.bfloat16,
-        "use_cpu_initialization": not on_gpu,
-        "masked_softmax_fusion": te,
-        "persist_layer_norm": te,
-        "apply_rope_fusion": False,
-        "gradient_accumulation_fusion": False,
-    }
-
-
 def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of the Qwen3 language model for ``cfg``."""
     lm, p = cfg.model.language, cfg.parallel
     on_gpu = runs_on_gpu(cfg)
-    recompute = {
-        "none": {},
-        "selective": {"recompute_granularity": "selective"},
-        "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                 "recompute_num_layers": 1},
-    }[cfg.train.recompute]  # fmt: skip
+    pipelined = p.pipeline_model_parallel_size > 1
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -147,7 +109,10 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         # isend/irecv under virtual pipelining can pair an activation with a gradient of the
         # same shape. The unbatched path orders sends and receives by rank parity.
         batch_p2p_comm=on_gpu,
-        **recompute,
+        # Context-parallel THD streams are padded per sub-sample, so their length varies from
+        # micro-batch to micro-batch: pipeline stages then exchange shapes before activations.
+        variable_seq_lengths=pipelined and p.context_parallel_size > 1,
+        **recompute_config_kwargs(cfg),
         **device_config_kwargs(cfg),
     )
 
@@ -172,12 +137,18 @@ def swap_modules(spec: Any, mapping: dict[type, type]) -> Any:
 
 def qwen3_layer_spec(cfg: RunConfig) -> ModuleSpec:
     """The transformer-layer spec: TE on GPU; on CPU Megatron-Core's local spec with
-    sequence-parallel-capable norms (:class:`~lov15_megatron.models.norms.LocalNorm`)."""
+    sequence-parallel-capable norms (:class:`~lov15_megatron.models.norms.LocalNorm`). The core
+    attention is ``model.attention_backend``'s (:mod:`lov15_megatron.models.backend`): TE's, or
+    our packed-sequence attention in place of Megatron's dense-mask ``DotProductAttention``."""
     qk = cfg.model.language.qk_layernorm
+    core = core_attention_module(cfg)
     if use_transformer_engine(cfg):
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+        return swap_modules(spec, {TEDotProductAttention: core})
     local = get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
-    return swap_modules(local, {WrappedTorchNorm: LocalNorm})
+    return swap_modules(local, {WrappedTorchNorm: LocalNorm, DotProductAttention: core})
 
 
 def qwen3_block_spec(

@@ -13,16 +13,15 @@ What is computed (``shared/spec/model.md`` §2–3):
 * output ``[Σ h·w, hidden]`` in 2×2-merge order with each image's class token (and only it)
   removed; :class:`PatchMerger` turns it into ``Σ h·w / 4`` LM tokens.
 
-Packed variable-resolution images: on GPU (Transformer Engine spec) the packed sequence goes to
-TE attention in THD format with ``cu_seqlens`` = cumulative ``h·w + 1``; on CPU (local spec)
-Megatron-Core's ``DotProductAttention`` gets an explicit block-diagonal boolean mask
-(``True`` = masked out), which computes the same function. See ``docs/rice-vit.md``.
+Packed variable-resolution images: the packed sequence always goes to the core attention in THD
+format with ``cu_seqlens`` = cumulative ``h·w + 1`` (bidirectional within each image): TE's
+attention on the TE spec, :class:`~lov15_megatron.models.attention.PackedSequenceAttention`
+otherwise (``model.attention_backend``). No ``S×S`` mask is ever built. See ``docs/rice-vit.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,6 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -50,12 +48,13 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from lov15_megatron.config import RunConfig, VisionModelConfig
+from lov15_megatron.models.backend import (
+    core_attention_module,
+    device_config_kwargs,
+    recompute_config_kwargs,
+    use_transformer_engine,
+)
 from lov15_megatron.models.norms import LocalNorm
-from lov15_megatron.models.qwen3 import device_config_kwargs, use_transformer_engine
-
-AttentionFormat = Literal["thd", "mask"]
-"""How packed images reach the attention: TE THD (``cu_seqlens``) or a block-diagonal mask."""
-
 
 # --------------------------------------------------------------------------------------------
 # Configs and specs
@@ -101,6 +100,15 @@ def _common_config_kwargs(cfg: RunConfig) -> dict:
     )
 
 
+def _vision_recompute_kwargs(cfg: RunConfig) -> dict:
+    kwargs = recompute_config_kwargs(cfg, vision=True)
+    if kwargs.get("recompute_method") == "block":  # at most every layer of the tower
+        kwargs["recompute_num_layers"] = min(
+            kwargs["recompute_num_layers"], _vision(cfg).num_layers
+        )
+    return kwargs
+
+
 def rice_vit_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of the Rice ViT blocks (``cfg.model.vision``)."""
     v = _vision(cfg)
@@ -109,6 +117,7 @@ def rice_vit_transformer_config(cfg: RunConfig) -> TransformerConfig:
         hidden_size=v.hidden_size,
         ffn_hidden_size=v.ffn_hidden_size,
         **_common_config_kwargs(cfg),
+        **_vision_recompute_kwargs(cfg),
     )
 
 
@@ -133,11 +142,12 @@ _LOCAL_KEYS_MAP = {
 }
 
 
-def rice_vit_layer_spec(use_te: bool) -> ModuleSpec:
-    """One Rice ViT layer: TE (fused LayerNorm+linear, THD attention) or local (CPU)."""
+def rice_vit_layer_spec(use_te: bool, core_attention: type) -> ModuleSpec:
+    """One Rice ViT layer: TE (fused LayerNorm+linear) or local linears and norms, with the given
+    core attention (TE's or :class:`~lov15_megatron.models.attention.PackedSequenceAttention`),
+    which gets THD ``cu_seqlens`` and a padding-type mask: bidirectional within each image."""
     if use_te:
         from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
             TELayerNormColumnParallelLinear,
             TERowParallelLinear,
         )
@@ -152,7 +162,7 @@ def rice_vit_layer_spec(use_te: bool) -> ModuleSpec:
                     params={"attn_mask_type": AttnMaskType.padding},
                     submodules=SelfAttentionSubmodules(
                         linear_qkv=TELayerNormColumnParallelLinear,
-                        core_attention=TEDotProductAttention,
+                        core_attention=core_attention,
                         linear_proj=TERowParallelLinear,
                         q_layernorm=IdentityOp,
                         k_layernorm=IdentityOp,
@@ -176,11 +186,10 @@ def rice_vit_layer_spec(use_te: bool) -> ModuleSpec:
             input_layernorm=LocalNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                # The explicit block-diagonal mask is used as given (no causal default).
-                params={"attn_mask_type": AttnMaskType.arbitrary},
+                params={"attn_mask_type": AttnMaskType.padding},  # not causal: whole image
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -200,11 +209,12 @@ def rice_vit_layer_spec(use_te: bool) -> ModuleSpec:
     )
 
 
-def rice_vit_block_spec(config: TransformerConfig, use_te: bool) -> TransformerBlockSubmodules:
+def rice_vit_block_spec(
+    config: TransformerConfig, use_te: bool, core_attention: type
+) -> TransformerBlockSubmodules:
     """All ``config.num_layers`` layers (the tower is never split over pipeline stages)."""
-    return TransformerBlockSubmodules(
-        layer_specs=[rice_vit_layer_spec(use_te)] * config.num_layers, layer_norm=None
-    )
+    layer = rice_vit_layer_spec(use_te, core_attention)
+    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
 
 
 def _norm_impl(use_te: bool) -> type:
@@ -329,7 +339,8 @@ class PackedImages:
         return index
 
     def attention_mask(self, device: torch.device) -> torch.Tensor:
-        """``[1, 1, s, s]`` bool, True where query and key belong to different images."""
+        """``[1, 1, s, s]`` bool, True where query and key belong to different images (a test
+        reference; the model itself uses :meth:`packed_seq_params`)."""
         image = torch.repeat_interleave(
             torch.arange(self.num_images, device=device),
             torch.tensor(self.seqlens, device=device),
@@ -439,8 +450,6 @@ class RiceViT(MegatronModule):
     Args:
         config: from :func:`rice_vit_transformer_config`.
         spec: the block's layers (:func:`rice_vit_block_spec`).
-        attention_format: ``"thd"`` for TE attention on packed sequences, ``"mask"`` for
-            Megatron's local attention with a block-diagonal mask.
         norm: class of ``pre_layernorm`` (``TENorm`` or :class:`LocalNorm`).
     """
 
@@ -453,7 +462,6 @@ class RiceViT(MegatronModule):
         in_channels: int = 3,
         spatial_merge_size: int = 2,
         rope_theta: float = 10000.0,
-        attention_format: AttentionFormat = "mask",
         norm: type | ModuleSpec = LocalNorm,
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
@@ -461,14 +469,11 @@ class RiceViT(MegatronModule):
         head_dim = config.kv_channels
         if head_dim % 4:
             raise ValueError(f"Rice ViT head dim {head_dim} must be divisible by 4 (2-D RoPE)")
-        if attention_format not in ("thd", "mask"):
-            raise ValueError(f"attention_format must be 'thd' or 'mask', got {attention_format!r}")
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.spatial_merge_size = spatial_merge_size
         self.rope_theta = rope_theta
         self.head_dim = head_dim
-        self.attention_format = attention_format
 
         hidden, dtype = config.hidden_size, config.params_dtype
         self.patch_embed = PatchEmbed(in_channels, patch_size, hidden, dtype)
@@ -531,15 +536,11 @@ class RiceViT(MegatronModule):
             self.spatial_merge_size,
             device,
         )
-        if self.attention_format == "thd":
-            mask, packed = None, layout.packed_seq_params(device)
-        else:
-            mask, packed = layout.attention_mask(device), None
         hidden = self.decoder(
             hidden_states=hidden,
-            attention_mask=mask,
+            attention_mask=None,
             rotary_pos_emb=rotary,
-            packed_seq_params=packed,
+            packed_seq_params=layout.packed_seq_params(device),
         )
         return hidden.squeeze(1)[layout.patch_positions(device)]
 
@@ -605,12 +606,11 @@ def build_rice_vit(cfg: RunConfig, config: TransformerConfig | None = None) -> R
     te = use_transformer_engine(cfg)
     return RiceViT(
         config,
-        rice_vit_block_spec(config, te),
+        rice_vit_block_spec(config, te, core_attention_module(cfg)),
         patch_size=v.patch_size,
         in_channels=v.in_channels,
         spatial_merge_size=v.spatial_merge_size,
         rope_theta=v.rope_theta,
-        attention_format="thd" if te else "mask",
         norm=_norm_impl(te),
         pg_collection=vision_process_groups(),
     )

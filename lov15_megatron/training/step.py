@@ -47,10 +47,33 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def _layout() -> dict[str, int]:
+    """This rank's context-parallel size and rank, and the THD total's required multiple."""
+    ps = parallel_state
+    cp = ps.get_context_parallel_world_size()
+    tp = ps.get_tensor_model_parallel_world_size()
+    # Under sequence parallelism each CP rank's tokens are split again over TP.
+    return {"cp": cp, "cp_rank": ps.get_context_parallel_rank(), "total_multiple_of": cp * tp}
+
+
+def uses_thd(cfg: RunConfig) -> bool:
+    """Whether micro-batches reach the model as one THD stream ``[1, t]`` (else ``[b, s]``).
+
+    Always for the VLM (packed or not); for the language model only under context parallelism.
+    """
+    return cfg.model.vision is not None or cfg.parallel.context_parallel_size > 1
+
+
+def schedule_shape(cfg: RunConfig) -> tuple[int, int]:
+    """``(seq_length, micro_batch_size)`` for Megatron's pipeline schedule.
+
+    Pipeline stages exchange ``[seq_length / cp (/ tp under SP), micro_batch_size, hidden]``. A
+    THD stream holds the ``b`` rows as ``b·s`` tokens of one sequence, so the schedule is told
+    ``(b·s, 1)``. Under CP the padded stream's length varies; the stages then exchange shapes
+    first (``variable_seq_lengths``, set in the model config).
+    """
+    s, b = cfg.data.seq_length, cfg.train.micro_batch_size
+    return (b * s, 1) if uses_thd(cfg) else (s, b)
 
 
 def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
@@ -58,10 +81,16 @@ def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    layout = _layout()
+    if layout["cp"] > 1:
+        from lov15_megatron.models.packed_seq import thd_model_inputs
+
+        batch = thd_model_inputs(batch, **layout)
     losses = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=None,
+        packed_seq_params=batch.get("packed_seq_params"),
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
@@ -73,39 +102,27 @@ def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
 
     The batch is the task encoder's: ``input_ids``, ``labels`` (already shifted), ``loss_mask``,
     ``position_ids`` ``[b, s]``, ``pixel_values``, ``image_grid_thw`` and, for packed rows,
-    ``cu_seqlens`` over the flattened ``[b·s]`` stream. With the local spec (CPU) the packing
-    becomes a block-diagonal causal mask; with Transformer Engine a THD ``PackedSeqParams`` over
-    the flattened stream (``[1, b·s]``).
+    ``cu_seqlens`` over the flattened ``[b·s]`` stream. It reaches the model as one THD stream
+    (:func:`~lov15_megatron.models.packed_seq.thd_model_inputs`): the flattened rows, or under
+    context parallelism this CP rank's load-balanced part of every sub-sample.
     """
-    from lov15_megatron.models.packed_seq import (
-        packed_attention_mask,
-        row_cu_seqlens_from_flat,
-        thd_packed_seq_params,
-    )
+    from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
+    from lov15_megatron.models.packed_seq import thd_model_inputs
 
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    cu_seqlens = batch.pop("cu_seqlens", None)
-    mask = packed = None
-    if cu_seqlens is not None:
-        b, s = batch["input_ids"].shape
-        rows = row_cu_seqlens_from_flat(cu_seqlens, b, s)
-        if _unwrap(model).explicit_positions:
-            mask = packed_attention_mask(rows, s, causal=True).to(device)
-        else:
-            packed = thd_packed_seq_params(rows, s, device=device)
-            for key in ("input_ids", "labels", "loss_mask", "position_ids"):
-                batch[key] = batch[key].reshape(1, -1)
+    batch = thd_model_inputs(batch, image_token_id=IMAGE_PAD_ID, **_layout())
     losses = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=mask,
+        attention_mask=None,
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
-        packed_seq_params=packed,
+        packed_seq_params=batch["packed_seq_params"],
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
+        image_feature_index=batch.get("image_feature_index"),
     )
     return losses, partial(masked_token_loss, batch["loss_mask"])
 
@@ -148,13 +165,14 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     device = next(model[0].parameters()).device
+    seq_length, micro_batch_size = schedule_shape(cfg)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,  # one iterator per chunk under virtual pipelining
         model=model,
         num_microbatches=num_microbatches,
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     # Step i (1-based) runs at the scheduler's lr for i: warmup never spends a step at lr 0.

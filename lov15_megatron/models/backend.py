@@ -1,0 +1,106 @@
+"""What a run's model is built from: Transformer Engine or local modules, the attention core,
+device/dtype fields and activation recomputation, decided once from the config for the language
+model and the Rice ViT alike.
+
+- ``model.transformer_impl`` (``auto`` | ``local`` | ``transformer_engine``) picks the layer spec:
+  Megatron-Core's TE spec (fused LayerNorm+linear, TE attention) or its local spec. ``auto`` is TE
+  where it can run: a GPU run (not ``runtime.device=cpu``) with TE importable.
+- ``model.attention_backend`` (``auto`` | ``te`` | ``torch``) picks the core attention inside that
+  spec: TE's ``TEDotProductAttention`` or our
+  :class:`~lov15_megatron.models.attention.PackedSequenceAttention`. ``auto`` = TE's whenever the
+  TE spec is used. ``te`` needs the TE spec; ``torch`` works in either.
+- ``train.recompute`` becomes Megatron's ``recompute_granularity`` / ``recompute_method`` /
+  ``recompute_num_layers`` / ``recompute_modules`` (the ViT gets them too unless
+  ``train.recompute.vision`` is false).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lov15_megatron.config import ConfigError, RunConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def runs_on_gpu(cfg: RunConfig) -> bool:
+    return torch.cuda.is_available() and cfg.runtime.device != "cpu"
+
+
+def use_transformer_engine(cfg: RunConfig) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "auto":  # TE where it can run: a GPU run (not runtime.device=cpu) with TE
+        return runs_on_gpu(cfg) and _te_importable()
+    return impl == "transformer_engine"
+
+
+def fused_kernels(cfg: RunConfig) -> bool:
+    """Fused kernels come with Transformer Engine on GPU; the local spec uses plain torch ops."""
+    return runs_on_gpu(cfg) and use_transformer_engine(cfg)
+
+
+def attention_backend(cfg: RunConfig) -> str:
+    """``"te"`` or ``"torch"``: the core attention of this run (raises ``ConfigError``)."""
+    want, te_spec = cfg.model.attention_backend, use_transformer_engine(cfg)
+    if want == "auto":
+        return "te" if te_spec else "torch"
+    if want == "te" and not te_spec:
+        why = (
+            "Transformer Engine is not importable"
+            if not _te_importable()
+            else f"model.transformer_impl={cfg.model.transformer_impl!r} builds the local spec"
+            + ("" if runs_on_gpu(cfg) else " (this run is not on a GPU)")
+        )
+        raise ConfigError(f"model.attention_backend='te' needs the Transformer Engine spec: {why}")
+    return want
+
+
+def core_attention_module(cfg: RunConfig) -> type:
+    """The ``core_attention`` class of this run's specs."""
+    if attention_backend(cfg) == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    from lov15_megatron.models.attention import PackedSequenceAttention
+
+    return PackedSequenceAttention
+
+
+def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT."""
+    dtype = _DTYPES[cfg.model.params_dtype]
+    on_gpu, te = runs_on_gpu(cfg), fused_kernels(cfg)
+    return {
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "use_cpu_initialization": not on_gpu,
+        "masked_softmax_fusion": te,
+        "persist_layer_norm": te,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+    }
+
+
+def recompute_config_kwargs(cfg: RunConfig, *, vision: bool = False) -> dict[str, Any]:
+    """``TransformerConfig`` recompute fields for the LM (or, with ``vision``, the ViT)."""
+    r = cfg.train.recompute
+    if r.granularity == "none" or (vision and not r.vision):
+        return {}
+    if r.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(r.modules)}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": r.method,
+        "recompute_num_layers": r.num_layers,
+    }
