@@ -1,0 +1,300 @@
+"""Score an exported Hugging Face checkpoint on a local question/answer set.
+
+The checkpoint is used exactly as the ecosystem uses it (the model card's quick start,
+lmms-eval): ``AutoModelForCausalLM`` + ``AutoProcessor`` with ``trust_remote_code=True``,
+``processor.apply_chat_template(…, add_generation_prompt=True, tokenize=True,
+return_dict=True)``, greedy ``generate``, decode up to ``<|im_end|>``. So a passing evaluation
+also shows that the export is complete.
+
+Data: a JSONL file (one object per line) or a JSON list. Each item has ``question``,
+``answer`` and ``image`` (one path) or ``images`` (a list), paths relative to the data file's
+folder; optional ``id``, ``type`` (per-type accuracy) and ``chance`` (that type's chance
+accuracy, reported next to it). The user turn is ``prompt`` with ``{question}`` replaced
+(default ``"{question}"``; the shapes data set trains on ``"<image>\n{question}"``).
+``<image>`` in it marks where each image goes; without one the images come first (the training
+rule of ``data/chat.py``); more or fewer placeholders than images is an error.
+The quickstart's held-out set (``eval/eval.jsonl`` of the shapes data set) is one such file.
+
+Scoring: exact match of the stripped answer (``match="exact"``), or ``"relaxed"``: case and
+surrounding punctuation ignored. The report (JSON) holds the overall and per-type accuracy and
+every answer.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+MATCHES = ("exact", "relaxed")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class EvaluationError(ValueError):
+    """Bad input: the message starts with the file (and item) it is about."""
+
+
+@dataclass
+class QAItem:
+    """One question about one or more images."""
+
+    id: str
+    question: str
+    answer: str
+    images: list[Path]
+    type: str = "all"
+    chance: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_qa(path: str | Path) -> list[QAItem]:
+    """Read and check a QA file (JSONL or a JSON list); raises :class:`EvaluationError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise EvaluationError(f"{path}: cannot read: {error.strerror or error}") from error
+    where: list[str]
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+            where = [f"item {i}" for i in range(len(records))]
+        else:
+            records, where = [], []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    records.append(json.loads(line))
+                    where.append(f"line {number}")
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}: not valid JSON/JSONL: {error}") from error
+    if not records:
+        raise EvaluationError(f"{path}: no questions")
+    return [_item(record, path, at) for record, at in zip(records, where, strict=True)]
+
+
+def _item(record: Any, path: Path, at: str) -> QAItem:
+    if not isinstance(record, dict):
+        raise EvaluationError(f"{path}: {at}: expected an object, got {type(record).__name__}")
+    for key in ("question", "answer"):
+        if not isinstance(record.get(key), str):
+            raise EvaluationError(f"{path}: {at}: field {key!r} must be a string")
+    images = record.get("images", [record["image"]] if "image" in record else [])
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise EvaluationError(f"{path}: {at}: 'image'/'images' must be a path or a list of paths")
+    check_placeholders(record["question"], len(images), f"{path}: {at}")
+    known = {"id", "question", "answer", "image", "images", "type", "chance"}
+    return QAItem(
+        id=str(record.get("id", at)),
+        question=record["question"],
+        answer=record["answer"],
+        images=[(path.parent / image) for image in images],
+        type=str(record.get("type", "all")),
+        chance=record.get("chance"),
+        extra={k: v for k, v in record.items() if k not in known},
+    )
+
+
+def check_placeholders(text: str, n_images: int, where: str) -> None:
+    """``<image>`` placeholders must be absent or one per image."""
+    placeholders = text.count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != n_images:
+        raise EvaluationError(
+            f"{where}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholders but "
+            f"{n_images} images"
+        )
+
+
+def messages_for(question: str, images: list[Any]) -> list[dict[str, Any]]:
+    """Chat messages (content list) for one question: images at the placeholders, or first."""
+    pieces = question.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        pieces = [""] * len(images) + pieces
+    content: list[dict[str, Any]] = []
+    for index, piece in enumerate(pieces):
+        if index:
+            content.append({"type": "image", "image": images[index - 1]})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
+
+
+def normalize(text: str, match: str) -> str:
+    text = text.strip()
+    if match == "relaxed":
+        text = text.strip(string.punctuation + string.whitespace).lower()
+    return text
+
+
+def check_checkpoint(directory: str | Path) -> Path:
+    """The checkpoint directory, or :class:`EvaluationError` if it cannot be evaluated."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise EvaluationError(f"{directory}: not a Hugging Face checkpoint (no config.json)")
+    if not any((directory / name).is_file() for name in PROCESSOR_FILES):
+        raise EvaluationError(
+            f"{directory}: no processor ({' / '.join(PROCESSOR_FILES)} missing); export it "
+            "again with tools/convert_checkpoint.py mcore-to-hf, which writes one"
+        )
+    return directory
+
+
+def open_images(item: QAItem, data: Path) -> list[Any]:
+    from PIL import Image
+
+    opened = []
+    for image in item.images:
+        try:
+            with Image.open(image) as handle:
+                handle.load()
+                opened.append(handle.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise EvaluationError(
+                f"{data}: {item.id}: image {image}: cannot open: {error}"
+            ) from error
+    return opened
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    max_new_tokens: int = 16,
+    match: str = "exact",
+    prompt: str = "{question}",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer every question with the checkpoint's processor and model; return the report."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    if match not in MATCHES:
+        raise EvaluationError(f"match: {match!r} is not one of {', '.join(MATCHES)}")
+    start = time.perf_counter()
+    checkpoint, data = check_checkpoint(checkpoint), Path(data)
+    items = load_qa(data)[:limit]
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    processor = AutoProcessor.from_pretrained(
+        checkpoint, trust_remote_code=True, local_files_only=True, **pixels
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, trust_remote_code=True, local_files_only=True, dtype=torch.float32
+    ).eval()
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos
+    answers = []
+    for index, item in enumerate(items):
+        text = prompt.replace("{question}", item.question)
+        check_placeholders(text, len(item.images), f"{data}: {item.id}")
+        images = open_images(item, data)
+        inputs = processor.apply_chat_template(
+            messages_for(text, images),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        if eos in new:
+            new = new[: new.index(eos)]
+        predicted = processor.decode(new, skip_special_tokens=True).strip()
+        correct = normalize(predicted, match) == normalize(item.answer, match)
+        answers.append(
+            {
+                "id": item.id,
+                "type": item.type,
+                "question": item.question,
+                "images": [str(i) for i in item.images],
+                "answer": item.answer,
+                "predicted": predicted,
+                "correct": correct,
+            }
+        )
+        if progress and ((index + 1) % 10 == 0 or index + 1 == len(items)):
+            done = sum(a["correct"] for a in answers)
+            print(
+                f"evaluate: {index + 1}/{len(items)} answered, {done} correct",
+                file=sys.stderr,
+                flush=True,
+            )
+    per_type: dict[str, dict[str, Any]] = {}
+    for item, result in zip(items, answers, strict=True):
+        entry = per_type.setdefault(item.type, {"questions": 0, "correct": 0})
+        if item.chance is not None:
+            entry["chance"] = item.chance
+        entry["questions"] += 1
+        entry["correct"] += int(result["correct"])
+    for entry in per_type.values():
+        entry["accuracy"] = entry["correct"] / entry["questions"]
+    correct = sum(a["correct"] for a in answers)
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "match": match,
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens,
+        "image_processor": {
+            "min_pixels": processor.image_processor.size["shortest_edge"],
+            "max_pixels": processor.image_processor.size["longest_edge"],
+            "max_image_side": getattr(processor.image_processor, "max_image_side", None),
+        },
+        "questions": len(answers),
+        "correct": correct,
+        "accuracy": correct / len(answers),
+        "accuracy_per_type": per_type,
+        "answers": answers,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The accuracy table: per type (correct/questions = accuracy (chance)), then overall."""
+    lines = [f"evaluate: {report['checkpoint']} on {report['data']} ({report['match']} match)"]
+    for name, t in sorted(report["accuracy_per_type"].items()):
+        chance = f" ({t['chance']:.2f})" if "chance" in t else ""
+        lines.append(
+            f"  {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f}{chance}"
+        )
+    lines.append(
+        f"  accuracy {report['correct']}/{report['questions']} = {report['accuracy']:.2f} "
+        f"in {report['seconds']:.0f}s"
+    )
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write ``report`` as JSON atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+__all__ = [
+    "EvaluationError",
+    "QAItem",
+    "check_checkpoint",
+    "check_placeholders",
+    "evaluate",
+    "format_report",
+    "load_qa",
+    "messages_for",
+    "write_report",
+]

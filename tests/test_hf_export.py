@@ -1,0 +1,297 @@
+"""Exports that the ecosystem's tools take as they are.
+
+A tiny stage-0 checkpoint is built with the real writer (``make_stage0``, offline Qwen
+vocabulary), converted ``hf-to-mcore`` and back ``mcore-to-hf`` (with and without
+``--hf-template``) through the real CLI. Every one of the three directories must hold the
+weights, ``config.json`` with ``auto_map``, the code, the tokenizer, the chat template, the
+processor and the generation config, and load with ``AutoProcessor`` / ``AutoTokenizer``
+(``trust_remote_code``, offline); the round trips keep those files byte for byte.
+
+Then the model card's quick start runs unchanged on the export and gives the same tokens as our
+own generation path (``encode_conversation`` + ``preprocess_image`` + ``generate``), also for a
+left-padded batch of two conversations with several images; bad input gives named errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ok
+from PIL import Image
+
+from lov15_megatron.convert.stage0 import make_stage0
+from lov15_megatron.data.chat import Message, encode_conversation
+from lov15_megatron.data.errors import BadSample
+from lov15_megatron.data.image_processing import ImageConfig, image_grid, preprocess_image
+from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
+from lov15_megatron.data.tokenizer import load_tokenizer
+from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
+from lov15_megatron.hf.export import ASSET_FILES, AUTO_MAP, CODE_FILES
+
+MAX_NEW = 8
+
+
+def build_tiny_export(root: Path) -> Path:
+    """A tiny stage-0 export (random MLCD ViT + Qwen3 with the Qwen vocabulary) via make_stage0."""
+    from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    MLCDVisionModel(MLCDVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        patch_size=14, image_size=56, num_channels=3,
+    )).save_pretrained(root / "vit")  # fmt: skip
+    Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(root / "llm")  # fmt: skip — no tokenizer there: the offline one is written
+    out = make_stage0(root / "vit", root / "llm", root / "stage0", seed=1, progress=False)
+    return out.output
+
+
+def save_image(path: Path, height: int, width: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    stage0 = build_tiny_export(root)
+    ok("hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(stage0),
+       "--save-dir", str(root / "mcore"))  # fmt: skip
+    ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(root / "mcore"),
+       "--save-dir", str(root / "back_template"), "--hf-template", str(stage0))  # fmt: skip
+    ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(root / "mcore"),
+       "--save-dir", str(root / "back_plain"))  # fmt: skip
+    return {"stage0": stage0, "template": root / "back_template", "plain": root / "back_plain"}
+
+
+@pytest.fixture
+def offline(monkeypatch, isolated_hf_modules):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return isolated_hf_modules
+
+
+def test_every_export_is_complete_and_loads(exports, offline) -> None:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for directory in exports.values():
+        for name in (*ASSET_FILES, *(p.name for p in CODE_FILES), "config.json"):
+            assert (directory / name).is_file(), (directory, name)
+        assert (directory / "model.safetensors").is_file()
+        assert json.loads((directory / "config.json").read_text())["auto_map"] == AUTO_MAP
+        pre = json.loads((directory / "preprocessor_config.json").read_text())
+        assert (pre["patch_size"], pre["merge_size"], pre["temporal_patch_size"]) == (14, 2, 1)
+        assert (pre["min_pixels"], pre["max_pixels"]) == (4 * 28 * 28, 1600 * 1600)
+        assert pre["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+        assert pre["image_std"] == pytest.approx([0.26862954, 0.26130258, 0.27577711])
+        generation = json.loads((directory / "generation_config.json").read_text())
+        assert (generation["eos_token_id"], generation["pad_token_id"]) == (IM_END_ID, ENDOFTEXT_ID)
+
+    # the three hold the same processor files (next test): loading one loads them all
+    directory = exports["plain"]
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    assert type(processor).__name__ == "LLaVAOneVision1_5_Processor"
+    assert type(processor.image_processor).__name__ == "LLaVAOneVision1_5_ImageProcessor"
+    assert type(processor.image_processor).__module__.startswith("transformers_modules.")
+    assert not hasattr(processor, "video_processor")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.chat_template == processor.chat_template
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in processor.chat_template
+
+
+@pytest.mark.parametrize("which", ["template", "plain"])
+def test_round_trip_keeps_processor_and_tokenizer_files(exports, which) -> None:
+    for name in ASSET_FILES:
+        original = (exports["stage0"] / name).read_bytes()
+        assert (exports[which] / name).read_bytes() == original, name
+
+
+def test_pixel_budget_passed_to_from_pretrained(exports, tmp_path, offline) -> None:
+    """lmms-eval passes min_pixels/max_pixels (default min 200,704) to from_pretrained."""
+    from transformers import AutoProcessor
+
+    image = Image.open(save_image(tmp_path / "a.png", 224, 224, 0))
+    default = AutoProcessor.from_pretrained(exports["stage0"], trust_remote_code=True)
+    lmms = AutoProcessor.from_pretrained(
+        exports["stage0"], trust_remote_code=True, min_pixels=200_704, max_pixels=1_605_632
+    )
+    grid_default = default.image_processor(image, return_tensors="np")["image_grid_thw"][0]
+    grid_lmms = lmms.image_processor(image, return_tensors="np")["image_grid_thw"][0]
+    assert tuple(grid_default) == image_grid(224, 224) == (1, 16, 16)
+    assert tuple(grid_lmms) == image_grid(224, 224, ImageConfig(200_704, 1_605_632)) == (1, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def our_model(exports):
+    model = LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained(
+        exports["stage0"], dtype=torch.float32
+    )
+    return model.eval()
+
+
+@torch.no_grad()
+def our_generation(model, messages: list[Message], images: list[Image.Image]) -> list[int]:
+    """Our path: the training template and image pipeline, then ``generate`` (greedy)."""
+    processed = [preprocess_image(image) for image in images]
+    prompt = [*messages, Message("assistant", "")]
+    counts = [p.num_tokens for p in processed]
+    ids = encode_conversation(load_tokenizer("qwen-offline"), prompt, counts, "instruct").input_ids
+    ids = ids[:-1]  # "<|im_start|>assistant\n" ends the prompt
+    kwargs = {}
+    if processed:
+        kwargs["pixel_values"] = torch.from_numpy(
+            np.concatenate([p.pixel_values for p in processed])
+        )
+        kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in processed])
+    out = model.generate(
+        input_ids=torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
+        eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **kwargs,
+    )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def test_model_card_quick_start(exports, our_model, tmp_path, offline) -> None:
+    """The model card's code, unchanged but for the path and a local image."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model_path = str(exports["template"])
+    image_path = str(save_image(tmp_path / "demo.png", 300, 420, 1))
+    # ---- the model card's quick start ----
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, torch_dtype="auto", trust_remote_code=True
+    )  # the card adds device_map="auto" (needs accelerate; on CPU there is nothing to map)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image_path},
+                {"type": "text", "text": "Describe this image."},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    inputs = inputs.to(model.device)
+    generated_ids = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    generated_ids_trimmed = [
+        out_ids[len(in_ids) :]
+        for in_ids, out_ids in zip(inputs.input_ids, generated_ids, strict=True)
+    ]
+    output_text = processor.batch_decode(
+        generated_ids_trimmed, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    # ---- end ----
+    assert type(model).__module__.startswith("transformers_modules.")
+    assert set(inputs) >= {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"}
+    ours = our_generation(
+        our_model, [Message("user", "<image>Describe this image.")], [Image.open(image_path)]
+    )
+    trimmed = generated_ids_trimmed[0].tolist()
+    assert trimmed == ours[: len(trimmed)] and len(trimmed) == len(ours)
+    assert isinstance(output_text[0], str)
+    assert output_text[0] == load_tokenizer("qwen-offline").decode(
+        [t for t in ours if t < ENDOFTEXT_ID]
+    )
+
+
+@torch.no_grad()
+def test_processor_batch_of_two_with_several_images(exports, our_model, tmp_path, offline) -> None:
+    """``processor(text=[…], images=[…])``, left padding (lmms-eval), 3 images in 2 rows."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    directory = exports["template"]
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    images = [
+        Image.open(save_image(tmp_path / f"{i}.png", h, w, i))
+        for i, (h, w) in enumerate([(60, 100), (200, 150), (90, 400)])
+    ]
+    conversations = [
+        [Message("user", "<image>\nWhat colour is the circle?")],
+        [Message("user", "Compare <image> and <image>, which has more shapes?")],
+    ]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in conversation],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for conversation in conversations
+    ]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert inputs["image_grid_thw"].shape == (3, 3)
+    assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum()  # row 0 padded
+    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :].tolist()
+    expected = [
+        our_generation(our_model, conversations[0], images[:1]),
+        our_generation(our_model, conversations[1], images[1:]),
+    ]
+    for row, want in zip(new, expected, strict=True):
+        assert row[: len(want)] == want
+
+
+def test_bad_inputs_are_named_errors(exports, tmp_path, our_model, offline) -> None:
+    from transformers import AutoProcessor
+
+    from lov15_megatron.hf.evaluation import EvaluationError, check_checkpoint
+
+    # a directory without a processor
+    bare = tmp_path / "bare"
+    shutil.copytree(exports["stage0"], bare)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (bare / name).unlink()
+    with pytest.raises(EvaluationError, match=r"bare: no processor"):
+        check_checkpoint(bare)
+    with pytest.raises((ValueError, OSError)):
+        AutoProcessor.from_pretrained(bare, trust_remote_code=True)
+
+    processor = AutoProcessor.from_pretrained(exports["stage0"], trust_remote_code=True)
+    # an image the processor cannot open
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(broken)}]}]
+    with pytest.raises(Exception, match=r"(?i)cannot identify image|image"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+    # more image placeholders than images: the processor and the training template both refuse
+    image = Image.open(save_image(tmp_path / "one.png", 56, 56, 0))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "<image> and <image>?"}], tokenize=False
+    )
+    with pytest.raises(ValueError, match=r"2 image placeholders .* but 1 images") as caught:
+        processor(text=[text], images=[image])
+    assert type(caught.value).__name__ == "ImageTokenMismatchError"
+    with pytest.raises(BadSample, match=r"2 <image> placeholders, 1 images"):
+        encode_conversation(
+            load_tokenizer("qwen-offline"),
+            [Message("user", "<image> and <image>?"), Message("assistant", "x")],
+            [1],
+            "instruct",
+        )
+    # mm_token_type_ids that do not mark the image tokens
+    inputs = processor(
+        text=[text.replace("<|image_pad|>", "", 1)], images=[image], return_tensors="pt"
+    )
+    inputs["mm_token_type_ids"] = torch.zeros_like(inputs["mm_token_type_ids"])
+    with pytest.raises(ValueError, match=r"mm_token_type_ids do not mark the image tokens"):
+        our_model(**inputs)
