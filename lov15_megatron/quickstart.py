@@ -10,7 +10,8 @@ the real tools and the real training entry point (each as its own process):
 4. convert stage-0 to Megatron with ``tools/convert_checkpoint.py hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
    ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint;
-6. export the result with ``mcore-to-hf`` and answer the held-out questions with ``generate()``;
+6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
+   ``tools/evaluate.py`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
 7. print a summary: per stage steps, first/last loss, tokens/s and checkpoint; packing fill;
    the answers next to the expected ones and the accuracy against chance.
 """
@@ -84,39 +85,6 @@ def overrides_value(overrides: list[str], key: str) -> str:
     return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
 
-def answer(export: Path, eval_path: Path) -> list[dict]:
-    """Ask the exported HF model each held-out question about its image (greedy)."""
-    from transformers import AutoModelForCausalLM
-
-    from lov15_megatron.data.chat import Message, encode_conversation
-    from lov15_megatron.data.image_processing import preprocess_image
-    from lov15_megatron.data.shapes_dataset import load_eval
-    from lov15_megatron.data.special_tokens import IM_END_ID
-    from lov15_megatron.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("qwen-offline")
-    model = AutoModelForCausalLM.from_pretrained(
-        export, trust_remote_code=True, dtype=torch.float32
-    )
-    model.eval()
-    results = []
-    for item in load_eval(eval_path):
-        image = preprocess_image(Path(item["image"]).read_bytes())
-        messages = [Message("user", "<image>\n" + item["question"]), Message("assistant", "")]
-        ids = encode_conversation(tok, messages, [image.num_tokens], "instruct").input_ids[:-1]
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([ids]),
-                pixel_values=torch.as_tensor(image.pixel_values, dtype=torch.float32),
-                image_grid_thw=torch.as_tensor(image.grid_thw).reshape(1, 3),
-                max_new_tokens=4, do_sample=False,
-                eos_token_id=IM_END_ID, pad_token_id=IM_END_ID,
-            )  # fmt: skip
-        text = tok.decode(out[0, len(ids) :].tolist()).replace("<|im_end|>", "").strip()
-        results.append({**item, "predicted": text, "correct": text == item["answer"]})
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
@@ -166,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     run(sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--model", "llava-ov-1.5",
         "--load-dir", str(out / "stage2"), "--save-dir", str(out / "final_hf"),
         "--hf-template", str(out / "stage0_hf"))  # fmt: skip
-    results = answer(out / "final_hf", Path(data["eval"]["path"]))
-    accuracy = sum(r["correct"] for r in results) / len(results)
+    run(sys.executable, "tools/evaluate.py", "--checkpoint", str(out / "final_hf"),
+        "--data", data["eval"]["path"], "--report", str(out / "eval_report.json"),
+        "--prompt", "<image>\n{question}", "--max-new-tokens", "4", "--quiet")  # fmt: skip
+    report = json.loads((out / "eval_report.json").read_text())
+    results = report["answers"]
     summary = {
-        "stages": stages, "packing": fill, "accuracy": accuracy,
-        "accuracy_per_type": accuracy_per_type(results),
+        "stages": stages, "packing": fill, "accuracy": report["accuracy"],
+        "accuracy_per_type": report["accuracy_per_type"],
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
         "answers": results, "seconds": time.perf_counter() - start,
@@ -178,18 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return 0
-
-
-def accuracy_per_type(results: list[dict]) -> dict[str, dict]:
-    """Per question type: questions, correct answers, accuracy and chance accuracy."""
-    per: dict[str, dict] = {}
-    for r in results:
-        t = per.setdefault(r["type"], {"questions": 0, "correct": 0, "chance": r["chance"]})
-        t["questions"] += 1
-        t["correct"] += int(r["correct"])
-    for t in per.values():
-        t["accuracy"] = t["correct"] / t["questions"]
-    return per
 
 
 def print_summary(s: dict, out: Path) -> None:
