@@ -65,6 +65,7 @@ class TrainResult:
     first_iteration: int
     last_iteration: int
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)  # before clipping
     tokens_per_s: list[float] = field(default_factory=list)
     consumed_sample_ids: list[str] = field(default_factory=list)
     stopped_by_signal: bool = False
@@ -92,6 +93,7 @@ def train(cfg: RunConfig) -> TrainResult:
     """Train until ``train.train_iters`` (or SIGTERM); returns what happened."""
     import torch
 
+    from lov15_megatron.models.backend import attention_backend
     from lov15_megatron.models.qwen3 import zero_vocab_padding
     from lov15_megatron.runtime import distributed
     from lov15_megatron.runtime.distributed import print_rank_0
@@ -101,6 +103,8 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.metrics import MetricsLogger
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
+
+    attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
 
     rt = distributed.initialize(cfg)
     print_rank_0(format_config(cfg))
@@ -173,10 +177,12 @@ def train(cfg: RunConfig) -> TrainResult:
             data.next_iteration = iteration
             progress["consumed_samples"] += cfg.train.global_batch_size
             tflops = step_flops(cfg, counts) / dt / 1e12 / rt.world_size
+            hw_tflops = step_flops(cfg, counts, hardware=True) / dt / 1e12 / rt.world_size
             result.losses.append(res.loss)
+            result.grad_norms.append(res.grad_norm)
             result.tokens_per_s.append(counts.token_positions / dt)
             result.last_iteration = iteration
-            metrics.log(iteration, res, dt, counts, tflops, peak)
+            metrics.log(iteration, res, dt, counts, tflops, peak, hw_tflops)
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
             if exit_signal.received(rt.device):
@@ -235,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
     try:
         train(cfg)
+    except ConfigError as e:  # found while building (e.g. an attention backend not installed)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
     return 0

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ok
+from helpers import IMAGE_PAD, VISION_END, VISION_START, ok, pack_rows, vlm_sample
 from safetensors import safe_open
 
 LOGIT_TOL = 1e-4
-IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
 
 
 def make_hf_vlm(path: Path, seed: int = 0):
@@ -98,64 +97,6 @@ def test_round_trip_and_remote_code_generate(converted, tmp_path, isolated_hf_mo
 
 # ---------------------------------------------------------------- in-rank checks
 
-TEXT_VOCAB = 5000  # random text ids come from here (below every special token)
-
-
-def _sample(seed: int, grids: list[tuple[int, int]], text_len: int = 5) -> dict:
-    """One sub-sample: text, then an image block per grid, then text; labels already shifted."""
-    gen = torch.Generator().manual_seed(seed)
-    ids: list[int] = torch.randint(0, TEXT_VOCAB, (text_len,), generator=gen).tolist()
-    pixels, thw = [], []
-    for h, w in grids:
-        ids += [VISION_START, *([IMAGE_PAD] * (h * w // 4)), VISION_END]
-        ids += torch.randint(0, TEXT_VOCAB, (3,), generator=gen).tolist()
-        pixels.append(torch.randn(h * w, 588, generator=gen))
-        thw.append([1, h, w])
-    labels = ids[1:] + [-100]
-    labels = [-100 if t in (IMAGE_PAD, VISION_START, VISION_END) else t for t in labels]
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0, 588),
-        "image_grid_thw": torch.tensor(thw, dtype=torch.long).reshape(-1, 3),
-    }
-
-
-def _pack(rows: list[list[dict]], seq_len: int) -> dict:
-    """Task-encoder layout: rows of sub-samples, padded to ``seq_len``, flat ``cu_seqlens``."""
-    ids, labels, pixels, grids, bounds = [], [], [], [], [0]
-    for r, row in enumerate(rows):
-        row_ids = [t for s in row for t in s["input_ids"]]
-        row_labels = [t for s in row for t in s["labels"]]
-        for s in row:
-            bounds.append(bounds[-1] + len(s["input_ids"]))
-            pixels.append(s["pixel_values"])
-            grids.append(s["image_grid_thw"])
-        pad = seq_len - len(row_ids)
-        assert pad >= 0
-        if pad:
-            bounds.append((r + 1) * seq_len)
-        ids.append(row_ids + [151643] * pad)
-        labels.append(row_labels + [-100] * pad)
-    from lov15_megatron.models.packed_seq import (
-        position_ids_from_cu_seqlens,
-        row_cu_seqlens_from_flat,
-    )
-
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    labels_t = torch.tensor(labels)
-    return {
-        "input_ids": torch.tensor(ids),
-        "labels": labels_t,
-        "loss_mask": (labels_t != -100).float(),
-        "position_ids": position_ids_from_cu_seqlens(
-            row_cu_seqlens_from_flat(cu, len(rows), seq_len), seq_len
-        ),
-        "pixel_values": torch.cat(pixels),
-        "image_grid_thw": torch.cat(grids),
-        "cu_seqlens": cu,
-    }
-
 
 def _cfg(load_dir: str, overrides: list[str]):
     from lov15_megatron.config import apply_override, validate
@@ -192,10 +133,10 @@ def packed_checks(load_dir: str) -> dict:
     model.eval()
     vocab = model.language_model.true_vocab_size
     subs = [
-        _sample(1, [(4, 4)]),
-        _sample(2, []),
-        _sample(3, [(2, 6), (2, 2)]),
-        _sample(4, [(2, 2)]),
+        vlm_sample(1, [(4, 4)]),
+        vlm_sample(2, []),
+        vlm_sample(3, [(2, 6), (2, 2)]),
+        vlm_sample(4, [(2, 2)]),
     ]
 
     def inputs(batch: dict) -> dict:
@@ -213,9 +154,9 @@ def packed_checks(load_dir: str) -> dict:
 
     out: dict = {"logit_diff": 0.0, "loss_diff": 0.0}
     k = 0
-    alone = [run(_pack([[s]], len(s["input_ids"]))) for s in subs]
+    alone = [run(pack_rows([[s]], len(s["input_ids"]))) for s in subs]
     for layout in ([[subs[0], subs[1], subs[2]]], [[subs[0], subs[1]], [subs[2], subs[3]]]):
-        packed_logits, packed_losses = run(_pack(layout, 64))
+        packed_logits, packed_losses = run(pack_rows(layout, 64))
         for r, row in enumerate(layout):
             offset = 0
             for s in row:
@@ -231,7 +172,7 @@ def packed_checks(load_dir: str) -> dict:
 
     # The training loss path (logits only at loss positions) = full logits + token_losses,
     # in value and in gradient; an all-zero mask gives zero losses.
-    batch = _pack([[subs[0], subs[2]], [subs[1], subs[3]]], 64)
+    batch = pack_rows([[subs[0], subs[2]], [subs[1], subs[3]]], 64)
     kwargs = inputs(batch)
     labels, mask = batch["labels"].reshape(1, -1), batch["loss_mask"].float().reshape(1, -1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,7 +191,7 @@ def packed_checks(load_dir: str) -> dict:
         none = model(**kwargs, labels=labels, loss_mask=torch.zeros_like(mask))
     out["zero_mask_losses"] = float(none.abs().max())
 
-    broken = _pack([[subs[0]]], 32)
+    broken = pack_rows([[subs[0]]], 32)
     broken["input_ids"][0, 7] = 17  # one <|image_pad|> fewer than the image's features
     for name, batch in (("count", broken),):
         try:
@@ -258,7 +199,7 @@ def packed_checks(load_dir: str) -> dict:
             out[name] = "no error"
         except ValueError as e:
             out[name] = str(e)
-    bad_grid = _pack([[subs[3]]], 32)
+    bad_grid = pack_rows([[subs[3]]], 32)
     bad_grid["image_grid_thw"] = torch.tensor([[1, 1, 4]])
     try:
         run(bad_grid)
@@ -275,7 +216,7 @@ def packed_checks(load_dir: str) -> dict:
     }
     optimizer, n_micro = setup.build_optimizer(cfg, model), setup.num_microbatches(cfg)
     scheduler = setup.build_scheduler(cfg, optimizer)
-    data = iter([_pack([[subs[i % 4], subs[(i + 1) % 4]]], 64) for i in range(8)])
+    data = iter([pack_rows([[subs[i % 4], subs[(i + 1) % 4]]], 64) for i in range(8)])
     for _ in range(2):
         train_step(cfg, data, model, optimizer, scheduler, n_micro, forward_step=vlm_forward_step)
     after = model[0].module.state_dict()
@@ -316,7 +257,7 @@ def _train_batches(dp_rank: int, per_rank: int):
         for j in range(per_rank):
             i = step * 4 + dp_rank * per_rank + j
             grids = [[(4, 4)], [], [(2, 6), (2, 2)], [(2, 2)]][i % 4]
-            yield _pack([[_sample(100 + i, grids), _sample(200 + i, [(2, 2)])]], 64)
+            yield pack_rows([[vlm_sample(100 + i, grids), vlm_sample(200 + i, [(2, 2)])]], 64)
 
 
 def train_runs(

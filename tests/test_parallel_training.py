@@ -1,4 +1,4 @@
-"""Real Megatron-Core training on CPU: TP=2 (±SP), PP=2 (±VPP) and DP=2 reproduce one rank.
+"""Real Megatron-Core training on CPU: TP=2 (±SP), PP=2 (±VPP), CP=2 and DP=2 reproduce one rank.
 
 One 1-rank launch trains the reference and writes its initial weights as a distributed
 checkpoint; one 2-rank launch then trains every parallel layout in turn from those weights
@@ -30,6 +30,7 @@ LAYOUTS = {
         "parallel.pipeline_model_parallel_size=2",
         "parallel.virtual_pipeline_model_parallel_size=2",
     ],
+    "cp2": ["parallel.context_parallel_size=2"],  # micro-batch 2, THD stream split over CP
     "dp2": [],
     "dp2_no_distopt": ["parallel.use_distributed_optimizer=false"],
 }

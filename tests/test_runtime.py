@@ -57,7 +57,8 @@ def test_cpu_backend_redirects_cuda_calls_and_disables_cleanly():
     assert torch.ones(1).type() == "torch.FloatTensor"
 
 
-def test_cuda_device_without_gpu_and_cp_on_cpu_are_rejected():
+def test_cuda_device_without_gpu_and_te_attention_on_cpu_are_rejected():
+    from lov15_megatron.models.backend import attention_backend
     from lov15_megatron.runtime import distributed
 
     if not torch.cuda.is_available():
@@ -65,8 +66,10 @@ def test_cuda_device_without_gpu_and_cp_on_cpu_are_rejected():
             distributed.resolve_device("cuda")
     cfg = load_config(None, ["runtime.device=cpu", "parallel.context_parallel_size=2",
                              "data.seq_length=32"])  # fmt: skip
-    with pytest.raises(ConfigError, match="context_parallel_size>1 needs Transformer Engine"):
-        distributed.initialize(cfg)
+    assert attention_backend(cfg) == "torch"  # CP runs on the torch core, on CPU too
+    cfg.model.attention_backend = "te"
+    with pytest.raises(ConfigError, match="model.attention_backend='te' needs the Transformer"):
+        attention_backend(cfg)
 
 
 def _describe_rank(tp: int, pp: int) -> dict:

@@ -76,6 +76,7 @@ def train_runs(root: str, runs: dict[str, list[str]]) -> dict[str, dict]:
         result = train(_cfg(Path(root), overrides))
         out[name] = {
             "losses": result.losses,
+            "grad_norms": result.grad_norms,
             "first": result.first_iteration,
             "last": result.last_iteration,
             "ids": result.consumed_sample_ids,
@@ -149,14 +150,24 @@ def test_parallel_layouts_match_single_rank(setup_dirs):
     root = setup_dirs
     common = ["train.train_iters=3"]
     (single,) = run_ranks(1, train_runs, str(root), {"single": common})
-    layouts = {
+    mb2 = "train.micro_batch_size=2"
+    layouts = {  # every layout runs the packed THD stream through the torch attention core
         "tp2": [*common, "parallel.tensor_model_parallel_size=2"],
         "pp2": [*common, "parallel.pipeline_model_parallel_size=2"],
+        "pp2_mb2": [*common, "parallel.pipeline_model_parallel_size=2", mb2],
+        "cp2": [*common, "parallel.context_parallel_size=2"],
+        "cp2_mb2": [*common, "parallel.context_parallel_size=2", mb2],
     }
     per_rank = run_ranks(2, train_runs, str(root), layouts)
+    ref = single["single"]
+    assert len(ref["losses"]) == 3
     for name in layouts:
-        for x, y in zip(single["single"]["losses"], per_rank[0][name]["losses"], strict=True):
+        got = per_rank[0][name]
+        assert got["losses"] == per_rank[1][name]["losses"], name  # the global loss everywhere
+        for x, y in zip(ref["losses"], got["losses"], strict=True):
             assert math.isclose(x, y, rel_tol=1e-5), (name, x, y)
+        for x, y in zip(ref["grad_norms"], got["grad_norms"], strict=True):
+            assert math.isclose(x, y, rel_tol=1e-5), (name, "grad norm", x, y)
 
 
 def test_sigterm_stage_chain_and_export(setup_dirs, tmp_path, isolated_hf_modules):

@@ -143,6 +143,20 @@ def check_checkpoint(directory: str | Path) -> Path:
     return directory
 
 
+def check_images(item: QAItem, data: Path) -> None:
+    """Every image of ``item`` exists and has an image header (no decoding)."""
+    from PIL import Image
+
+    for image in item.images:
+        try:
+            with Image.open(image):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise EvaluationError(
+                f"{data}: {item.id}: image {image}: cannot open: {error}"
+            ) from error
+
+
 def open_images(item: QAItem, data: Path) -> list[Any]:
     from PIL import Image
 
@@ -180,6 +194,11 @@ def evaluate(
     start = time.perf_counter()
     checkpoint, data = check_checkpoint(checkpoint), Path(data)
     items = load_qa(data)[:limit]
+    for item in items:  # every item checked before the model loads
+        check_placeholders(
+            prompt.replace("{question}", item.question), len(item.images), f"{data}: {item.id}"
+        )
+        check_images(item, data)
     pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     processor = AutoProcessor.from_pretrained(
         checkpoint, trust_remote_code=True, local_files_only=True, **pixels
@@ -192,7 +211,6 @@ def evaluate(
     answers = []
     for index, item in enumerate(items):
         text = prompt.replace("{question}", item.question)
-        check_placeholders(text, len(item.images), f"{data}: {item.id}")
         images = open_images(item, data)
         inputs = processor.apply_chat_template(
             messages_for(text, images),

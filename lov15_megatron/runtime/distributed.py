@@ -119,11 +119,6 @@ def initialize(cfg: RunConfig) -> Runtime:
     """Set up this rank for ``cfg``: device, process group, parallel state, seeds."""
     device = resolve_device(cfg.runtime.device)
     if device.type == "cpu":
-        if cfg.parallel.context_parallel_size > 1:
-            raise ConfigError(
-                "parallel.context_parallel_size>1 needs Transformer Engine attention on a GPU; "
-                "the CPU backend supports TP, PP, DP and SP only"
-            )
         cpu_backend.enable()
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True)

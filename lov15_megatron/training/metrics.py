@@ -1,8 +1,9 @@
 """Training metrics: one log line per ``logging.log_interval`` on rank 0, TensorBoard, W&B.
 
 Line: iteration, loss, lr, grad norm, loss scale (fp16 only), tokens/s and samples/s of the
-global batch, model TFLOP/s per GPU and MFU (``training/flops.py``; MFU against the GPU's dense
-bf16 peak, n/a on CPU), step time and peak GPU memory.
+global batch, model TFLOP/s per GPU, MFU and HFU (``training/flops.py``: model FLOPs, and hardware
+FLOPs with recomputation; both against the GPU's dense bf16 peak, n/a on CPU), step time and
+peak GPU memory.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class MetricsLogger:
         counts: StepCounts,
         tflops_per_gpu: float,
         peak_tflops: float | None,
+        hardware_tflops_per_gpu: float | None = None,
     ) -> None:
         last = iteration == self.cfg.train.train_iters
         if not self.rank0 or (iteration % self.cfg.logging.log_interval and not last):
@@ -60,7 +62,10 @@ class MetricsLogger:
             "tflops_per_gpu": tflops_per_gpu,
             "step_time_s": seconds,
         }
+        hw = tflops_per_gpu if hardware_tflops_per_gpu is None else hardware_tflops_per_gpu
+        values["hardware_tflops_per_gpu"] = hw
         mfu = f"{100 * tflops_per_gpu / peak_tflops:.1f}%" if peak_tflops else "n/a"
+        hfu = f"{100 * hw / peak_tflops:.1f}%" if peak_tflops else "n/a"
         mem = ""
         if self.rt.device.type == "cuda":
             values["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -70,7 +75,8 @@ class MetricsLogger:
             f"iter {iteration}/{self.cfg.train.train_iters} loss={res.loss:.5f} lr={res.lr:.3e} "
             f"grad_norm={values['grad_norm']:.4f}{scale} tokens/s={values['tokens_per_s']:,.0f} "
             f"samples/s={values['samples_per_s']:.2f} TFLOP/s/GPU={tflops_per_gpu:.3f} "
-            f"MFU={mfu} step={seconds:.3f}s{mem}" + (" (update skipped)" if res.skipped else ""),
+            f"MFU={mfu} HFU={hfu} step={seconds:.3f}s{mem}"
+            + (" (update skipped)" if res.skipped else ""),
             flush=True,
         )
         if self.tb is not None:
