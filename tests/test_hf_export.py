@@ -254,7 +254,7 @@ def test_processor_batch_of_two_with_several_images(exports, our_model, tmp_path
 def test_bad_inputs_are_named_errors(exports, tmp_path, our_model, offline) -> None:
     from transformers import AutoProcessor
 
-    from lov15_megatron.hf.evaluation import EvaluationError, check_checkpoint
+    from lov15_megatron.evaluation import EvaluationError, check_checkpoint
 
     # a directory without a processor
     bare = tmp_path / "bare"

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lov15_megatron.hf.evaluation import (
+    from lov15_megatron.evaluation import (
         EvaluationError,
         evaluate,
         format_report,

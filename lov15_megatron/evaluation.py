@@ -186,9 +186,6 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Answer every question with the checkpoint's processor and model; return the report."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
     if match not in MATCHES:
         raise EvaluationError(f"match: {match!r} is not one of {', '.join(MATCHES)}")
     start = time.perf_counter()
@@ -199,6 +196,9 @@ def evaluate(
             prompt.replace("{question}", item.question), len(item.images), f"{data}: {item.id}"
         )
         check_images(item, data)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
     pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     processor = AutoProcessor.from_pretrained(
         checkpoint, trust_remote_code=True, local_files_only=True, **pixels

@@ -1,0 +1,163 @@
+"""``tools/evaluate.py`` on a tiny export and a local QA set (JSONL and JSON, one and two images).
+
+The expected answers of some questions are set to what our own generation path answers (so they
+must be scored correct) and the rest to something else (so they must be wrong): the accuracy
+table is known in advance. Bad input: one ``error:`` line, exit 2, no report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_hf_export import build_tiny_export, our_generation, save_image
+
+from lov15_megatron.data.chat import Message
+from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
+from lov15_megatron.data.tokenizer import load_tokenizer
+from lov15_megatron.evaluation import load_qa
+from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "<image>\n{question}"
+
+
+def evaluate_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    export = build_tiny_export(root)
+    model = LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained(export).eval()
+    images = root / "images"
+    images.mkdir()
+    questions = [
+        ("a.png", (60, 100), "What colour is it?", "colour", True),
+        ("b.png", (120, 90), "How many shapes?", "count", True),
+        ("c.png", (84, 84), "What shape is it?", "shape", False),
+        ("d.png", (200, 56), "What colour is the background?", "colour", False),
+    ]
+    items = []
+    for index, (name, (h, w), question, kind, right) in enumerate(questions):
+        save_image(images / name, h, w, index)
+        ids = our_generation(
+            model, [Message("user", PROMPT.replace("{question}", question))],
+            [Image.open(images / name)],
+        )  # fmt: skip
+        ids = ids[: ids.index(IM_END_ID)] if IM_END_ID in ids else ids
+        said = load_tokenizer("qwen-offline").decode([t for t in ids if t < ENDOFTEXT_ID]).strip()
+        answer = said if right else said + " not this"
+        items.append({"id": f"q{index}", "image": f"images/{name}", "question": question,
+                      "answer": answer, "type": kind, "chance": 0.25, "said": said})  # fmt: skip
+    # one two-image question, placeholders in the question itself
+    save_image(images / "e.png", 56, 112, 9)
+    two = "Compare <image> with <image>."
+    ids = our_generation(
+        model, [Message("user", two)], [Image.open(images / "b.png"), Image.open(images / "e.png")]
+    )
+    ids = ids[: ids.index(IM_END_ID)] if IM_END_ID in ids else ids
+    said = load_tokenizer("qwen-offline").decode([t for t in ids if t < ENDOFTEXT_ID]).strip()
+    pair = {"id": "pair", "images": ["images/b.png", "images/e.png"], "question": two,
+            "answer": said, "type": "pair", "said": said}  # fmt: skip
+    jsonl = root / "qa.jsonl"
+    jsonl.write_text("".join(json.dumps(i) + "\n" for i in items))
+
+    return {"root": root, "export": export, "jsonl": jsonl, "items": items, "pair": pair}
+
+
+def test_report_matches_known_answers(setup, tmp_path) -> None:
+    report_path = tmp_path / "out" / "report.json"
+    out = evaluate_cli("--checkpoint", str(setup["export"]), "--data", str(setup["jsonl"]),
+                       "--report", str(report_path), "--prompt", PROMPT, "--max-new-tokens", "8",
+                       cache=tmp_path / "modules")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["questions"] == 4 and report["correct"] == 2 and report["accuracy"] == 0.5
+    per = report["accuracy_per_type"]
+    assert per["colour"] == {"questions": 2, "correct": 1, "accuracy": 0.5, "chance": 0.25}
+    assert (per["count"]["correct"], per["shape"]["correct"]) == (1, 0)
+    for answer, item in zip(report["answers"], setup["items"], strict=True):
+        assert answer["predicted"] == item["said"]  # the HF flow answers as our own path does
+        assert answer["correct"] == (item["answer"] == item["said"])
+    assert "colour       1/2   = 0.50 (0.25)" in out.stdout and "accuracy 2/4 = 0.50" in out.stdout
+
+
+def test_json_list_two_images_and_relaxed_match(setup, tmp_path) -> None:
+    pair = dict(setup["pair"], answer=setup["pair"]["said"].upper() + " .")
+    data = setup["root"] / "pair_upper.json"
+    data.write_text(json.dumps([pair]))
+    report_path = tmp_path / "report.json"
+    out = evaluate_cli("--checkpoint", str(setup["export"]), "--data", str(data), "--report",
+                       str(report_path), "--max-new-tokens", "8", "--match", "relaxed",
+                       "--min-pixels", "3136", "--max-pixels", "2560000", "--quiet",
+                       cache=tmp_path / "modules")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["image_processor"]["max_pixels"] == 2560000 and report["match"] == "relaxed"
+    (answer,) = report["answers"]
+    assert answer["images"][1].endswith("e.png")
+    assert answer["predicted"] == setup["pair"]["said"]  # two images at their placeholders
+    assert answer["correct"] is True  # upper case and " ." ignored by the relaxed match
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing image", r"q1: image .*nothere.png: cannot open"),
+        ("not an image", r"q1: image .*broken.png: cannot open"),
+        ("too many placeholders", r"line 2: the question has 2 <image> placeholders but 1 images"),
+        ("no processor", r"no processor \(preprocessor_config.json / processor_config.json"),
+        ("bad json", r"qa.jsonl: not valid JSON/JSONL"),
+    ],
+)
+def test_bad_input(setup, tmp_path, case, expected) -> None:
+    items = [dict(i) for i in setup["items"]]
+    checkpoint = setup["export"]
+    if case == "missing image":
+        items[1]["image"] = "images/nothere.png"
+    elif case == "not an image":
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+        items[1]["image"] = str(tmp_path / "broken.png")
+    elif case == "too many placeholders":
+        items[1]["question"] = "<image> and <image>?"
+    elif case == "no processor":
+        checkpoint = tmp_path / "bare"
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text((setup["export"] / "config.json").read_text())
+    data = setup["root"] / f"{case.replace(' ', '_')}" / "qa.jsonl"
+    data.parent.mkdir(exist_ok=True)
+    if not (data.parent / "images").exists():
+        (data.parent / "images").symlink_to(setup["root"] / "images")
+    text = "".join(json.dumps(i) + "\n" for i in items)
+    data.write_text(text if case != "bad json" else text + "{oops\n")
+    report = tmp_path / "report.json"
+    out = evaluate_cli("--checkpoint", str(checkpoint), "--data", str(data), "--report",
+                       str(report), cache=tmp_path / "modules")  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert re.search(expected, lines[0]), lines[0]
+    assert not report.exists()
+
+
+def test_quickstart_eval_file_loads(tmp_path) -> None:
+    """The shapes data set's held-out file is a QA file as it is (relative image paths)."""
+    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+
+    data = generate_shapes_dataset(tmp_path / "shapes", seed=0, n_caption=2, n_instruct=1, n_eval=5)
+    items = load_qa(data["eval"]["path"])
+    assert len(items) == 5 and all(i.images[0].is_file() for i in items)
+    assert {i.type for i in items} <= {"count", "shape", "colour", "position", "background"}
+    assert all(i.chance is not None for i in items)
