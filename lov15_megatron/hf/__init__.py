@@ -3,7 +3,11 @@
 - :mod:`.configuration_llavaonevision1_5`: ``RiceViTConfig``, ``LLaVAOneVision1_5_Config``.
 - :mod:`.modeling_llavaonevision1_5`: ``RiceViTModel`` (ViT + merger),
   ``LLaVAOneVision1_5_ForConditionalGeneration``. Self-contained (copied next to exports).
-- :mod:`.export`: ``save_pretrained_with_code`` (``auto_map`` + code files).
+- :mod:`.processing_llavaonevision1_5`: ``LLaVAOneVision1_5_ImageProcessor`` (Qwen2-VL PIL
+  image processor with our settings and a longest-side cap), ``LLaVAOneVision1_5_Processor``
+  (image processor + tokenizer, no video processor). Self-contained (copied next to exports).
+- :mod:`.export`: ``save_pretrained_with_code`` / ``write_hf_assets`` (``auto_map``, code files,
+  tokenizer, chat template, processor and generation config).
 - :mod:`.mlcd`: the MLCD ⇄ Rice ViT tensor-name correspondence.
 """
 
@@ -13,7 +17,13 @@ from .configuration_llavaonevision1_5 import (
     LLaVAOneVision1_5_Config,
     RiceViTConfig,
 )
-from .export import AUTO_MAP, add_auto_map, save_pretrained_with_code, write_model_code
+from .export import (
+    AUTO_MAP,
+    add_auto_map,
+    save_pretrained_with_code,
+    write_hf_assets,
+    write_model_code,
+)
 from .mlcd import mlcd_to_rice_vit_state_dict, raster_to_merge_order
 from .modeling_llavaonevision1_5 import (
     ALTERNATE_KEY_MAPPING,
@@ -38,5 +48,6 @@ __all__ = [
     "mlcd_to_rice_vit_state_dict",
     "raster_to_merge_order",
     "save_pretrained_with_code",
+    "write_hf_assets",
     "write_model_code",
 ]
