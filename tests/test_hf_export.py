@@ -295,3 +295,28 @@ def test_bad_inputs_are_named_errors(exports, tmp_path, our_model, offline) -> N
     inputs["mm_token_type_ids"] = torch.zeros_like(inputs["mm_token_type_ids"])
     with pytest.raises(ValueError, match=r"mm_token_type_ids do not mark the image tokens"):
         our_model(**inputs)
+
+
+def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
+    """A training checkpoint records data.min/max_pixels in lov15_model.json; mcore-to-hf puts
+    them into the processor (the other files stay the template's), and the CLI flags win."""
+    from lov15_megatron.config import config_from_dict
+    from lov15_megatron.training.checkpointing import describe_model
+
+    cfg = config_from_dict({"data": {"min_pixels": 6272, "max_pixels": 401408}})
+    assert describe_model(cfg, None)["image"] == {
+        "min_pixels": 6272, "max_pixels": 401408, "max_image_side": None,
+    }  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(exports["stage0"].parent / "mcore", run)
+    meta = json.loads((run / "lov15_model.json").read_text())
+    (run / "lov15_model.json").write_text(
+        json.dumps({**meta, "image": describe_model(cfg, None)["image"]})
+    )
+    ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(run), "--save-dir",
+       str(tmp_path / "hf"), "--hf-template", str(exports["stage0"]),
+       "--max-image-side", "1000")  # fmt: skip
+    pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert (pre["min_pixels"], pre["max_pixels"], pre["max_image_side"]) == (6272, 401408, 1000)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "hf" / name).read_bytes() == (exports["stage0"] / name).read_bytes()

@@ -53,23 +53,14 @@ def _check_layout(converter, hf_dir: str, tp: int, pp: int) -> None:
     validate_world_size(cfg, tp * pp)
 
 
-def _image_config(args: argparse.Namespace):
-    """The processor image settings given on the command line (``None``: none given)."""
-    given = (args.min_pixels, args.max_pixels, args.max_image_side)
-    if all(v is None for v in given):
-        return None
-    from lov15_megatron.data.image_processing import DEFAULT_IMAGE_CONFIG, ImageConfig
-    from lov15_megatron.hf.export import image_config_of
-
-    base = (image_config_of(args.hf_template) if args.hf_template else None) or DEFAULT_IMAGE_CONFIG
-    try:
-        return ImageConfig(
-            args.min_pixels if args.min_pixels is not None else base.min_pixels,
-            args.max_pixels if args.max_pixels is not None else base.max_pixels,
-            args.max_image_side if args.max_image_side is not None else base.max_image_side,
-        )
-    except ValueError as e:
-        raise ConversionError(f"--min-pixels/--max-pixels/--max-image-side: {e}") from e
+def _image_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The processor image settings given on the command line."""
+    given = {
+        "min_pixels": args.min_pixels,
+        "max_pixels": args.max_pixels,
+        "max_image_side": args.max_image_side,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sources = [Path(args.load_dir)] + ([Path(args.hf_template)] if args.hf_template else [])
             check_save_dir(Path(args.save_dir), sources, args.overwrite)
-            image = _image_config(args)
+            image = _image_overrides(args)
         distributed.initialize(core.converter_runtime_config())
         try:
             if args.command == "hf-to-mcore":

@@ -164,6 +164,33 @@ def hf_to_mcore(
     return ConversionSummary("hf-to-mcore", str(out), len(plan), total, time.perf_counter() - start)
 
 
+def _image_config(meta: dict[str, Any], template: Path | None, overrides: Any) -> Any:
+    """The exported processor's ``ImageConfig``, or ``None`` to keep the template's file.
+
+    Base: the settings a training run recorded in ``lov15_model.json``, else the template's
+    ``preprocessor_config.json``, else the release default; ``overrides`` (a dict of the
+    ``--min-pixels``/``--max-pixels``/``--max-image-side`` given) replace fields of it.
+    """
+    from dataclasses import replace
+
+    from lov15_megatron.data.image_processing import DEFAULT_IMAGE_CONFIG, ImageConfig
+    from lov15_megatron.hf.export import image_config_of
+
+    recorded = meta.get("image") if isinstance(meta.get("image"), dict) else None
+    if not recorded and not overrides:
+        return None
+    try:
+        if recorded:
+            base = ImageConfig(**recorded)
+        else:
+            base = (image_config_of(template) if template else None) or DEFAULT_IMAGE_CONFIG
+        return replace(base, **(overrides or {}))
+    except (TypeError, ValueError) as e:
+        raise ConversionError(
+            f"image settings (--min-pixels/--max-pixels/--max-image-side): {e}"
+        ) from e
+
+
 def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
     from lov15_megatron.training.checkpointing import resolve
 
@@ -199,8 +226,9 @@ def mcore_to_hf(
     """Convert a converter/training torch_dist checkpoint back into an HF directory.
 
     The template's tokenizer/processor/generation files are copied unchanged; a converter with
-    ``write_extra`` (LLaVA-OV-1.5) then adds its code and any missing file, and with ``image``
-    (an ``ImageConfig``) rewrites the processor's image settings.
+    ``write_extra`` (LLaVA-OV-1.5) then adds its code and any missing file, and rewrites the
+    processor's image settings when a training run recorded them in ``lov15_model.json`` or
+    ``image`` (a dict of ``min_pixels``/``max_pixels``/``max_image_side``) overrides some.
     """
     start = time.perf_counter()
     from lov15_megatron.training.checkpointing import resolve
@@ -235,7 +263,7 @@ def mcore_to_hf(
         if template_dir is not None:  # byte for byte; write_extra fills in what is missing
             copy_tokenizer_files(template_dir, writer)
         if hasattr(converter, "write_extra"):
-            converter.write_extra(writer.tmp, image=image)
+            converter.write_extra(writer.tmp, image=_image_config(meta, template_dir, image))
         out = writer.finish()
     except BaseException:
         writer.abort()

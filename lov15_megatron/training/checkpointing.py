@@ -269,7 +269,8 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def describe_model(cfg, source: str | os.PathLike | None) -> dict:
     """What ``lov15_model.json`` records: model name and config, the HF config template
-    (inherited from the checkpoint the run started from, when it has one) and the dtype."""
+    (inherited from the checkpoint the run started from, when it has one), the dtype and the
+    run's image settings (``mcore-to-hf`` writes them into the exported processor)."""
     from lov15_megatron.config import config_to_dict
 
     hf_config: dict = {}
@@ -280,6 +281,11 @@ def describe_model(cfg, source: str | os.PathLike | None) -> dict:
         "model_config": config_to_dict(cfg)["model"],
         "hf_config": hf_config,
         "dtype": cfg.model.params_dtype,
+        "image": {
+            "min_pixels": cfg.data.min_pixels,
+            "max_pixels": cfg.data.max_pixels,
+            "max_image_side": getattr(cfg.data, "max_image_side", None),
+        },
     }
 
 
