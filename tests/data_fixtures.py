@@ -178,9 +178,8 @@ def pack(inputs: list[str], output: Path, **overrides):
 
     settings = {"tokenizer": "qwen-offline", "seq_len": 256, "max_packs_per_shard": 1}
     settings.update(overrides)
-    stop = settings.pop("stop_after_shards", None)
     config = PackConfig(inputs=tuple(inputs), output=str(output), **settings)
-    return run(config, progress=False, stop_after_shards=stop)
+    return run(config, progress=False)
 
 
 def read_packs(output: Path) -> dict[str, tuple[dict, dict[str, bytes]]]:
@@ -197,3 +196,66 @@ def read_packs(output: Path) -> dict[str, tuple[dict, dict[str, bytes]]]:
                 else:
                     images[part] = data
     return packs
+
+
+def packed_tree(output: Path) -> dict[str, bytes]:
+    """What must be byte-identical between two packings of the same data: shard tars,
+    energon's ``split.yaml`` / ``dataset.yaml`` / ``.info.json`` and the report's data keys."""
+    from lov15_megatron.data.offline_packing import RUN_DEPENDENT_KEYS
+
+    files = {str(p.relative_to(output)): p.read_bytes() for p in (output / "shards").glob("*.tar")}
+    report = json.loads((output / "pack_report.json").read_text())
+    kept = {k: v for k, v in report.items() if k not in RUN_DEPENDENT_KEYS}
+    files["report"] = json.dumps(kept, sort_keys=True).encode()
+    for name in ("split.yaml", "dataset.yaml", ".info.json"):
+        files[name] = (output / ".nv-meta" / name).read_bytes()
+    return files
+
+
+PACK_TOOL = Path(__file__).resolve().parents[1] / "tools" / "pack_offline.py"
+
+
+def pack_command(inputs: list[str], output: Path, *extra: str) -> list[str]:
+    """``tools/pack_offline.py`` with the small defaults of :func:`pack`."""
+    import sys
+
+    command = [sys.executable, str(PACK_TOOL), "--input", *inputs, "--output", str(output)]
+    command += ["--tokenizer", "qwen-offline", "--seq-len", "256", "--max-packs-per-shard", "1"]
+    return command + ["--workers", "1", "--no-progress", *extra]
+
+
+def run_tool(command: list[str], env: dict[str, str] | None = None):
+    import os
+    import subprocess
+
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def kill_when_blocked_on(command: list[str], fifo: Path) -> None:
+    """Run ``command`` with a named pipe at ``fifo`` (a temp file name the tool will write),
+    wait until the tool blocks opening it (``/proc/PID/wchan``), then SIGKILL it: a real kill
+    at a known point, with everything before that point finished and the rest not started."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    os.mkfifo(fifo)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    wchan = Path(f"/proc/{process.pid}/wchan")
+    while wchan.read_text().strip() not in ("wait_for_partner", "fifo_open"):
+        if process.poll() is not None:
+            raise AssertionError(f"the tool ended before reaching {fifo}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the tool never opened {fifo}")
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    process.stderr.close()
+    fifo.unlink()

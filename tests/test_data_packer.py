@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import build_mixed_sources, image_bytes, pack, read_packs
+from data_fixtures import (
+    build_mixed_sources,
+    image_bytes,
+    kill_when_blocked_on,
+    pack,
+    pack_command,
+    packed_tree,
+    read_packs,
+)
 
 from lov15_megatron.data.offline_packing import PackingError, partial_path
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"wall_time_s", "shards_written_this_run"}
 
 
 @pytest.fixture(scope="module")
@@ -100,41 +105,34 @@ def test_every_sample_in_exactly_one_pack_unchanged(mixed):
     assert on_disk["packs"] == report["packs"] and "wall_time_s" in on_disk
 
 
-def _tree(output: Path) -> dict[str, bytes]:
-    files = {str(p.relative_to(output)): p.read_bytes() for p in (output / "shards").glob("*.tar")}
-    report = json.loads((output / "pack_report.json").read_text())
-    files["report"] = json.dumps({k: v for k, v in report.items() if k not in TIMING_KEYS}).encode()
-    for name in ("split.yaml", "dataset.yaml", ".info.json"):
-        files[name] = (output / ".nv-meta" / name).read_bytes()
-    return files
-
-
 def test_deterministic_across_runs_and_worker_counts(mixed, tmp_path):
     root, inputs, _ = mixed
     pack(inputs, tmp_path / "w2", workers=2)
     pack(inputs, tmp_path / "w3", workers=3)
-    reference = _tree(root / "ref")
+    reference = packed_tree(root / "ref")
     assert len([name for name in reference if name.endswith(".tar")]) >= 3
-    assert _tree(tmp_path / "w2") == reference
-    assert _tree(tmp_path / "w3") == reference
+    assert packed_tree(tmp_path / "w2") == reference
+    assert packed_tree(tmp_path / "w3") == reference
 
 
 def test_resume_after_killed_run(mixed, tmp_path):
+    """The one-command run, SIGKILLed while writing its third shard, then run again."""
     root, inputs, report = mixed
     output = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        pack(inputs, output, workers=1, stop_after_shards=1)
+    shards = partial_path(output) / "dataset" / "shards"
+    shards.mkdir(parents=True)
+    kill_when_blocked_on(pack_command(inputs, output), shards / "pack-000002.tar.tmp")
     assert not output.exists()  # nothing complete-looking
-    partial = partial_path(output)
-    done = sorted((partial / "shards").glob("*.tar"))
-    assert len(done) == 1
-    before = done[0].stat()
-    resumed = pack(inputs, output, workers=2)
-    after = (output / "shards" / done[0].name).stat()
+    done = sorted(path.name for path in shards.glob("*.tar"))
+    assert done == ["pack-000000.tar", "pack-000001.tar"]
+    before = (shards / done[0]).stat()
+    pack(inputs, output)  # the same arguments, in-process
+    after = (output / "shards" / done[0]).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not redone
-    assert resumed["shards_written_this_run"] == report["shards"] - 1
-    assert not partial.exists()
-    assert _tree(output) == _tree(root / "ref")
+    resumed = json.loads((output / "pack_report.json").read_text())
+    assert resumed["shards_written_this_run"] == report["shards"] - 2
+    assert not partial_path(output).exists()
+    assert packed_tree(output) == packed_tree(root / "ref")
 
 
 def _bad_inputs(root: Path) -> Path:
@@ -187,21 +185,20 @@ def test_bad_input_fails_naming_file_and_record(tmp_path):
     assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
 
 
-def test_cli_exits_nonzero_on_bad_input_and_energon_info_works(mixed, tmp_path):
+def test_cli_exits_2_on_bad_input_and_energon_info_works(mixed, tmp_path):
     source = _bad_inputs(tmp_path / "src")
-    command = [sys.executable, str(ROOT / "tools" / "pack_offline.py"), "--input", str(source)]
-    command += [
-        "--output",
-        str(tmp_path / "out"),
-        "--tokenizer",
-        "qwen-offline",
-        "--seq-len",
-        "256",
-    ]
-    failed = subprocess.run(command + ["--workers", "1"], capture_output=True, text=True)
-    assert failed.returncode == 1
+    command = pack_command([str(source)], tmp_path / "out")
+    failed = subprocess.run(command, capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("error: bad input: ") and "Traceback" not in failed.stderr
     assert f"{source}:record 1" in failed.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
+    missing = subprocess.run(
+        pack_command([str(tmp_path / "nope.jsonl")], tmp_path / "out"),
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --input ")
     root, _, report = mixed
     energon = Path(sys.executable).with_name("energon")
     info = subprocess.run([str(energon), "info", str(root / "ref")], capture_output=True, text=True)

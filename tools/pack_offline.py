@@ -2,11 +2,16 @@
 
     python tools/pack_offline.py --input SRC [SRC ...] --output OUT --tokenizer TOK \\
         --seq-len 8192 --workers N [--kind caption|instruct] [--min-pixels P --max-pixels P] \\
-        [--on-error fail|skip]
+        [--on-error fail|skip] [--balance-vision] \\
+        [--phase all|measure|plan|write|finalise [--task-index I --num-tasks N]]
 
 ``SRC``: LLaVA / messages-images JSON or JSONL (``PATH::IMAGE_ROOT`` sets its image folder),
 WebDataset ``.tar`` shards, parquet with image bytes, or folders of these. ``TOK``: a Hugging Face
-tokenizer directory, or ``qwen-offline``. See ``docs/data-packing.md``.
+tokenizer directory, or ``qwen-offline``. ``--phase`` runs one phase; measure and write split
+their work over ``--num-tasks`` tasks (defaults: the Slurm array's ``SLURM_ARRAY_TASK_ID`` /
+``SLURM_ARRAY_TASK_COUNT``). Every phase and task resumes where it stopped when re-run with the
+same arguments. Bad input: one line ``error: …`` on stderr, exit status 2. See
+``docs/data-packing.md``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,27 @@ import os
 import sys
 
 from lov15_megatron.data.image_processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from lov15_megatron.data.offline_packing import PackConfig, PackingError, format_summary, run
+from lov15_megatron.data.offline_packing import (
+    PHASES,
+    PackConfig,
+    PackingError,
+    Task,
+    format_summary,
+    format_task_summary,
+    run_phase,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, bool]:
+def _slurm_default(name: str, fallback: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return fallback
+    if name == "SLURM_ARRAY_TASK_ID":  # arrays may start at 1 (--array=1-8)
+        return int(value) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return int(value)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, metavar="SRC")
     parser.add_argument("--output", required=True, metavar="OUT")
@@ -37,8 +59,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, bool]:
     parser.add_argument("--max-packs-per-shard", type=int, default=1000)
     parser.add_argument("--max-shard-bytes", type=int, default=1 << 30)
     parser.add_argument("--seed", type=int, default=0, help="seed of the pack order")
+    parser.add_argument(
+        "--balance-vision",
+        action="store_true",
+        help="even out the ViT cost over packs (same packs' lengths, same fill)",
+    )
+    parser.add_argument(
+        "--records-per-unit", type=int, default=512, help="JSON(L) records per measure work unit"
+    )
+    parser.add_argument("--phase", choices=("all", *PHASES), default="all")
+    parser.add_argument(
+        "--task-index",
+        type=int,
+        default=None,
+        help="this task's index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+    )
+    parser.add_argument(
+        "--num-tasks",
+        type=int,
+        default=None,
+        help="tasks the phase is split into (default: $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    splittable = args.phase in ("measure", "write")
+    index = args.task_index
+    count = args.num_tasks
+    if index is None:
+        index = _slurm_default("SLURM_ARRAY_TASK_ID", 0) if splittable else 0
+    if count is None:
+        count = _slurm_default("SLURM_ARRAY_TASK_COUNT", 1) if splittable else 1
     config = PackConfig(
         inputs=tuple(args.input),
         output=args.output,
@@ -53,20 +103,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, bool]:
         max_packs_per_shard=args.max_packs_per_shard,
         max_shard_bytes=args.max_shard_bytes,
         seed=args.seed,
+        balance_vision=args.balance_vision,
+        records_per_unit=args.records_per_unit,
         workers=args.workers,
     )
-    return config, not args.no_progress
+    return config, args.phase, Task(index, count), not args.no_progress
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, progress = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are processes
     try:
-        report = run(config, progress=progress)
+        config, phase, task, progress = parse_args(argv)
+        result = run_phase(config, phase, task, progress)
     except (PackingError, FileNotFoundError, ValueError) as error:
-        print(f"pack_offline: error: {error}", file=sys.stderr)
-        return 1
-    print(format_summary(report, config.output))
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if phase in ("all", "finalise"):
+        print(format_summary(result, config.output))
+    else:
+        print(format_task_summary(phase, task, result))
     return 0
 
 

@@ -21,18 +21,17 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class MeasuredSample:
-    """What the packer needs to know about one usable sample."""
+    """What the packer keeps about one usable sample (one row of the sample table,
+    :mod:`.sample_store`): where it is, its length and its vision cost. Texts and images are
+    read again from the source when its shard is written."""
 
     source: int
     record: int
-    uid: str
-    origin: str
+    loc: int  # see :attr:`.sources.RawSample.loc`
     length: int  # tokens, = len(input_ids) the task encoder produces
-    num_patches: int  # vision patches Σ h·w (ViT cost)
-    image_sizes: tuple[tuple[int, int], ...]  # original (width, height)
+    num_patches: int  # vision patches Σ h·w over its images (ViT cost, linear part)
+    patches_sq: int  # Σ (h·w)² over its images (ViT attention cost)
     image_bytes: int  # encoded bytes of its images
-    messages: tuple[Message, ...]
-    images: tuple[ImageRef, ...]
 
 
 def encode_sample_text(
@@ -87,10 +86,11 @@ def measure_sample(
             sizes.append(size)
             total_bytes += num_bytes
         encoded = encode_sample_text(tokenizer, raw.messages, sizes, kind, image_config)
-        patches = 0
+        patches = patches_sq = 0
         for width, height in sizes:
             _, grid_h, grid_w = image_grid(height, width, image_config)
             patches += grid_h * grid_w
+            patches_sq += (grid_h * grid_w) ** 2
         if len(encoded) > seq_len:
             raise BadSample(TOO_LONG, f"{len(encoded)} tokens > --seq-len {seq_len}")
     except ImageError as error:  # degenerate sizes from smart_resize
@@ -100,12 +100,9 @@ def measure_sample(
     return MeasuredSample(
         source=raw.source,
         record=raw.record,
-        uid=raw.uid,
-        origin=raw.origin,
+        loc=raw.loc,
         length=len(encoded),
         num_patches=patches,
-        image_sizes=tuple(sizes),
+        patches_sq=patches_sq,
         image_bytes=total_bytes,
-        messages=tuple(raw.messages),
-        images=tuple(raw.images),
     )

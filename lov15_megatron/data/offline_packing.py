@@ -1,53 +1,81 @@
 """Offline packing of raw VLM samples into Energon WebDataset shards (``tools/pack_offline.py``).
 
-Pipeline (deterministic: the result depends only on the inputs and arguments, never on
-``workers``):
+Four phases; each runs in one process or as independent tasks (a Slurm job array), and the
+result depends only on the inputs and the arguments, never on ``workers`` or the task split:
 
-1. **measure** every sample with the training code path (:func:`.measure.measure_sample`), in
-   parallel over work units, results kept in (source, record) order; bad samples stop the run
+1. **measure** (tasks over work units: 512 JSON(L) records, one tar, one parquet row group):
+   every sample's length with the training code path (:func:`.measure.measure_sample`), stored
+   as one small columnar table per unit (:mod:`.sample_store`); bad samples stop the run
    (``on_error="fail"``, naming file and record) or are counted by reason (``"skip"``);
-2. **pack** lengths with :func:`.packing.best_fit_decreasing`; pack order is then shuffled with
-   ``seed`` so that shards mix long and short samples;
-3. **plan shards** of at most ``max_packs_per_shard`` packs / ``max_shard_bytes`` bytes;
-4. **write** shards in parallel into ``.OUT.partial/`` (each to a temp name, then renamed), so a
-   restarted run with the same arguments skips finished shards (the plan's fingerprint must
-   match);
-5. **index** with energon's own ``prepare_dataset`` and write ``dataset.yaml`` naming our sample
-   type, write ``pack_report.json``, then rename the folder to ``OUT``: the output appears only
-   when complete.
+2. **plan** (one task): the unit tables concatenated, best-fit-decreasing packing, optional ViT
+   cost balancing, a seeded pack order and the shard boundaries, saved as files
+   (:mod:`.pack_plan`);
+3. **write** (tasks over shards): each shard's samples are read again from their sources and
+   written as a tar (temp name, then renamed);
+4. **finalise** (one task): energon's ``prepare_dataset`` index, ``dataset.yaml`` naming our
+   sample type, ``pack_report.json``; the folder is renamed to ``OUT``, so the output appears
+   only when complete.
+
+Everything lives in ``.OUT.partial/`` until then: ``dataset/`` (becomes ``OUT``) and ``work/``
+(``config.json``, ``measure/``, ``samples.npy``, ``plan/``, ``tasks/``). Every file appears
+under its final name only when complete, so a killed task is re-run as it was and skips what is
+finished; ``config.json`` makes every task check it belongs to the same run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tarfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .chat import check_kind
 from .errors import BadSample
-from .image_processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageConfig
+from .image_processing import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageConfig,
+    ImageError,
+    read_image_size,
+)
 from .image_processing import image_format_extension as _extension
 from .measure import MeasuredSample, measure_sample
 from .pack_format import JSON_PART, add_member, dumps, image_part, pack_key
-from .packing import best_fit_decreasing, lower_bound_packs, pack_statistics
-from .sources import Source, WorkUnit, corrupt_image_error, discover_sources, plan_units, read_unit
+from .pack_plan import PLAN_DIR, load_plan, make_plan, save_plan
+from .sample_store import (
+    MEASURE_DIR,
+    TABLE_NAME,
+    atomic_write,
+    load_table,
+    merge_units,
+    missing_units,
+    skip_summary,
+    write_unit,
+)
+from .sources import (
+    Source,
+    WorkUnit,
+    corrupt_image_error,
+    discover_sources,
+    plan_units,
+    read_sample,
+    read_unit,
+)
 from .tokenizer import load_tokenizer
 
 REPORT_NAME = "pack_report.json"
-PLAN_NAME = "plan.json"
 SHARD_DIR = "shards"
-#: Bytes added per sample to a shard's size estimate (tar headers + JSON).
-SAMPLE_OVERHEAD_BYTES = 4096
+PHASES = ("measure", "plan", "write", "finalise")
 
 
 class PackingError(RuntimeError):
@@ -71,6 +99,8 @@ class PackConfig:
     max_packs_per_shard: int = 1000
     max_shard_bytes: int = 1 << 30
     seed: int = 0
+    balance_vision: bool = False
+    records_per_unit: int = 512
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -78,10 +108,11 @@ class PackConfig:
         ImageConfig(self.min_pixels, self.max_pixels)
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
-        if self.seq_len <= 0 or self.workers <= 0 or self.max_packs_per_shard <= 0:
-            raise ValueError("seq_len, workers and max_packs_per_shard must be positive")
+        for name in ("seq_len", "workers", "max_packs_per_shard", "records_per_unit"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be positive")
         if not self.inputs:
-            raise ValueError("no inputs")
+            raise ValueError("--input: no inputs")
 
     @property
     def image_config(self) -> ImageConfig:
@@ -92,23 +123,116 @@ class PackConfig:
         fields = asdict(self)
         for name in ("output", "workers"):
             fields.pop(name)
+        fields["inputs"] = list(fields["inputs"])
         return fields
 
 
-@dataclass
-class Skip:
-    """A counted bad sample."""
+@dataclass(frozen=True)
+class Task:
+    """Task ``index`` of ``count`` (a Slurm array element); takes a contiguous block."""
 
-    source: int
-    record: int
-    reason: str
-    message: str
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"--task-index: {self.index} is not in 0..{self.count - 1}")
+
+    def select(self, total: int) -> range:
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
 
 
-@dataclass
-class MeasureResult:
-    samples: list[MeasuredSample] = field(default_factory=list)
-    skips: list[Skip] = field(default_factory=list)
+@dataclass(frozen=True)
+class Run:
+    """The folders of one packing run."""
+
+    output: Path
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.output)
+
+    @property
+    def dataset(self) -> Path:
+        return self.partial / "dataset"
+
+    @property
+    def work(self) -> Path:
+        return self.partial / "work"
+
+    @property
+    def measure_dir(self) -> Path:
+        return self.work / MEASURE_DIR
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.work / PLAN_DIR
+
+    @property
+    def table(self) -> Path:
+        return self.work / TABLE_NAME
+
+
+def partial_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/pack-{index:06d}.tar"
+
+
+# ----------------------------------------------------------------------------- run setup
+
+
+def open_run(config: PackConfig) -> tuple[Run, list[Source]]:
+    """Resolve the run's folders, check or record its ``config.json``."""
+    run = Run(Path(config.output).expanduser().resolve())
+    if run.output.exists():
+        raise PackingError(f"{run.output}: already exists; remove it or choose another --output")
+    sources = discover_sources(config.inputs, config.image_root)
+    identity = {
+        "config": config.fingerprint_fields(),
+        "sources": [
+            [source.path, source.fmt, source.image_root, *_file_stamp(source.path)]
+            for source in sources
+        ],
+    }
+    path = run.work / "config.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != identity:
+            raise PackingError(
+                f"{run.partial}: holds an interrupted run with other inputs/arguments; remove it"
+            )
+    else:
+        for folder in (run.dataset / SHARD_DIR, run.measure_dir, run.work / "tasks"):
+            folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda s: s.write(json.dumps(identity, indent=2).encode()))
+    return run, sources
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _record_task(run: Run, phase: str, task: Task, started: float, **counts: Any) -> None:
+    usage = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF,)]
+    usage.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    record = {
+        "wall_s": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": max(usage) * 1024,  # Linux reports KiB
+        **counts,
+    }
+    path = run.work / "tasks" / f"{phase}-{task.name}.json"
+    atomic_write(path, lambda s: s.write(json.dumps(record).encode()))
+
+
+def _task_records(run: Run, phase: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((run.work / "tasks").glob(f"{phase}-*"))]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -116,202 +240,221 @@ class MeasureResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config: PackConfig) -> None:
-    _WORKER["config"] = config
-    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer)
-
-
-def _measure_unit(unit: WorkUnit) -> tuple[list[MeasuredSample | Skip], int]:
-    config: PackConfig = _WORKER["config"]
-    out: list[MeasuredSample | Skip] = []
-    for item in read_unit(unit):
-        if isinstance(item, BadSample):
-            out.append(Skip(item.source, item.record, item.reason, item.describe()))  # type: ignore[attr-defined]
-            continue
-        try:
-            out.append(
-                measure_sample(
-                    item,
-                    _WORKER["tokenizer"],
-                    config.kind,
-                    config.image_config,
-                    config.seq_len,
-                    config.verify_images,
-                )
-            )
-        except BadSample as error:
-            out.append(Skip(item.source, item.record, error.reason, error.describe()))
-    return out, len(out)
-
-
-def _run_parallel(
-    function: Callable[[Any], Any], tasks: Sequence[Any], config: PackConfig, ordered: bool
+def _pool_map(
+    function: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    workers: int,
+    initializer: Callable[..., None],
+    initargs: tuple[Any, ...],
 ) -> Iterator[Any]:
-    if config.workers == 1 or len(tasks) <= 1:
-        _init_worker(config)
+    if workers == 1 or len(tasks) <= 1:
+        initializer(*initargs)
         yield from map(function, tasks)
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    processes = min(config.workers, len(tasks))
-    with context.Pool(processes, initializer=_init_worker, initargs=(config,)) as pool:
-        mapper = pool.imap if ordered else pool.imap_unordered
-        yield from mapper(function, tasks, chunksize=1)
+    with context.Pool(min(workers, len(tasks)), initializer, initargs) as pool:
+        yield from pool.imap_unordered(function, tasks, chunksize=1)
 
 
-def _progress(iterable: Iterable[Any], total: int, desc: str, enabled: bool, unit: str) -> Any:
+def _progress(total: int | None, desc: str, enabled: bool, unit: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr)
+    return tqdm(total=total, desc=desc, disable=not enabled, unit=unit, file=sys.stderr)
+
+
+def _init_measure(config: PackConfig, measure_dir: str) -> None:
+    _WORKER["config"] = config
+    _WORKER["measure_dir"] = Path(measure_dir)
+    _WORKER["tokenizer"] = load_tokenizer(config.tokenizer)
+
+
+def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
+    """Measure one unit and store its table; ``(samples, skips, first failure or None)``."""
+    index, unit = job
+    config: PackConfig = _WORKER["config"]
+    samples: list[MeasuredSample] = []
+    skips: list[tuple[int, int, str, str]] = []
+    for item in read_unit(unit):
+        if isinstance(item, BadSample):
+            skip = (item.source, item.record, item.reason, item.describe())  # type: ignore[attr-defined]
+        else:
+            try:
+                samples.append(
+                    measure_sample(
+                        item,
+                        _WORKER["tokenizer"],
+                        config.kind,
+                        config.image_config,
+                        config.seq_len,
+                        config.verify_images,
+                    )
+                )
+                continue
+            except BadSample as error:
+                skip = (item.source, item.record, error.reason, error.describe())
+        if config.on_error == "fail":
+            return len(samples), 1, skip[3]
+        skips.append(skip)
+    write_unit(_WORKER["measure_dir"], index, samples, skips)
+    return len(samples), len(skips), None
 
 
 # ----------------------------------------------------------------------------- phases
 
 
-def measure_all(units: Sequence[WorkUnit], config: PackConfig, progress: bool) -> MeasureResult:
-    """Phase 1: measure every sample; in (source, record) order whatever ``workers`` is."""
-    result = MeasureResult()
-    bar = _progress(None, None, "measure", progress, "sample")
+def measure(config: PackConfig, task: Task | None = None, progress: bool = True) -> dict[str, Any]:
+    """Phase 1 for ``task``'s block of work units; skips units already measured."""
+    started, task = time.perf_counter(), task or Task()
+    run, sources = open_run(config)
+    load_tokenizer(config.tokenizer)  # load (and fail) once before forking workers
+    units = plan_units(sources, config.records_per_unit)
+    mine = task.select(len(units))
+    todo = missing_units(run.measure_dir, mine)
+    bar = _progress(None, f"measure {task.name}", progress, "sample")
+    samples = skipped = 0
     try:
-        for items, count in _run_parallel(_measure_unit, units, config, ordered=True):
-            bar.update(count)
-            for item in items:
-                if isinstance(item, Skip):
-                    if config.on_error == "fail":
-                        raise PackingError(f"bad input: {item.message}")
-                    result.skips.append(item)
-                else:
-                    result.samples.append(item)
+        jobs = [(index, units[index]) for index in todo]
+        initargs = (config, str(run.measure_dir))
+        for count, skips, failure in _pool_map(
+            _measure_unit, jobs, config.workers, _init_measure, initargs
+        ):
+            if failure is not None:
+                raise PackingError(f"bad input: {failure}")
+            samples, skipped = samples + count, skipped + skips
+            bar.update(count + skips)
     finally:
         bar.close()
-    return result
+    summary = {
+        "units": len(mine),
+        "units_done_before": len(mine) - len(todo),
+        "samples": samples,
+        "skipped": skipped,
+    }
+    _record_task(run, "measure", task, started, **summary)
+    return summary
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    index: int
-    first_pack: int
-    packs: tuple[tuple[MeasuredSample, ...], ...]
+def plan(config: PackConfig, progress: bool = True) -> dict[str, Any]:
+    """Phase 2: merge the unit tables and save the plan (skipped if it exists)."""
+    started = time.perf_counter()
+    run, sources = open_run(config)
+    if (run.plan_dir / "plan.json").is_file():
+        return load_plan(run.plan_dir).info
+    num_units = len(plan_units(sources, config.records_per_unit))
+    missing = missing_units(run.measure_dir, range(num_units))
+    if missing:
+        raise PackingError(
+            f"{run.measure_dir}: {len(missing)} of {num_units} work units not measured yet "
+            f"(first: {missing[0]}); run --phase measure for every task first"
+        )
+    table = merge_units(run.measure_dir, num_units, run.table)
+    reasons, examples, skipped = skip_summary(run.measure_dir, num_units)
+    if len(table) == 0:
+        raise PackingError("no usable samples: nothing to write (see the skip counts)")
+    result = make_plan(
+        table,
+        config.seq_len,
+        config.seed,
+        config.max_packs_per_shard,
+        config.max_shard_bytes,
+        config.balance_vision,
+    )
+    result.info.update(
+        samples_in=len(table) + skipped, samples_skipped=reasons, skipped_examples=examples
+    )
+    save_plan(result, run.plan_dir)
+    _record_task(run, "plan", Task(), started, samples=len(table))
+    return result.info
 
-    @property
-    def name(self) -> str:
-        return f"{SHARD_DIR}/pack-{self.index:06d}.tar"
+
+def _init_write(config: PackConfig, run: Run, sources: list[Source]) -> None:
+    _WORKER["config"] = config
+    _WORKER["run"] = run
+    _WORKER["sources"] = sources
+    _WORKER["table"] = load_table(run.table)
+    _WORKER["plan"] = load_plan(run.plan_dir)
 
 
-def plan_shards(packs: Sequence[Sequence[MeasuredSample]], config: PackConfig) -> list[ShardTask]:
-    """Phase 3: contiguous runs of packs bounded by count and estimated bytes."""
-    shards: list[ShardTask] = []
-    current: list[tuple[MeasuredSample, ...]] = []
-    current_bytes, first = 0, 0
-    for pack_index, pack in enumerate(packs):
-        size = sum(sample.image_bytes + SAMPLE_OVERHEAD_BYTES for sample in pack)
-        if current and (
-            len(current) >= config.max_packs_per_shard
-            or current_bytes + size > config.max_shard_bytes
-        ):
-            shards.append(ShardTask(len(shards), first, tuple(current)))
-            current, current_bytes, first = [], 0, pack_index
-        current.append(tuple(pack))
-        current_bytes += size
-    if current:
-        shards.append(ShardTask(len(shards), first, tuple(current)))
-    return shards
-
-
-def _pack_record(pack: Sequence[MeasuredSample]) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    sources: list[Source] = _WORKER["sources"]
     samples, images = [], []
-    for sample in pack:
-        names = []
-        for ref in sample.images:
-            data = ref.read_bytes()
+    for row in rows:
+        raw = read_sample(sources[int(row["source"])], int(row["record"]), int(row["loc"]))
+        names, sizes = [], []
+        for index, ref in enumerate(raw.images):
+            data = raw.image_data[index] if raw.image_data is not None else ref.read_bytes()
             try:
                 extension = _extension(data)
-            except ValueError as error:
-                raise corrupt_image_error(ref, str(error)).at(sample.origin) from error
+                sizes.append(list(read_image_size(data)))
+            except (ValueError, ImageError) as error:
+                raise corrupt_image_error(ref, str(error)).at(raw.origin) from error
             name = image_part(len(images), extension)
             images.append((name, data))
             names.append(name)
         samples.append(
             {
-                "id": sample.uid,
-                "origin": sample.origin,
-                "length": sample.length,
-                "num_patches": sample.num_patches,
-                "image_sizes": [list(size) for size in sample.image_sizes],
-                "messages": [message.to_json() for message in sample.messages],
+                "id": raw.uid,
+                "origin": raw.origin,
+                "length": int(row["length"]),
+                "num_patches": int(row["patches"]),
+                "image_sizes": sizes,
+                "messages": [message.to_json() for message in raw.messages],
                 "images": names,
             }
         )
     return {"samples": samples}, images
 
 
-def _write_shard(task: ShardTask) -> str:
-    root = Path(_WORKER["partial_root"])
-    final = root / task.name
+def _write_shard(shard: int) -> str:
+    run: Run = _WORKER["run"]
+    the_plan = _WORKER["plan"]
+    table = _WORKER["table"]
+    name = shard_name(shard)
+    final = run.dataset / name
     temp = final.with_name(final.name + ".tmp")
-    with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as archive:
-        for offset, pack in enumerate(task.packs):
-            key = pack_key(task.first_pack + offset)
-            try:
-                record, images = _pack_record(pack)
-            except BadSample as error:
-                raise PackingError(f"while writing {task.name}: {error.describe()}") from error
-            add_member(archive, f"{key}.{JSON_PART}", dumps(record))
-            for name, data in images:
-                add_member(archive, f"{key}.{name}", data)
-    with open(temp, "rb") as stream:
+    first, end = int(the_plan.shard_offsets[shard]), int(the_plan.shard_offsets[shard + 1])
+    with open(temp, "wb") as stream:
+        with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for pack in range(first, end):
+                start, stop = the_plan.pack_offsets[pack], the_plan.pack_offsets[pack + 1]
+                members = the_plan.members[start:stop]
+                try:
+                    record, images = _pack_record(table[members])
+                except (BadSample, ValueError, OSError) as error:
+                    raise PackingError(f"while writing {name}: {error}") from error
+                key = pack_key(pack)
+                add_member(archive, f"{key}.{JSON_PART}", dumps(record))
+                for part, data in images:
+                    add_member(archive, f"{key}.{part}", data)
+        stream.flush()
         os.fsync(stream.fileno())
     os.replace(temp, final)
-    return task.name
+    return name
 
 
-def _init_writer(config: PackConfig, partial_root: str) -> None:
-    _init_worker(config)
-    _WORKER["partial_root"] = partial_root
-
-
-def write_shards(
-    shards: Sequence[ShardTask],
-    partial: Path,
-    config: PackConfig,
-    progress: bool,
-    stop_after_shards: int | None = None,
-) -> int:
-    """Phase 4: write the shards that are not finished yet; returns how many were written."""
-    todo = [task for task in shards if not (partial / task.name).is_file()]
-    bar = _progress(None, len(shards), "write", progress, "shard")
-    bar.update(len(shards) - len(todo))
-    written = 0
+def write(config: PackConfig, task: Task | None = None, progress: bool = True) -> dict[str, Any]:
+    """Phase 3 for ``task``'s block of shards; skips shards already written."""
+    started, task = time.perf_counter(), task or Task()
+    run, sources = open_run(config)
+    if not (run.plan_dir / "plan.json").is_file():
+        raise PackingError(f"{run.plan_dir}: no plan yet; run --phase plan first")
+    shards = load_plan(run.plan_dir).num_shards
+    mine = task.select(shards)
+    todo = [s for s in mine if not (run.dataset / shard_name(s)).is_file()]
+    bar = _progress(len(mine), f"write {task.name}", progress, "shard")
+    bar.update(len(mine) - len(todo))
     try:
-        if config.workers == 1 or len(todo) <= 1:
-            _init_writer(config, str(partial))
-            results: Iterable[str] = map(_write_shard, todo)
-            for _ in results:
-                written += 1
-                bar.update(1)
-                if stop_after_shards is not None and written >= stop_after_shards:
-                    raise KeyboardInterrupt("stopped after shards (test hook)")
-        else:
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            with context.Pool(
-                min(config.workers, len(todo)),
-                initializer=_init_writer,
-                initargs=(config, str(partial)),
-            ) as pool:
-                for _ in pool.imap_unordered(_write_shard, todo, chunksize=1):
-                    written += 1
-                    bar.update(1)
-                    if stop_after_shards is not None and written >= stop_after_shards:
-                        raise KeyboardInterrupt("stopped after shards (test hook)")
+        for _ in _pool_map(_write_shard, todo, config.workers, _init_write, (config, run, sources)):
+            bar.update(1)
     finally:
         bar.close()
-    return written
-
-
-# ----------------------------------------------------------------------------- metadata
+    summary = {"shards": len(mine), "written": len(todo)}
+    _record_task(run, "write", task, started, **summary)
+    return summary
 
 
 def write_energon_metadata(
-    partial: Path, shard_names: Sequence[str], kind: str, workers: int
+    dataset: Path, shard_names: Sequence[str], kind: str, workers: int
 ) -> None:
     """Index the shards with energon's own API (``.info.json``, ``split.yaml``, sqlite index)."""
     import contextlib
@@ -325,149 +468,137 @@ def write_energon_metadata(
 
     with contextlib.redirect_stdout(io.StringIO()):  # energon prints progress lines
         BaseWebdatasetFactory.prepare_dataset(
-            partial,
+            dataset,
             list(shard_names),
             split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
             shuffle_seed=None,
             workers=max(1, min(workers, len(shard_names))),
         )
-    with open(partial / MAIN_FOLDER_NAME / "dataset.yaml", "w") as stream:
+    with open(dataset / MAIN_FOLDER_NAME / "dataset.yaml", "w") as stream:
         yaml.safe_dump(dataset_yaml("PackedVLMWebdataset", kind), stream, sort_keys=False)
+
+
+def finalise(config: PackConfig, progress: bool = True) -> dict[str, Any]:
+    """Phase 4: index, report, rename to ``OUT``; returns the report."""
+    started = time.perf_counter()
+    run, _ = open_run(config)
+    if not (run.plan_dir / "plan.json").is_file():
+        raise PackingError(f"{run.plan_dir}: no plan yet; run --phase plan first")
+    info = load_plan(run.plan_dir).info
+    names = [shard_name(index) for index in range(info["shards"])]
+    missing = [name for name in names if not (run.dataset / name).is_file()]
+    if missing:
+        raise PackingError(
+            f"{run.dataset}: {len(missing)} of {len(names)} shards not written yet "
+            f"(first: {missing[0]}); run --phase write for every task first"
+        )
+    write_energon_metadata(run.dataset, names, config.kind, config.workers)
+    _record_task(run, "finalise", Task(), started)
+    report = build_report(config, info, {phase: _task_records(run, phase) for phase in PHASES})
+    atomic_write(
+        run.dataset / REPORT_NAME,
+        lambda s: s.write((json.dumps(report, indent=2, sort_keys=True) + "\n").encode()),
+    )
+    os.rename(run.dataset, run.output)
+    shutil.rmtree(run.partial)
+    return report
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def length_histogram(lengths: Sequence[int], seq_len: int, bins: int = 16) -> dict[str, list[int]]:
-    width = max(1, -(-seq_len // bins))
-    edges = list(range(0, seq_len + width, width))[: bins + 1]
-    edges[-1] = max(edges[-1], seq_len)
-    counts = [0] * (len(edges) - 1)
-    for length in lengths:
-        counts[min((length - 1) // width, len(counts) - 1)] += 1
-    return {"bin_edges": edges, "counts": counts}
-
-
 def build_report(
-    config: PackConfig,
-    measured: MeasureResult,
-    packs: Sequence[Sequence[MeasuredSample]],
-    shards: Sequence[ShardTask],
+    config: PackConfig, info: dict[str, Any], tasks: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
-    lengths = [sample.length for sample in measured.samples]
-    pack_lengths = [[sample.length for sample in pack] for pack in packs]
-    flat = [length for pack in pack_lengths for length in pack]
-    stats = pack_statistics(flat, _ranges(pack_lengths), config.seq_len)
-    patches = [sum(sample.num_patches for sample in pack) for pack in packs]
-    skipped = Counter(skip.reason for skip in measured.skips)
+    """``pack_report.json``: the plan's statistics plus run-dependent timing and memory."""
+    wall = {phase: round(sum(r["wall_s"] for r in tasks[phase]), 3) for phase in PHASES}
+    wall["total"] = round(sum(wall.values()), 3)
+    peak = {phase: max((r["peak_rss_bytes"] for r in tasks[phase]), default=0) for phase in PHASES}
+    peak["max"] = max(peak.values())
     return {
-        "samples_in": len(measured.samples) + len(measured.skips),
-        "samples_packed": sum(len(pack) for pack in packs),
-        "samples_skipped": dict(sorted(skipped.items())),
-        "skipped_examples": [skip.message for skip in measured.skips[:50]],
-        "packs": len(packs),
-        "packs_lower_bound": lower_bound_packs(lengths, config.seq_len) if lengths else 0,
-        "shards": len(shards),
+        "samples_in": info["samples_in"],
+        "samples_packed": info["samples"],
+        "samples_skipped": info["samples_skipped"],
+        "skipped_examples": info["skipped_examples"],
+        "packs": info["packs"],
+        "packs_lower_bound": info["packs_lower_bound"],
+        "shards": info["shards"],
         "seq_len": config.seq_len,
         "kind": config.kind,
         "min_pixels": config.min_pixels,
         "max_pixels": config.max_pixels,
         "algorithm": "best_fit_decreasing",
-        "tokens": sum(lengths),
-        "samples_per_pack": stats["samples_per_pack"],
-        "fill_efficiency": stats["fill_efficiency"],
-        "padding_compression": (
-            stats["padding_compression"] if stats["padding_compression"] != float("inf") else None
-        ),
-        "length_histogram": length_histogram(lengths, config.seq_len),
-        "vision_patches_per_pack": {
-            "min": min(patches, default=0),
-            "max": max(patches, default=0),
-            "mean": sum(patches) / len(patches) if patches else 0.0,
+        "tokens": info["tokens"],
+        "samples_per_pack": info["samples_per_pack"],
+        "fill_efficiency": info["fill_efficiency"],
+        "padding_compression": info["padding_compression"],
+        "length_histogram": info["length_histogram"],
+        "vision_patches_per_pack": info["vision_patches_per_pack"],
+        "vision_balance": info["vision_balance"],
+        "measure_tasks": len(tasks["measure"]),
+        "write_tasks": len(tasks["write"]),
+        "shards_written_this_run": sum(r["written"] for r in tasks["write"]),
+        "wall_time_s": wall,
+        "peak_rss_bytes": {
+            **peak,
+            "per_sample": round(peak["max"] / max(1, info["samples_in"]), 1),
         },
     }
 
 
-def _ranges(groups: Sequence[Sequence[int]]) -> list[list[int]]:
-    out, start = [], 0
-    for group in groups:
-        out.append(list(range(start, start + len(group))))
-        start += len(group)
-    return out
-
-
-def _plan_fingerprint(config: PackConfig, shards: Sequence[ShardTask]) -> str:
-    digest = hashlib.sha256(dumps(config.fingerprint_fields()))
-    for task in shards:
-        for pack in task.packs:
-            digest.update(dumps([task.index, [sample.uid for sample in pack]]))
-    return digest.hexdigest()
-
-
-def partial_path(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
+#: Report keys that depend on the run (timing, memory, how it was split), not on the data.
+RUN_DEPENDENT_KEYS = (
+    "wall_time_s",
+    "peak_rss_bytes",
+    "shards_written_this_run",
+    "measure_tasks",
+    "write_tasks",
+)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run(
-    config: PackConfig, progress: bool = True, stop_after_shards: int | None = None
-) -> dict[str, Any]:
-    """Pack ``config.inputs`` into ``config.output``; returns the report.
+def run(config: PackConfig, progress: bool = True) -> dict[str, Any]:
+    """All four phases in this process (``workers`` processes each); returns the report.
 
-    ``stop_after_shards`` is a test hook simulating a killed run after that many shards.
-    """
-    started = time.perf_counter()
-    output = Path(config.output).expanduser().resolve()
-    if output.exists():
-        raise PackingError(f"{output} already exists; remove it or choose another --output")
-    partial = partial_path(output)
-    load_tokenizer(config.tokenizer)  # load once before forking workers
-    sources: list[Source] = discover_sources(config.inputs, config.image_root)
-    units = plan_units(sources)
-    measured = measure_all(units, config, progress)
-    time_measure = time.perf_counter() - started
+    A re-run after an interruption resumes: finished units, the plan and finished shards are
+    kept. Bad input (``on_error="fail"``) in a fresh run leaves nothing behind."""
+    fresh = not partial_path(Path(config.output).expanduser().resolve()).exists()
+    try:
+        measure(config, Task(), progress)
+    except PackingError:
+        if fresh:
+            remove_partial(config.output)
+        raise
+    plan(config, progress)
+    write(config, Task(), progress)
+    return finalise(config, progress)
 
-    samples = measured.samples
-    order = best_fit_decreasing([sample.length for sample in samples], config.seq_len)
-    import random
 
-    random.Random(config.seed).shuffle(order)
-    packs = [[samples[index] for index in pack] for pack in order]
-    shards = plan_shards(packs, config)
-    if not shards:
-        raise PackingError("no usable samples: nothing to write (see the skip counts)")
-    fingerprint = _plan_fingerprint(config, shards)
-    plan_file = partial / PLAN_NAME
-    if partial.exists():
-        previous = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-        if previous.get("fingerprint") != fingerprint:
-            raise PackingError(
-                f"{partial} holds an interrupted run with other inputs/arguments; remove it"
-            )
-    else:
-        (partial / SHARD_DIR).mkdir(parents=True)
-        plan_file.write_text(json.dumps({"fingerprint": fingerprint}, indent=2))
-    written = write_shards(shards, partial, config, progress, stop_after_shards)
-    time_write = time.perf_counter() - started - time_measure
-
-    write_energon_metadata(partial, [task.name for task in shards], config.kind, config.workers)
-    report = build_report(config, measured, packs, shards)
-    report["shards_written_this_run"] = written
-    report["wall_time_s"] = {
-        "measure": round(time_measure, 3),
-        "write": round(time_write, 3),
-        "total": round(time.perf_counter() - started, 3),
+def run_phase(config: PackConfig, phase: str, task: Task, progress: bool = True) -> dict[str, Any]:
+    if phase == "all":
+        if task.count != 1:
+            raise ValueError("--num-tasks: only --phase measure and write run as several tasks")
+        return run(config, progress)
+    if phase in ("plan", "finalise") and task.count != 1:
+        raise ValueError(f"--num-tasks: --phase {phase} is a single task")
+    phases: dict[str, Callable[..., dict[str, Any]]] = {
+        "measure": lambda: measure(config, task, progress),
+        "plan": lambda: plan(config, progress),
+        "write": lambda: write(config, task, progress),
+        "finalise": lambda: finalise(config, progress),
     }
-    (partial / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    plan_file.unlink()
-    os.rename(partial, output)
-    return report
+    return phases[phase]()
 
 
 def format_summary(report: dict[str, Any], output: str) -> str:
     skipped = sum(report["samples_skipped"].values())
+    balance = report["vision_balance"]
+    spread = f"ViT cost max/mean {balance['without']['vit_cost_max_over_mean']:.3f}"
+    if balance["with"]:
+        spread += f" -> {balance['with']['vit_cost_max_over_mean']:.3f} balanced"
+    peak = report["peak_rss_bytes"]
     lines = [
         f"packed {report['samples_packed']}/{report['samples_in']} samples into "
         f"{report['packs']} packs of <= {report['seq_len']} tokens "
@@ -475,11 +606,20 @@ def format_summary(report: dict[str, Any], output: str) -> str:
         f"  samples/pack {report['samples_per_pack']:.2f}  fill efficiency "
         f"{report['fill_efficiency']:.4f}  padding compression "
         f"{report['padding_compression'] or float('inf'):.2f}x  "
-        f"(lower bound {report['packs_lower_bound']} packs)",
+        f"(lower bound {report['packs_lower_bound']} packs)  {spread}",
         f"  skipped {skipped}: {report['samples_skipped'] or '{}'}",
-        f"  wall time {report['wall_time_s']['total']:.1f} s",
+        "  wall time (task-seconds) "
+        + "  ".join(f"{k} {v:.1f}" for k, v in report["wall_time_s"].items())
+        + f"  peak RSS {peak['max'] / 2**20:.0f} MiB ({peak['per_sample']:.0f} B/sample)",
     ]
     return "\n".join(lines)
+
+
+def format_task_summary(phase: str, task: Task, result: dict[str, Any]) -> str:
+    if phase == "plan":
+        return f"plan: {result['packs']} packs in {result['shards']} shards"
+    details = "  ".join(f"{key} {value}" for key, value in result.items())
+    return f"{phase} task {task.index}/{task.count}: {details}"
 
 
 def remove_partial(output: str) -> None:

@@ -18,6 +18,7 @@ record; every problem is a :class:`BadSample` carrying that origin.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import re
@@ -73,10 +74,8 @@ class ImageRef:
                     raise OSError("short read")
                 return data
             if self.row_group >= 0:
-                return _parquet_cell_image(
-                    _read_parquet_column(self.path, self.row_group, self.column)[self.row],
-                    self.index,
-                )
+                rows, _ = _parquet_rows(self.path, self.row_group)
+                return _parquet_cell_image(rows[self.row][self.column], self.index)
             with open(self.path, "rb") as stream:
                 return stream.read()
         except OSError as error:
@@ -95,6 +94,9 @@ class RawSample:
     messages: list[Message]
     images: list[ImageRef]
     image_data: list[bytes] | None = field(default=None, repr=False)
+    #: Where :func:`read_sample` finds the record again: jsonl byte offset of its line, tar
+    #: header offset of its first member, else -1 (json / parquet: by record index).
+    loc: int = -1
 
     @property
     def uid(self) -> str:
@@ -114,11 +116,15 @@ class Source:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """A chunk of one source that one worker reads: JSON records, a tar, a parquet row group."""
+    """A chunk of one source that one worker reads: JSON records, a tar, a parquet row group.
+
+    Small and picklable (no record contents): a JSONL unit is a byte range of its file."""
 
     source: Source
     start: int = 0  # record index of the first record (json/jsonl)
-    records: tuple[Any, ...] = ()  # json: parsed objects; jsonl: raw lines
+    count: int = 0  # json/jsonl: number of records
+    offset: int = 0  # jsonl: byte offset of the first line
+    end: int = 0  # jsonl: byte offset after the last line
     row_group: int = -1
 
 
@@ -221,40 +227,71 @@ def _format_of(path: Path) -> str:
 
 
 def plan_units(sources: Sequence[Source], records_per_unit: int = 512) -> list[WorkUnit]:
-    """Split sources into work units, in source/record order."""
+    """Split sources into work units, in source/record order (deterministic, streaming: a
+    JSONL file is scanned for line offsets, not loaded)."""
     units: list[WorkUnit] = []
     for source in sources:
-        if source.fmt in ("json", "jsonl"):
-            records = _load_json_records(source)
-            for start in range(0, len(records), records_per_unit):
-                chunk = tuple(records[start : start + records_per_unit])
-                units.append(WorkUnit(source, start=start, records=chunk))
+        if source.fmt == "jsonl":
+            units.extend(_jsonl_units(source, records_per_unit))
+        elif source.fmt == "json":
+            count = len(_json_records(source.path))
+            for start in range(0, count, records_per_unit):
+                units.append(
+                    WorkUnit(source, start=start, count=min(records_per_unit, count - start))
+                )
         elif source.fmt == "tar":
             units.append(WorkUnit(source))
         else:
-            import pyarrow.parquet as pq
-
-            try:
-                count = pq.ParquetFile(source.path).num_row_groups
-            except Exception as error:  # pyarrow raises several types
-                raise ValueError(f"{source.path}: not a readable parquet file: {error}") from error
+            count = len(_parquet_group_starts(source.path)) - 1
             units.extend(WorkUnit(source, row_group=group) for group in range(count))
     return units
 
 
-def _load_json_records(source: Source) -> list[Any]:
-    data = Path(source.path).read_bytes()
-    if source.fmt == "jsonl":
-        return [line for line in data.splitlines() if line.strip()]
+def _jsonl_units(source: Source, records_per_unit: int) -> Iterator[WorkUnit]:
+    start = count = 0
+    first = position = 0
+    with open(source.path, "rb") as stream:
+        for line in stream:
+            if line.strip():
+                if count == 0:
+                    first = position
+                count += 1
+                if count == records_per_unit:
+                    yield WorkUnit(source, start, count, first, position + len(line))
+                    start, count = start + count, 0
+            position += len(line)
+    if count:
+        yield WorkUnit(source, start, count, first, position)
+
+
+@functools.lru_cache(maxsize=1)
+def _json_records(path: str) -> list[Any]:
+    """A JSON array source, parsed whole (kept for the last file asked for)."""
+    data = Path(path).read_bytes()
     try:
         records = json.loads(data)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{source.path}: not valid JSON: {error}") from error
+        raise ValueError(f"{path}: not valid JSON: {error}") from error
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
-        raise ValueError(f"{source.path}: expected a JSON array of records")
+        raise ValueError(f"{path}: expected a JSON array of records")
     return records
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_group_starts(path: str) -> tuple[int, ...]:
+    """First record index of every row group of a parquet file, plus the row count."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as error:  # pyarrow raises several types
+        raise ValueError(f"{path}: not a readable parquet file: {error}") from error
+    starts = [0]
+    for group in range(metadata.num_row_groups):
+        starts.append(starts[-1] + metadata.row_group(group).num_rows)
+    return tuple(starts)
 
 
 def read_unit(unit: WorkUnit) -> Iterator[RawSample | BadSample]:
@@ -278,30 +315,48 @@ def _bad(error: BadSample, source: Source, record: int, where: str) -> BadSample
 
 def _read_json_unit(unit: WorkUnit) -> Iterator[RawSample | BadSample]:
     source = unit.source
+    if source.fmt == "json":
+        records = _json_records(source.path)
+        for record_index in range(unit.start, unit.start + unit.count):
+            yield _json_sample(source, record_index, records[record_index], -1)
+        return
+    record_index = unit.start
+    with open(source.path, "rb") as stream:
+        stream.seek(unit.offset)
+        position = unit.offset
+        while position < unit.end:
+            line = stream.readline()
+            if not line:
+                break
+            if line.strip():
+                yield _json_sample(source, record_index, line, position)
+                record_index += 1
+            position += len(line)
+
+
+def _json_sample(source: Source, record_index: int, raw: Any, loc: int) -> RawSample | BadSample:
+    """One JSON(L) record (a parsed object, or a JSONL line's bytes) as a sample."""
     root = Path(source.image_root)
-    for offset, raw in enumerate(unit.records):
-        record_index = unit.start + offset
-        where = f"{source.path}:record {record_index}"
-        try:
-            record = raw
-            if source.fmt == "jsonl":
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as error:
-                    raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
-            messages, entries = parse_record(record, where)
-            images = []
-            for entry in entries:
-                if not isinstance(entry, str):
-                    raise BadSample(MALFORMED_RECORD, f"image entry {entry!r} is not a path")
-                path = root / entry
-                if not path.is_file():
-                    raise BadSample(MISSING_IMAGE, f"image file {path} not found")
-                images.append(ImageRef(str(path)))
-        except BadSample as error:
-            yield _bad(error, source, record_index, where)
-            continue
-        yield RawSample(source.index, record_index, where, messages, images)
+    where = f"{source.path}:record {record_index}"
+    try:
+        record = raw
+        if source.fmt == "jsonl":
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
+        messages, entries = parse_record(record, where)
+        images = []
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise BadSample(MALFORMED_RECORD, f"image entry {entry!r} is not a path")
+            path = root / entry
+            if not path.is_file():
+                raise BadSample(MISSING_IMAGE, f"image file {path} not found")
+            images.append(ImageRef(str(path)))
+    except BadSample as error:
+        return _bad(error, source, record_index, where)
+    return RawSample(source.index, record_index, where, messages, images, loc=loc)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -313,56 +368,82 @@ def _read_tar(source: Source) -> Iterator[RawSample | BadSample]:
         archive = tarfile.open(source.path, "r:")
     except (OSError, tarfile.TarError) as error:
         raise ValueError(f"{source.path}: not a readable tar: {error}") from error
-    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    groups: list[tuple[str, dict[str, tarfile.TarInfo], int]] = []
     with archive:
         try:
             for member in archive:
-                if not member.isfile():
+                key, part = _tar_key(member)
+                if key is None:
                     continue
-                directory, _, base = member.name.rpartition("/")
-                stem, dot, part = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
                 if not groups or groups[-1][0] != key:
-                    groups.append((key, {}))
-                groups[-1][1][part.lower()] = member
+                    groups.append((key, {}, member.offset))
+                groups[-1][1][part] = member
         except tarfile.TarError as error:
             raise ValueError(f"{source.path}: corrupt tar: {error}") from error
-        for record_index, (key, parts) in enumerate(groups):
-            where = f"{source.path}:{key} (tar sample {record_index})"
-            try:
-                if "json" not in parts:
-                    raise BadSample(MALFORMED_RECORD, f"no json member, parts {sorted(parts)}")
-                json_file = archive.extractfile(parts["json"])
-                try:
-                    record = json.loads(json_file.read() if json_file else b"")
-                except json.JSONDecodeError as error:
-                    raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
-                messages, _ = parse_record(record, where)
-                image_parts = sorted(
-                    (name for name in parts if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
-                    key=_natural_key,
-                )
-                images, data = [], []
-                for name in image_parts:
-                    member = parts[name]
-                    images.append(
-                        ImageRef(source.path, offset=member.offset_data, size=member.size)
-                    )
-                    stream = archive.extractfile(member)
-                    data.append(stream.read() if stream else b"")
-            except BadSample as error:
-                yield _bad(error, source, record_index, where)
-                continue
-            yield RawSample(source.index, record_index, where, messages, images, data)
+        for record_index, (key, parts, offset) in enumerate(groups):
+            yield _tar_sample(archive, source, record_index, key, parts, offset)
 
 
-@functools.lru_cache(maxsize=2)
-def _read_parquet_column(path: str, row_group: int, column: str) -> list[Any]:
-    import pyarrow.parquet as pq
+def _tar_key(member: tarfile.TarInfo) -> tuple[str | None, str]:
+    """``(sample key, part name)`` of a WebDataset member; key None for members to skip."""
+    if not member.isfile():
+        return None, ""
+    directory, _, base = member.name.rpartition("/")
+    stem, dot, part = base.partition(".")
+    if not dot:
+        return None, ""
+    return (f"{directory}/{stem}" if directory else stem), part.lower()
 
-    return pq.ParquetFile(path).read_row_group(row_group, columns=[column]).column(0).to_pylist()
+
+def _tar_sample(
+    archive: tarfile.TarFile,
+    source: Source,
+    record_index: int,
+    key: str,
+    parts: dict[str, tarfile.TarInfo],
+    loc: int,
+) -> RawSample | BadSample:
+    where = f"{source.path}:{key} (tar sample {record_index})"
+    try:
+        if "json" not in parts:
+            raise BadSample(MALFORMED_RECORD, f"no json member, parts {sorted(parts)}")
+        json_file = archive.extractfile(parts["json"])
+        try:
+            record = json.loads(json_file.read() if json_file else b"")
+        except json.JSONDecodeError as error:
+            raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
+        messages, _ = parse_record(record, where)
+        image_parts = sorted(
+            (name for name in parts if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
+            key=_natural_key,
+        )
+        images, data = [], []
+        for name in image_parts:
+            member = parts[name]
+            images.append(ImageRef(source.path, offset=member.offset_data, size=member.size))
+            stream = archive.extractfile(member)
+            data.append(stream.read() if stream else b"")
+    except BadSample as error:
+        return _bad(error, source, record_index, where)
+    return RawSample(source.index, record_index, where, messages, images, data, loc=loc)
+
+
+def _reread_tar_sample(source: Source, record_index: int, loc: int) -> RawSample | BadSample:
+    with open(source.path, "rb") as stream:
+        stream.seek(loc)
+        with tarfile.open(fileobj=stream, mode="r:") as archive:
+            key, parts = None, {}
+            for member in archive:
+                member_key, part = _tar_key(member)
+                if member_key is None:
+                    continue
+                if key is not None and member_key != key:
+                    break
+                key = member_key
+                parts[part] = member
+            if key is None:
+                raise ValueError(f"{source.path}@{loc}: no tar sample there (file changed?)")
+            return _tar_sample(archive, source, record_index, key, parts, loc)
 
 
 def _parquet_cell_image(cell: Any, index: int) -> bytes:
@@ -374,44 +455,75 @@ def _parquet_cell_image(cell: Any, index: int) -> bytes:
     return bytes(value)
 
 
-def _read_parquet_group(source: Source, row_group: int) -> Iterator[RawSample | BadSample]:
+@functools.lru_cache(maxsize=2)
+def _parquet_rows(path: str, row_group: int) -> tuple[list[dict[str, Any]], str]:
+    """Rows of one row group (kept for the last two asked for) and the image column name."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(source.path)
+    parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)
     image_column = "images" if "images" in names else ("image" if "image" in names else "")
-    table = parquet.read_row_group(row_group)
-    rows = table.to_pylist()
-    first = sum(parquet.metadata.row_group(g).num_rows for g in range(row_group))
-    for offset, row in enumerate(rows):
-        record_index = first + offset
-        where = f"{source.path}:row {record_index} (id {row.get('id', '?')})"
-        try:
-            text_record = {k: v for k, v in row.items() if k not in ("image", "images")}
-            messages, _ = parse_record(text_record, where)
-            cell = row.get(image_column) if image_column else None
-            images, data = [], []
-            if isinstance(cell, list):
-                for index in range(len(cell)):
-                    images.append(
-                        ImageRef(
-                            source.path,
-                            row_group=row_group,
-                            row=offset,
-                            column=image_column,
-                            index=index,
-                        )
-                    )
-                    data.append(_parquet_cell_image(cell, index))
-            elif cell is not None:
+    return parquet.read_row_group(row_group).to_pylist(), image_column
+
+
+def _read_parquet_group(source: Source, row_group: int) -> Iterator[RawSample | BadSample]:
+    rows, _ = _parquet_rows(source.path, row_group)
+    for offset in range(len(rows)):
+        yield _parquet_sample(source, row_group, offset)
+
+
+def _parquet_sample(source: Source, row_group: int, offset: int) -> RawSample | BadSample:
+    rows, image_column = _parquet_rows(source.path, row_group)
+    row = rows[offset]
+    record_index = _parquet_group_starts(source.path)[row_group] + offset
+    where = f"{source.path}:row {record_index} (id {row.get('id', '?')})"
+    try:
+        text_record = {k: v for k, v in row.items() if k not in ("image", "images")}
+        messages, _ = parse_record(text_record, where)
+        cell = row.get(image_column) if image_column else None
+        images, data = [], []
+        if isinstance(cell, list):
+            for index in range(len(cell)):
                 images.append(
-                    ImageRef(source.path, row_group=row_group, row=offset, column=image_column)
+                    ImageRef(
+                        source.path,
+                        row_group=row_group,
+                        row=offset,
+                        column=image_column,
+                        index=index,
+                    )
                 )
-                data.append(_parquet_cell_image(cell, -1))
-        except BadSample as error:
-            yield _bad(error, source, record_index, where)
-            continue
-        yield RawSample(source.index, record_index, where, messages, images, data)
+                data.append(_parquet_cell_image(cell, index))
+        elif cell is not None:
+            images.append(
+                ImageRef(source.path, row_group=row_group, row=offset, column=image_column)
+            )
+            data.append(_parquet_cell_image(cell, -1))
+    except BadSample as error:
+        return _bad(error, source, record_index, where)
+    return RawSample(source.index, record_index, where, messages, images, data)
+
+
+def read_sample(source: Source, record: int, loc: int) -> RawSample:
+    """Read one sample again by its position (``record``, and ``loc`` from the first read).
+
+    Raises :class:`BadSample` if it has become unusable, ``ValueError`` if the file changed.
+    """
+    if source.fmt == "jsonl":
+        with open(source.path, "rb") as stream:
+            stream.seek(loc)
+            item = _json_sample(source, record, stream.readline(), loc)
+    elif source.fmt == "json":
+        item = _json_sample(source, record, _json_records(source.path)[record], -1)
+    elif source.fmt == "tar":
+        item = _reread_tar_sample(source, record, loc)
+    else:
+        starts = _parquet_group_starts(source.path)
+        group = bisect.bisect_right(starts, record) - 1
+        item = _parquet_sample(source, group, record - starts[group])
+    if isinstance(item, BadSample):
+        raise item
+    return item
 
 
 def corrupt_image_error(ref: ImageRef, detail: str) -> BadSample:

@@ -1,0 +1,109 @@
+"""tools/pack_offline.py as separate tasks (a Slurm job array): measure and write split over 3
+tasks, one of each SIGKILLed mid-way and run again, give the one-process run's bytes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from data_fixtures import (
+    build_mixed_sources,
+    kill_when_blocked_on,
+    pack,
+    pack_command,
+    packed_tree,
+    run_tool,
+)
+
+from lov15_megatron.data.offline_packing import (
+    PackConfig,
+    PackingError,
+    Task,
+    finalise,
+    measure,
+    partial_path,
+    plan,
+    write,
+)
+from lov15_megatron.data.sources import discover_sources, plan_units
+
+TASKS = 3
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The four layouts, each given twice (30 samples, 6 packs), and the one-process run."""
+    root = tmp_path_factory.mktemp("tasks")
+    inputs = build_mixed_sources(root / "src") * 2
+    pack(inputs, root / "ref")
+    return root, inputs
+
+
+def test_split_tasks_killed_and_rerun_match_one_process(sources, tmp_path):
+    root, inputs = sources
+    output = tmp_path / "out"
+    config = PackConfig(
+        tuple(inputs), str(output), "qwen-offline", seq_len=256, max_packs_per_shard=1,
+        records_per_unit=1,
+    )  # fmt: skip
+    work = partial_path(output) / "work"
+    units = len(plan_units(discover_sources(inputs), 1))
+    mine = Task(1, TASKS).select(units)
+    assert units == 20 and len(mine) >= 3
+
+    # measure: tasks 0 and 2 here; task 1 as a process, killed while storing its 2nd unit
+    for index in (0, 2):
+        measure(config, Task(index, TASKS), progress=False)
+    with pytest.raises(PackingError, match=f"{len(mine)} of 20 work units not measured"):
+        plan(config, progress=False)
+    command = pack_command(inputs, output, "--records-per-unit", "1")
+    fifo = work / "measure" / f"u{mine[1]:07d}.npy.tmp"
+    task_1 = ["--task-index", "1", "--num-tasks", "3"]
+    kill_when_blocked_on(command + ["--phase", "measure", *task_1], fifo)
+    done = sorted(path.name for path in (work / "measure").glob("*.npy"))
+    assert f"u{mine[0]:07d}.npy" in done and f"u{mine[1]:07d}.npy" not in done
+    assert len(done) == units - len(mine) + 1
+    # run again as the array element would: index and count from Slurm's variables
+    slurm = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    rerun = run_tool(command + ["--phase", "measure"], env=slurm)
+    assert "units_done_before 1" in rerun.stdout and "task 1/3" in rerun.stdout
+
+    info = plan(config, progress=False)
+    assert info["shards"] == 6
+    shards = Task(1, TASKS).select(info["shards"])
+    for index in (0, 2):
+        write(config, Task(index, TASKS), progress=False)
+    with pytest.raises(PackingError, match="2 of 6 shards not written"):
+        finalise(config, progress=False)
+
+    # write: task 1 killed while writing its 2nd shard, then run again
+    fifo = partial_path(output) / "dataset" / "shards" / f"pack-{shards[1]:06d}.tar.tmp"
+    kill_when_blocked_on(command + ["--phase", "write", *task_1], fifo)
+    written = {path.name for path in fifo.parent.glob("*.tar")}
+    assert f"pack-{shards[0]:06d}.tar" in written and f"pack-{shards[1]:06d}.tar" not in written
+    run_tool(command + ["--phase", "write", *task_1])
+
+    report = finalise(config, progress=False)
+    assert not partial_path(output).exists()
+    assert packed_tree(output) == packed_tree(root / "ref")
+    assert report["measure_tasks"] == TASKS and report["write_tasks"] == TASKS
+    assert set(report["wall_time_s"]) == {"measure", "plan", "write", "finalise", "total"}
+    assert report["peak_rss_bytes"]["max"] > 0 and report["peak_rss_bytes"]["per_sample"] > 0
+
+
+def test_plan_is_a_file_and_tasks_check_their_run(sources, tmp_path):
+    root, inputs = sources
+    config = PackConfig(tuple(inputs), str(tmp_path / "out"), "qwen-offline", seq_len=256)
+    measure(config, Task(0, 1), progress=False)
+    info = plan(config, progress=False)
+    plan_dir = partial_path(tmp_path / "out") / "work" / "plan"
+    members = np.load(plan_dir / "members.npy")
+    offsets = np.load(plan_dir / "pack_offsets.npy")
+    assert sorted(members.tolist()) == list(range(30)) and len(offsets) == info["packs"] + 1
+    assert json.loads((plan_dir / "plan.json").read_text()) == info
+    other = PackConfig(tuple(inputs), str(tmp_path / "out"), "qwen-offline", seq_len=300)
+    with pytest.raises(PackingError, match="other inputs/arguments"):
+        write(other, Task(0, 1), progress=False)
+    with pytest.raises(ValueError, match="--task-index: 3 is not in 0..2"):
+        Task(3, 3)
