@@ -47,13 +47,16 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _layout() -> dict[str, int]:
+def _layout(model: torch.nn.Module) -> dict[str, int]:
     """This rank's context-parallel size and rank, and the THD total's required multiple."""
+    from megatron.core.utils import get_model_config
+
     ps = parallel_state
     cp = ps.get_context_parallel_world_size()
-    tp = ps.get_tensor_model_parallel_world_size()
     # Under sequence parallelism each CP rank's tokens are split again over TP.
-    return {"cp": cp, "cp_rank": ps.get_context_parallel_rank(), "total_multiple_of": cp * tp}
+    tp = ps.get_tensor_model_parallel_world_size()
+    sp = tp if get_model_config(model).sequence_parallel else 1
+    return {"cp": cp, "cp_rank": ps.get_context_parallel_rank(), "total_multiple_of": cp * sp}
 
 
 def uses_thd(cfg: RunConfig) -> bool:
@@ -81,7 +84,7 @@ def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    layout = _layout()
+    layout = _layout(model)
     if layout["cp"] > 1:
         from lov15_megatron.models.packed_seq import thd_model_inputs
 
@@ -112,7 +115,7 @@ def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    batch = thd_model_inputs(batch, image_token_id=IMAGE_PAD_ID, **_layout())
+    batch = thd_model_inputs(batch, image_token_id=IMAGE_PAD_ID, **_layout(model))
     losses = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
