@@ -13,7 +13,7 @@ Scope and limits (see ``docs/cpu-backend.md``):
   only when no GPU is present or the config says ``runtime.device: cpu``). Importing this module
   changes nothing.
 * Local (non-Transformer-Engine) specs only; Transformer Engine needs CUDA.
-* No context parallelism: Megatron-Core requires TE attention for CP.
+* Context parallelism runs with our attention core (``models/attention.py``), not TE's.
 * fp32 and bf16 compute only (no fp16 loss scaling kernels, no fused CUDA kernels).
 * All CUDA streams/events/graphs stay unavailable; code paths that need them (overlapped grad
   reduce, CUDA graphs) must stay switched off on CPU.
