@@ -149,3 +149,21 @@ def test_context_parallel_attention_matches_full_stream():
         assert r["out_diff"] < 1e-12, results
         assert r["grad_diff"] < 1e-11, results
     assert sum(r["tokens"] for r in results) == 48  # 13, 4, 23, 1 padded to 16, 4, 24, 4
+
+
+def test_te_backend_without_te_is_one_line_exit_2():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "lov15_megatron.train", "--config", "configs/tiny_gpt.yaml",
+            "runtime.device=cpu", "model.attention_backend=te", "train.train_iters=2"]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("config error")]
+    assert lines == [
+        "config error: model.attention_backend='te' needs the Transformer Engine spec: "
+        "Transformer Engine is not importable"
+    ], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

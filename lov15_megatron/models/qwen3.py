@@ -112,6 +112,9 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         # Context-parallel THD streams are padded per sub-sample, so their length varies from
         # micro-batch to micro-batch: pipeline stages then exchange shapes before activations.
         variable_seq_lengths=pipelined and p.context_parallel_size > 1,
+        # (Megatron refuses variable lengths with its default all-gather MoE dispatcher, even
+        # for a dense model; the dispatcher is unused here.)
+        moe_token_dispatcher_type="alltoall",
         **recompute_config_kwargs(cfg),
         **device_config_kwargs(cfg),
     )
