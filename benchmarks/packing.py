@@ -4,7 +4,7 @@ and energon loader throughput on packed shards. Results go to ``docs/data-packin
     python benchmarks/packing.py --samples 1000000 --seq-len 8192
     python benchmarks/packing.py --loader-packs 8192   # also measure the loader
 
-Synthetic lengths (``synthetic_lengths``), shaped like the release's data mix:
+Synthetic samples (``synthetic_samples``: lengths and ViT patches), like the release's data mix:
 
 - 70 % caption-like (stage 1 / mid-training): one image whose width and height are drawn
   log-normally around 512 px (σ = 0.5), turned into LM tokens by the real ``smart_resize``
@@ -13,21 +13,29 @@ Synthetic lengths (``synthetic_lengths``), shaped like the release's data mix:
 - 30 % instruct-like (stage 2): 0–3 such images (probabilities .2/.6/.15/.05) plus
   log-normal dialogue text (median 350 tokens, σ = 1.0) and 25 template tokens per turn pair;
 - samples over ``--seq-len`` are dropped and counted (the packer reports them as too_long).
+
+It also reports the ViT cost spread over the BFD packs (max/mean, p99/mean, std/mean of
+``6144·Σ patches + Σ patches²`` per pack) without and with ``balance_cost``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lov15_megatron.data.image_processing import image_token_count
+from lov15_megatron.data.pack_plan import vit_cost, vit_cost_spread
 from lov15_megatron.data.packing import (
+    balance_cost,
     best_fit_decreasing,
+    best_fit_decreasing_assign,
     first_fit,
     lower_bound_packs,
     pack_statistics,
@@ -35,36 +43,44 @@ from lov15_megatron.data.packing import (
 )
 
 
-def synthetic_lengths(count: int, seq_len: int, seed: int = 0) -> tuple[list[int], int]:
-    """(lengths ≤ seq_len, number dropped as too long)."""
+def synthetic_samples(count: int, seq_len: int, seed: int = 0) -> tuple[dict[str, list[int]], int]:
+    """(``length``, ``patches`` = Σ h·w, ``patches_sq`` = Σ (h·w)² per sample ≤ seq_len, number
+    dropped as too long). An image of n LM tokens has 4·n ViT patches (2×2 merge)."""
     rng = random.Random(seed)
 
     def image_tokens() -> int:
         width = max(16, int(rng.lognormvariate(6.24, 0.5)))  # median ~512 px
         height = max(16, int(width * rng.lognormvariate(-0.2, 0.3)))
         try:
-            return image_token_count(height, width) + 2  # + vision_start/end
+            return image_token_count(height, width)
         except ValueError:
             return 0
 
-    lengths, dropped = [], 0
+    samples: dict[str, list[int]] = {"length": [], "patches": [], "patches_sq": []}
+    dropped = 0
     for _ in range(count):
         if rng.random() < 0.7:
-            length = 25 + image_tokens() + int(rng.lognormvariate(4.79, 0.6))
+            images = [image_tokens()]
+            text = 25 + int(rng.lognormvariate(4.79, 0.6))
         else:
-            images = rng.choices((0, 1, 2, 3), weights=(0.2, 0.6, 0.15, 0.05))[0]
+            count_images = rng.choices((0, 1, 2, 3), weights=(0.2, 0.6, 0.15, 0.05))[0]
             turns = 1 + int(rng.expovariate(1.0))
-            length = 25 * turns + sum(image_tokens() for _ in range(images))
-            length += int(rng.lognormvariate(5.86, 1.0))
+            images = [image_tokens() for _ in range(count_images)]
+            text = 25 * turns + int(rng.lognormvariate(5.86, 1.0))
+        images = [tokens for tokens in images if tokens]
+        length = text + sum(tokens + 2 for tokens in images)  # + vision_start/end
         if length > seq_len:
             dropped += 1
-        else:
-            lengths.append(length)
-    return lengths, dropped
+            continue
+        samples["length"].append(length)
+        samples["patches"].append(sum(4 * tokens for tokens in images))
+        samples["patches_sq"].append(sum((4 * tokens) ** 2 for tokens in images))
+    return samples, dropped
 
 
 def bench_algorithms(count: int, seq_len: int) -> dict:
-    lengths, dropped = synthetic_lengths(count, seq_len)
+    samples, dropped = synthetic_samples(count, seq_len)
+    lengths = samples["length"]
     results = {
         "samples": len(lengths),
         "dropped_too_long": dropped,
@@ -89,14 +105,51 @@ def bench_algorithms(count: int, seq_len: int) -> dict:
             "samples_per_s": round(len(lengths) / seconds),
         }
         print(name, results[name], flush=True)
+    results["vision_balance"] = bench_balance(samples, seq_len)
+    print("vision_balance", results["vision_balance"], flush=True)
     return results
+
+
+def bench_balance(samples: dict[str, list[int]], seq_len: int) -> dict:
+    """ViT cost spread over BFD packs without and with :func:`balance_cost` (same packs'
+    lengths, so the same fill)."""
+    lengths = np.asarray(samples["length"])
+    patches = np.asarray(samples["patches"], dtype=np.int64)
+    patches_sq = np.asarray(samples["patches_sq"], dtype=np.int64)
+    cost = vit_cost(patches, patches_sq)
+    pack_of = best_fit_decreasing_assign(lengths, seq_len)
+    num_packs = int(pack_of.max()) + 1
+    started = time.perf_counter()
+    balanced = balance_cost(lengths, pack_of, cost)
+    seconds = time.perf_counter() - started
+
+    def spread(assignment: np.ndarray) -> dict:
+        out = vit_cost_spread(assignment, num_packs, cost, patches, patches_sq)
+        fill = np.bincount(assignment, weights=lengths, minlength=num_packs).sum()
+        out["fill_efficiency"] = round(float(fill) / (num_packs * seq_len), 6)
+        return out
+
+    return {
+        "packs": num_packs,
+        "without": spread(pack_of),
+        "with": spread(balanced),
+        "balance_seconds": round(seconds, 2),
+    }
+
+
+def gradient_jpeg(side: int, seed: int) -> bytes:
+    """A deterministic side×side gradient JPEG (real pixels for the loader to decode)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    pixels = np.stack([(x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x * y) % 256], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def bench_loader(num_packs: int, seq_len: int) -> dict:
     """Pack generated samples with the real packer, then time energon's loader (0 workers)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from data_fixtures import image_bytes
-
     from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
     from lov15_megatron.data.offline_packing import PackConfig, run
     from lov15_megatron.data.tokenizer import load_tokenizer
@@ -107,7 +160,7 @@ def bench_loader(num_packs: int, seq_len: int) -> dict:
         (root / "images").mkdir()
         for index in range(16):
             side = 224 + 28 * index
-            (root / "images" / f"{index}.jpg").write_bytes(image_bytes(side, side, "JPEG", index))
+            (root / "images" / f"{index}.jpg").write_bytes(gradient_jpeg(side, index))
         records = []
         target_tokens = num_packs * seq_len * 0.98
         tokens = 0

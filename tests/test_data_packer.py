@@ -204,3 +204,26 @@ def test_cli_exits_2_on_bad_input_and_energon_info_works(mixed, tmp_path):
     info = subprocess.run([str(energon), "info", str(root / "ref")], capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
     assert f"{report['packs']} samples" in info.stdout and "PackedVLMSample" in info.stdout
+
+
+def test_balanced_vision_cost_keeps_samples_and_pack_lengths(mixed, tmp_path):
+    root, inputs, report = mixed
+    balanced = pack(inputs, tmp_path / "bal", balance_vision=True)
+    spread = balanced["vision_balance"]
+    assert spread["enabled"] and spread["without"] == report["vision_balance"]["without"]
+    assert spread["with"]["vit_cost_max_over_mean"] <= spread["without"]["vit_cost_max_over_mean"]
+    assert balanced["fill_efficiency"] == report["fill_efficiency"]
+    reference, packs = read_packs(root / "ref"), read_packs(tmp_path / "bal")
+    assert sorted(packs) == sorted(reference)
+
+    def lengths(record):
+        return sorted(sample["length"] for sample in record["samples"])
+
+    assert {k: lengths(r) for k, (r, _) in packs.items()} == {
+        k: lengths(r) for k, (r, _) in reference.items()
+    }
+    origins = [s["origin"] for record, _ in packs.values() for s in record["samples"]]
+    assert sorted(origins) == sorted(
+        s["origin"] for record, _ in reference.values() for s in record["samples"]
+    )
+    assert len(set(origins)) == len(origins) == report["samples_packed"]

@@ -79,12 +79,12 @@ def make_plan(
     balance: dict[str, Any] = {
         "enabled": balance_vision,
         "cost": f"{VIT_COST_LINEAR}·Σ patches + Σ per-image patches²",
-        "without": _spread(pack_of, num_packs, cost, patches, patches_sq),
+        "without": vit_cost_spread(pack_of, num_packs, cost, patches, patches_sq),
         "with": None,
     }
     if balance_vision and num_packs > 1:
         pack_of = balance_cost(lengths, pack_of, cost)
-        balance["with"] = _spread(pack_of, num_packs, cost, patches, patches_sq)
+        balance["with"] = vit_cost_spread(pack_of, num_packs, cost, patches, patches_sq)
     del cost, patches_sq
     rank = np.empty(num_packs, dtype=np.int64)
     rank[np.random.default_rng(seed).permutation(num_packs)] = np.arange(num_packs)
@@ -121,7 +121,7 @@ def make_plan(
     return Plan(members, pack_offsets, shard_offsets, info)
 
 
-def _spread(
+def vit_cost_spread(
     pack_of: np.ndarray,
     num_packs: int,
     cost: np.ndarray,
