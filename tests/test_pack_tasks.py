@@ -65,7 +65,7 @@ def test_split_tasks_killed_and_rerun_match_one_process(sources, tmp_path):
     assert f"u{mine[0]:07d}.npy" in done and f"u{mine[1]:07d}.npy" not in done
     assert len(done) == units - len(mine) + 1
     # run again as the array element would: index and count from Slurm's variables
-    slurm = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    slurm = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
     rerun = run_tool(command + ["--phase", "measure"], env=slurm)
     assert "units_done_before 1" in rerun.stdout and "task 1/3" in rerun.stdout
 
@@ -107,3 +107,44 @@ def test_plan_is_a_file_and_tasks_check_their_run(sources, tmp_path):
         write(other, Task(0, 1), progress=False)
     with pytest.raises(ValueError, match="--task-index: 3 is not in 0..2"):
         Task(3, 3)
+
+
+def test_submit_script_chains_the_phases_with_arrays(tmp_path):
+    """examples/pack_offline/submit.sh against a recording ``sbatch`` (no cluster here)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    log = tmp_path / "calls"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\necho $(( $(wc -l < {log}) + 100 ))\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    script = root / "examples" / "pack_offline" / "submit.sh"
+    args = ["--input", "/d/raw", "--output", "/d/packed"]
+    result = subprocess.run(
+        ["bash", str(script), "3", "--", *args], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "measure",
+        "101",
+        "plan",
+        "102",
+        "write",
+        "103",
+        "finalise",
+        "104",
+    ]
+    job = str(root / "examples" / "pack_offline" / "pack_phase.sbatch")
+    tail = " ".join(args)
+    assert log.read_text().splitlines() == [
+        f"--parsable --array=0-2 {job} --phase measure --num-tasks 3 {tail}",
+        f"--parsable --dependency=afterok:101 --cpus-per-task=2 {job} --phase plan {tail}",
+        f"--parsable --array=0-2 --dependency=afterok:102 {job} --phase write --num-tasks 3 {tail}",
+        f"--parsable --dependency=afterok:103 {job} --phase finalise {tail}",
+    ]
+    bad = subprocess.run(["bash", str(script), "x", "--"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("submit.sh: error: usage")

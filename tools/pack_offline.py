@@ -33,12 +33,13 @@ from lov15_megatron.data.offline_packing import (
 
 
 def _slurm_default(name: str, fallback: int) -> int:
+    """A Slurm array variable as a default (arrays are numbered from 0: ``--array=0-15``; a
+    re-run of element 5 alone is ``--array=5`` with ``--num-tasks 16`` given explicitly)."""
     value = os.environ.get(name)
-    if value is None:
-        return fallback
-    if name == "SLURM_ARRAY_TASK_ID":  # arrays may start at 1 (--array=1-8)
-        return int(value) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return int(value)
+    try:
+        return fallback if value is None else int(value)
+    except ValueError:
+        raise ValueError(f"${name}: {value!r} is not an integer") from None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bool]:
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bo
         "--task-index",
         type=int,
         default=None,
-        help="this task's index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)",
+        help="this task's index, from 0 (default: $SLURM_ARRAY_TASK_ID, else 0)",
     )
     parser.add_argument(
         "--num-tasks",
