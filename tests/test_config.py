@@ -50,6 +50,8 @@ def test_overrides_and_yaml_round_trip(tmp_path):
             "model.language.kv_channels=32",
             "model.language.kv_channels=null",  # applied in order
             "checkpoint.save=/tmp/ckpt",
+            "model.vision={num_layers: 1, hidden_size: 64, ffn_hidden_size: 128, "
+            "num_attention_heads: 4}",
             "train.trainable=[merger,language]",
             "model.params_dtype=bfloat16",
             "model.language={hidden_size: 128, ffn_hidden_size: 256}",  # mapping onto a section
@@ -239,6 +241,51 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
             ["scheduler.warmup_iters=5", "scheduler.decay_iters=4"],
             r"scheduler.warmup_iters=5 exceeds the decay length 4",
         ),
+        # Settings that would be accepted and then ignored:
+        (
+            ["scheduler.warmup_iters=2", "scheduler.warmup_fraction=0.1"],
+            r"scheduler.warmup_iters=2 and scheduler.warmup_fraction=0.1 are both set",
+        ),
+        (
+            ["scheduler.warmup_iters=0", "scheduler.warmup_fraction=1.5"],
+            r"scheduler.warmup_fraction=1.5 must be in \[0, 1\)",
+        ),
+        (
+            ["optimizer.lr_mult={vision: 0.2}"],
+            r"optimizer.lr_mult names \['vision'\], but this "
+            r"is a language-only model",
+        ),  # fmt: skip
+        (
+            ["train.trainable=[merger]"],
+            r"train.trainable names \['merger'\], but this is a "
+            r"language-only model",
+        ),  # fmt: skip
+        (
+            ["scheduler.decay_style=constant", "scheduler.decay_iters=10"],
+            r"scheduler.decay_iters=10 has no effect with decay_style=constant",
+        ),
+        (
+            ["scheduler.decay_style=constant", "optimizer.min_lr=1e-5"],
+            r"optimizer.min_lr=1e-05 has no effect with scheduler.decay_style=constant",
+        ),
+        (
+            ["train.recompute.method=block"],
+            r"train.recompute.method/num_layers \(block, 1\) have no effect",
+        ),
+        (
+            ["train.recompute.granularity=full", "train.recompute.modules=[mlp]"],
+            r"train.recompute.modules=\['mlp'\] has no effect unless",
+        ),
+        (["data.num_workers=2"], r"data.num_workers=2 has no effect with data.kind=synthetic"),
+        (["data.path=/x"], r"data.path='/x' has no effect with data.kind=synthetic"),
+        (
+            [
+                "train.recompute.granularity=full",
+                "train.recompute.method=block",
+                "train.recompute.num_layers=3",
+            ],
+            r"train.recompute.num_layers=3 exceeds the 2 language-model layers of a pipeline chunk",
+        ),  # fmt: skip
     ],
 )
 def test_cross_field_validation(overrides, match):
@@ -257,6 +304,7 @@ def test_valid_parallel_layouts_pass():
             "parallel.virtual_pipeline_model_parallel_size=2",
             "data.kind=energon",
             "data.path=/data/wds",
+            "model.vision={num_attention_heads: 4}",
             "train.trainable=[vision, merger, language]",
         ],
     )

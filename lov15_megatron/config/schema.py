@@ -355,6 +355,61 @@ def validate(cfg: RunConfig) -> None:
         f"scheduler.warmup_iters={s.warmup_iters} exceeds the decay length {decay} "
         f"(scheduler.decay_iters, or train.train_iters when null)",
     )
+    _reject_fields_without_effect(cfg)
+
+
+def _reject_fields_without_effect(cfg: RunConfig) -> None:
+    """Settings that the run would accept and then ignore are errors that say why."""
+    s, t, d, o = cfg.scheduler, cfg.train, cfg.data, cfg.optimizer
+    _require(
+        s.warmup_fraction is None or s.warmup_iters == 0,
+        f"scheduler.warmup_iters={s.warmup_iters} and scheduler.warmup_fraction="
+        f"{s.warmup_fraction} are both set; the fraction would win: set one of them "
+        f"(scheduler.warmup_fraction=null to use warmup_iters)",
+    )
+    if s.warmup_fraction is not None:
+        _require(
+            0 <= s.warmup_fraction < 1,
+            f"scheduler.warmup_fraction={s.warmup_fraction} must be in [0, 1)",
+        )
+    if s.decay_style == "constant":
+        _require(
+            s.decay_iters is None,
+            f"scheduler.decay_iters={s.decay_iters} has no effect with decay_style=constant",
+        )
+        _require(
+            o.min_lr == 0.0,
+            f"optimizer.min_lr={o.min_lr} has no effect with scheduler.decay_style=constant",
+        )
+    if cfg.model.vision is None:
+        for what, groups in (
+            ("train.trainable", t.trainable or []),
+            ("optimizer.lr_mult", o.lr_mult),
+        ):
+            extra = sorted(set(groups) - {"language"})
+            _require(
+                not extra,
+                f"{what} names {extra}, but this is a language-only model (model.vision is null)",
+            )
+    r = t.recompute
+    if r.granularity == "none":
+        _require(
+            r.method == "uniform" and r.num_layers == 1,
+            f"train.recompute.method/num_layers ({r.method}, {r.num_layers}) have no effect with "
+            f"train.recompute.granularity=none",
+        )
+    if r.granularity != "selective":
+        _require(
+            r.modules == ["core_attn"],
+            f"train.recompute.modules={r.modules} has no effect unless "
+            f"train.recompute.granularity=selective",
+        )
+    if d.kind == "synthetic":
+        _require(d.path is None, f"data.path={d.path!r} has no effect with data.kind=synthetic")
+        _require(
+            d.num_workers == 0,
+            f"data.num_workers={d.num_workers} has no effect with data.kind=synthetic",
+        )
 
 
 def _validate_vision(v: VisionModelConfig, tp: int) -> None:
