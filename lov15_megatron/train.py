@@ -98,7 +98,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.runtime import distributed
     from lov15_megatron.runtime.distributed import print_rank_0
     from lov15_megatron.training import checkpointing, setup
-    from lov15_megatron.training.data import build_train_data
+    from lov15_megatron.training.data import build_train_data, data_layout, resumable_state
     from lov15_megatron.training.flops import peak_tflops, step_flops
     from lov15_megatron.training.metrics import MetricsLogger
     from lov15_megatron.training.signals import ExitSignal
@@ -125,6 +125,9 @@ def train(cfg: RunConfig) -> TrainResult:
             resume_dir, model, optimizer, scheduler
         )
         start = progress["iteration"]
+        data_state = resumable_state(
+            cfg, progress.get("data_layout"), data_state, progress["consumed_samples"], resume_dir
+        )
         print_rank_0(f"resumed from {resume_dir} at iteration {start}")
     elif cfg.checkpoint.pretrained:
         checkpointing.load_model_weights(model, cfg.checkpoint.pretrained)
@@ -151,7 +154,7 @@ def train(cfg: RunConfig) -> TrainResult:
         nonlocal saved_at
         if not cfg.checkpoint.save or saved_at == iteration:
             return
-        state = {**progress, "iteration": iteration}
+        state = {**progress, "iteration": iteration, "data_layout": data_layout(cfg)}
         path = checkpointing.save_checkpoint(
             cfg.checkpoint.save, iteration, model, optimizer, scheduler, state,
             data.state(), keep_last=cfg.checkpoint.keep_last, model_file=model_file,

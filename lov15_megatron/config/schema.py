@@ -154,6 +154,9 @@ class CheckpointConfig:
     pretrained: str | None = None  # weights-only start (ignored when resuming from load)
     save_interval: int | None = None  # iterations between saves; None -> only at the end
     keep_last: int = 2  # number of most recent checkpoints kept
+    # Resume at another data-parallel size / data.num_workers: the Energon loader state cannot
+    # be mapped, so such a resume is refused unless this accepts restarting the data order.
+    allow_data_restart: bool = False
 
 
 @dataclass

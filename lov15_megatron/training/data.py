@@ -19,7 +19,7 @@ from typing import Any
 
 from megatron.core import parallel_state
 
-from lov15_megatron.config import RunConfig
+from lov15_megatron.config import ConfigError, RunConfig
 from lov15_megatron.training import synthetic
 from lov15_megatron.training.flops import CountingIterator
 
@@ -44,6 +44,58 @@ class TrainData:
 
     def for_schedule(self) -> Iterator | list[Iterator]:
         return self.iterators[0] if len(self.iterators) == 1 else self.iterators
+
+
+def data_layout(cfg: RunConfig) -> dict[str, Any]:
+    """What the saved loader state depends on (stored with every training checkpoint)."""
+    return {
+        "kind": cfg.data.kind,
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "num_workers": cfg.data.num_workers,
+    }
+
+
+def resumable_state(
+    cfg: RunConfig, saved_layout: dict | None, state: Any, consumed_samples: int, where: str
+) -> Any:
+    """The loader state to restore, or None to restart the data order (opt-in only).
+
+    Energon's loader state is per DP rank and per worker: it cannot be restored at another
+    data-parallel size or worker count. Such a resume raises ``ConfigError`` naming both
+    layouts, unless ``checkpoint.allow_data_restart`` accepts a restart of the data order.
+    """
+    if cfg.data.kind != "energon":
+        return state
+    now = data_layout(cfg)
+    saved = saved_layout or {}
+    # (Checkpoints written before the layout was recorded: restore whatever this rank has.)
+    same = saved_layout is None or all(
+        saved.get(k) == now[k] for k in ("data_parallel_size", "num_workers")
+    )
+    if same and state is not None:
+        return state
+    was = (
+        f"data-parallel size {saved.get('data_parallel_size', '?')} with "
+        f"{saved.get('num_workers', '?')} data workers per rank"
+    )
+    if not cfg.checkpoint.allow_data_restart:
+        raise ConfigError(
+            f"checkpoint {where}: saved at {was}, this run has data-parallel size "
+            f"{now['data_parallel_size']} with {now['num_workers']}; the data-loader position "
+            f"cannot be restored at another layout. Resume with the saved layout, or set "
+            f"checkpoint.allow_data_restart=true to start the data order over"
+        )
+    if (
+        parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    ):
+        print(
+            f"warning: checkpoint {where} was saved at {was}; the data order restarts from "
+            f"the beginning (checkpoint.allow_data_restart): up to {consumed_samples} samples "
+            f"seen before may be seen again",
+            flush=True,
+        )
+    return None
 
 
 def _energon_batches(loader, consumed: list[str]) -> Iterator[dict]:
