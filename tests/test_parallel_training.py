@@ -34,6 +34,13 @@ LAYOUTS = {
     "dp2": [],
     "dp2_no_distopt": ["parallel.use_distributed_optimizer=false"],
 }
+# The release's weighting (mean per micro-batch): DP and CP must reproduce its single rank too
+# (a wrong CP or DP scale of the micro-batch means would show in the grad norms).
+MICRO_BATCH = ["train.loss_weighting=micro_batch"]
+MICRO_BATCH_LAYOUTS = {
+    "dp2_micro_batch": MICRO_BATCH,
+    "cp2_micro_batch": [*MICRO_BATCH, "parallel.context_parallel_size=2"],
+}
 LOSS_REL_TOL = 1e-5
 GRAD_NORM_REL_TOL = 1e-4
 
@@ -62,23 +69,33 @@ def _train(overrides: list[str], init_dir: str, save_init: bool) -> list[tuple[f
     return [(r.loss, r.grad_norm) for r in steps]
 
 
-def reference_run(init_dir: str) -> list[tuple[float, float]]:
-    return _train(COMMON, init_dir, save_init=True)
+def reference_run(init_dir: str) -> dict[str, list[tuple[float, float]]]:
+    return {
+        "token": _train(COMMON, init_dir, save_init=True),
+        "micro_batch": _train(COMMON + MICRO_BATCH, init_dir, save_init=False),
+    }
 
 
 def layout_runs(init_dir: str) -> dict[str, list[tuple[float, float]]]:
+    layouts = {**LAYOUTS, **MICRO_BATCH_LAYOUTS}
     return {
-        name: _train(COMMON + extra, init_dir, save_init=False) for name, extra in LAYOUTS.items()
+        name: _train(COMMON + extra, init_dir, save_init=False) for name, extra in layouts.items()
     }
 
 
 @pytest.fixture(scope="module")
-def losses(tmp_path_factory):
+def runs(tmp_path_factory):
     init_dir = str(tmp_path_factory.mktemp("init") / "weights")
-    (reference,) = run_ranks(1, reference_run, init_dir)
+    (references,) = run_ranks(1, reference_run, init_dir)
     per_rank = run_ranks(2, layout_runs, init_dir)
     assert per_rank[0] == per_rank[1], "every rank must report the same global loss"
-    return reference, per_rank[0]
+    return references, per_rank[0]
+
+
+@pytest.fixture(scope="module")
+def losses(runs):
+    references, layouts = runs
+    return references["token"], layouts
 
 
 def test_reference_loss_decreases(losses):
@@ -94,6 +111,17 @@ def test_layout_matches_single_rank(losses, layout):
     reference, runs = losses
     got = runs[layout]
     assert len(got) == STEPS
+    for step, ((loss_a, norm_a), (loss_b, norm_b)) in enumerate(zip(reference, got, strict=True)):
+        assert math.isclose(loss_a, loss_b, rel_tol=LOSS_REL_TOL), f"{layout} step {step} loss"
+        assert math.isclose(norm_a, norm_b, rel_tol=GRAD_NORM_REL_TOL), (
+            f"{layout} step {step} grad norm"
+        )
+
+
+@pytest.mark.parametrize("layout", list(MICRO_BATCH_LAYOUTS))
+def test_micro_batch_weighting_layout_matches_single_rank(runs, layout):
+    references, layouts = runs
+    reference, got = references["micro_batch"], layouts[layout]
     for step, ((loss_a, norm_a), (loss_b, norm_b)) in enumerate(zip(reference, got, strict=True)):
         assert math.isclose(loss_a, loss_b, rel_tol=LOSS_REL_TOL), f"{layout} step {step} loss"
         assert math.isclose(norm_a, norm_b, rel_tol=GRAD_NORM_REL_TOL), (

@@ -142,6 +142,9 @@ class TrainConfig:
         None  # module groups to train (vision/merger/language); None = all
     )
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    # token: every loss token of the global batch weighs the same (layout-independent);
+    # micro_batch: mean per micro-batch, then averaged (the release's Megatron-LM default).
+    loss_weighting: Literal["token", "micro_batch"] = "token"
     exit_interval: int | None = None  # save and stop after an iteration divisible by this
 
 

@@ -103,7 +103,7 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
-        calculate_per_token_loss=True,
+        calculate_per_token_loss=cfg.train.loss_weighting == "token",
         bias_activation_fusion=fused_kernels(cfg),
         # gloo matches point-to-point messages between two ranks in posting order; a batched
         # isend/irecv under virtual pipelining can pair an activation with a gradient of the

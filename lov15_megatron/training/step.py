@@ -1,8 +1,14 @@
 """One optimizer step through Megatron-Core's pipeline schedules.
 
-The loss of a step is the sum of the masked per-token losses over the whole global batch divided
-by the number of loss tokens in it (``calculate_per_token_loss``): micro-batches and DP ranks are
-weighted by their token counts, so every parallel layout optimises the same objective.
+The loss of a step weighs tokens in one of two ways (``train.loss_weighting``):
+
+- ``token`` (default): the sum of the masked per-token losses over the whole global batch
+  divided by the number of loss tokens in it (Megatron's ``calculate_per_token_loss``):
+  micro-batches and DP ranks are weighted by their token counts, so every parallel layout and
+  every micro-batch size optimises the same objective;
+- ``micro_batch`` (the release's Megatron-LM default): each micro-batch's mean over its loss
+  tokens, averaged over the micro-batches and DP ranks of the step. A token in a micro-batch
+  with few loss tokens weighs more; the objective depends on how samples are grouped.
 
 The per-token losses come from the model (:mod:`lov15_megatron.models.lm_loss`: the padded
 vocabulary is kept out of the softmax, and logits are computed only at loss positions).
@@ -26,7 +32,7 @@ from lov15_megatron.config import RunConfig
 
 @dataclass
 class StepResult:
-    loss: float  # token-weighted mean loss of the global batch (same value on every rank)
+    loss: float  # mean loss of the global batch as train.loss_weighting weighs it (every rank)
     num_tokens: int  # loss tokens in the global batch
     grad_norm: float | None
     lr: float
@@ -35,16 +41,43 @@ class StepResult:
 
 
 def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Megatron loss function: (sum of masked losses, token count, values to report).
-
-    ``output_tensor`` is the model's per-token losses ``[b, s]``.
-    """
+    """Megatron loss function (``loss_weighting=token``): (sum of masked losses, token count,
+    values to report). ``output_tensor`` is the model's per-token losses ``[b, s]``."""
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    report = torch.stack([loss_sum.detach(), num_tokens.float(), num_tokens.float()])
     return loss_sum, num_tokens, {"lm loss": report}
+
+
+def micro_batch_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron loss function (``loss_weighting=micro_batch``): this micro-batch's mean loss
+    over its loss tokens, and values to report.
+
+    Under context parallelism each CP rank holds part of the micro-batch: the token count (and,
+    for the report, the loss sum) is summed over the CP group, and this rank returns its share
+    ``local sum / micro-batch tokens``; Megatron's schedule multiplies by the CP size and DDP
+    averages gradients over DP×CP, which together give the micro-batch mean.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    local_sum = torch.sum(losses * mask)
+    totals = torch.stack([local_sum.detach(), mask.sum()])
+    cp = max(parallel_state.get_context_parallel_world_size(), 1)  # 0 before initialisation
+    if cp > 1:
+        dist.all_reduce(totals, group=parallel_state.get_context_parallel_group())
+    tokens = totals[1].clamp(min=1)
+    # Reported once per micro-batch: each CP rank adds 1/cp of it.
+    report = torch.stack([totals[0] / tokens, torch.ones_like(tokens), totals[1]]) / cp
+    return local_sum / tokens, {"lm loss": report}
+
+
+def _loss_func(model: torch.nn.Module, loss_mask: torch.Tensor):
+    from megatron.core.utils import get_model_config
+
+    per_token = get_model_config(model).calculate_per_token_loss
+    return partial(masked_token_loss if per_token else micro_batch_mean_loss, loss_mask)
 
 
 def _layout(model: torch.nn.Module) -> dict[str, int]:
@@ -97,7 +130,7 @@ def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
-    return losses, partial(masked_token_loss, batch["loss_mask"])
+    return losses, _loss_func(model, batch["loss_mask"])
 
 
 def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
@@ -127,12 +160,13 @@ def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
         loss_mask=batch["loss_mask"],
         image_feature_index=batch.get("image_feature_index"),
     )
-    return losses, partial(masked_token_loss, batch["loss_mask"])
+    return losses, _loss_func(model, batch["loss_mask"])
 
 
 def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """[loss_sum, tokens] over micro-batches and DP ranks, available on every rank."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    """[weighted loss sum, weight, loss tokens] over micro-batches and DP (×CP) ranks, available
+    on every rank. The step's loss is the first over the second."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for d in loss_dicts:
             totals += d["lm loss"].to(totals)
@@ -185,10 +219,10 @@ def train_step(
     lr = next((g["lr"] for g in groups if g.get("default_config", True)), groups[0]["lr"])
     updated, grad_norm, _ = optimizer.step()
     totals = _reduce_loss(losses, device)
-    loss_sum, tokens = totals.tolist()
+    loss_sum, weight, tokens = totals.tolist()
     return StepResult(
-        loss=loss_sum / max(tokens, 1.0),
-        num_tokens=int(tokens),
+        loss=loss_sum / max(weight, 1e-12) if weight else 0.0,
+        num_tokens=round(tokens),
         grad_norm=None if grad_norm is None else float(grad_norm),
         lr=lr,
         skipped=not updated,
