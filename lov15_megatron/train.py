@@ -66,6 +66,8 @@ class TrainResult:
     last_iteration: int
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)  # before clipping
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
+    valid_sample_ids: list[str] | None = None  # this DP rank's held-out samples (first eval)
     tokens_per_s: list[float] = field(default_factory=list)
     consumed_sample_ids: list[str] = field(default_factory=list)
     stopped_by_signal: bool = False
@@ -103,6 +105,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.metrics import MetricsLogger
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
+    from lov15_megatron.training.validation import evaluate
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
 
@@ -150,6 +153,12 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(first_iteration=start, last_iteration=start)
     saved_at = start if checkpointing.has_checkpoint(resume_dir) else None
 
+    def validation_due(iteration: int) -> bool:
+        if cfg.data.valid_path is None:
+            return False
+        interval = cfg.train.eval_interval
+        return iteration == cfg.train.train_iters or bool(interval and iteration % interval == 0)
+
     def save(iteration: int) -> None:
         nonlocal saved_at
         if not cfg.checkpoint.save or saved_at == iteration:
@@ -186,6 +195,12 @@ def train(cfg: RunConfig) -> TrainResult:
             result.tokens_per_s.append(counts.token_positions / dt)
             result.last_iteration = iteration
             metrics.log(iteration, res, dt, counts, tflops, peak, hw_tflops)
+            if validation_due(iteration):
+                validation = evaluate(cfg, model, forward_step, n_micro, iteration)
+                result.valid_losses.append((iteration, validation.loss))
+                if result.valid_sample_ids is None:
+                    result.valid_sample_ids = validation.sample_ids
+                metrics.log_validation(validation)
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
             if exit_signal.received(rt.device):
@@ -222,6 +237,8 @@ def _write_summary(path: Path, result: TrainResult) -> None:
         "tokens_per_s": sum(speeds) / len(speeds),
         "checkpoint": result.checkpoint,
         "stopped_by_signal": result.stopped_by_signal,
+        "valid_losses": [{"iteration": i, "loss": v} for i, v in result.valid_losses],
+        "last_valid_loss": result.valid_losses[-1][1] if result.valid_losses else None,
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -79,6 +79,8 @@ def train_runs(root: str, runs: dict[str, list[str]]) -> dict[str, dict]:
         out[name] = {
             "losses": result.losses,
             "grad_norms": result.grad_norms,
+            "valid": result.valid_losses,
+            "valid_ids": result.valid_sample_ids,
             "first": result.first_iteration,
             "last": result.last_iteration,
             "ids": result.consumed_sample_ids,
@@ -183,6 +185,29 @@ def test_learns_resumes_exactly_and_freezes(setup_dirs, straight):
     w1 = _weights(root / "s1")
     changed = {k.split(".")[0] for k in w0 if not torch.equal(w0[k], w1[k])}
     assert changed == {"vision_projection"}, changed
+
+
+def test_validation_on_held_out_samples_survives_resume(setup_dirs):
+    """Validation every 2 iterations and at the end, on another data set than training; a run
+    stopped at iteration 2 and resumed reports the same validation losses as a straight run."""
+    root = setup_dirs
+    valid = ["train.train_iters=4", "train.eval_interval=2", "train.eval_iters=2",
+             f"data.valid_path={root / 'instruct'}"]  # fmt: skip
+    runs = {
+        "straight": [*valid, f"checkpoint.save={root / 'v1'}"],
+        "part1": [*valid, "train.exit_interval=2", f"checkpoint.save={root / 'v2'}"],
+        "part2": [*valid, f"checkpoint.save={root / 'v2'}"],
+    }
+    (out,) = run_ranks(1, train_runs, str(root), runs)
+    straight, part1, part2 = out["straight"], out["part1"], out["part2"]
+    assert [i for i, _ in straight["valid"]] == [2, 4]
+    assert all(math.isfinite(v) for _, v in straight["valid"])
+    assert part1["valid"] + part2["valid"] == straight["valid"]  # bit-identical after resume
+    held_out, trained = set(straight["valid_ids"]), set(straight["ids"])
+    assert len(held_out) == len(straight["valid_ids"]) > 0  # 2 global batches, no repeats
+    assert not held_out & trained, "validation samples must not be training samples"
+    summary = json.loads((root / "v1" / "train_summary.json").read_text())
+    assert summary["last_valid_loss"] == straight["valid"][-1][1]
 
 
 def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_path):

@@ -117,6 +117,7 @@ class DataConfig:
     tokenizer: str = "qwen-offline"  # HF tokenizer dir, or qwen-offline (bundled Qwen vocab)
     min_pixels: int = 4 * 28 * 28  # image resize bounds (Qwen2-VL smart resize)
     max_pixels: int = 1600 * 1600
+    valid_path: str | None = None  # energon dataset of held-out samples (validation loss)
 
 
 @dataclass
@@ -145,6 +146,10 @@ class TrainConfig:
     # token: every loss token of the global batch weighs the same (layout-independent);
     # micro_batch: mean per micro-batch, then averaged (the release's Megatron-LM default).
     loss_weighting: Literal["token", "micro_batch"] = "token"
+    # Validation on data.valid_path: every eval_interval iterations (None: only at the end of
+    # the run), eval_iters global batches each time.
+    eval_interval: int | None = None
+    eval_iters: int = 1
     exit_interval: int | None = None  # save and stop after an iteration divisible by this
 
 
@@ -216,6 +221,8 @@ _AT_LEAST_ONE = (
     "train.micro_batch_size",
     "train.global_batch_size",
     "train.recompute.num_layers",
+    "train.eval_interval",
+    "train.eval_iters",
     "checkpoint.save_interval",
     "checkpoint.keep_last",
     "logging.log_interval",
@@ -410,6 +417,15 @@ def _reject_fields_without_effect(cfg: RunConfig) -> None:
             f"train.recompute.modules={r.modules} has no effect unless "
             f"train.recompute.granularity=selective",
         )
+    _require(
+        t.eval_interval is None or d.valid_path is not None,
+        f"train.eval_interval={t.eval_interval} needs data.valid_path (an Energon dataset of "
+        f"held-out samples, packed like the training data)",
+    )
+    _require(
+        d.valid_path is None or d.kind == "energon",
+        "data.valid_path needs data.kind=energon (the synthetic stream has no validation split)",
+    )
     if d.kind == "synthetic":
         _require(d.path is None, f"data.path={d.path!r} has no effect with data.kind=synthetic")
         _require(

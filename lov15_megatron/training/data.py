@@ -46,6 +46,16 @@ class TrainData:
         return self.iterators[0] if len(self.iterators) == 1 else self.iterators
 
 
+def pad_multiple(cfg: RunConfig) -> int:
+    """What every micro-batch's row length is rounded up to: the TP size under sequence
+    parallelism; the full ``data.seq_length`` under pipeline parallelism (fixed activation
+    shapes between stages)."""
+    p = cfg.parallel
+    if p.pipeline_model_parallel_size > 1:
+        return cfg.data.seq_length
+    return p.tensor_model_parallel_size if p.sequence_parallel else 1
+
+
 def data_layout(cfg: RunConfig) -> dict[str, Any]:
     """What the saved loader state depends on (stored with every training checkpoint)."""
     return {
@@ -118,10 +128,6 @@ def build_train_data(
         from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
         from lov15_megatron.data.tokenizer import load_tokenizer
 
-        p = cfg.parallel
-        multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
-        if p.pipeline_model_parallel_size > 1:  # fixed activation shapes between stages
-            multiple = cfg.data.seq_length
         worker_config = data_parallel_worker_config(
             parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(),
@@ -135,7 +141,7 @@ def build_train_data(
             worker_config=worker_config,
             image_config=ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels),
             seq_len=cfg.data.seq_length,
-            pad_to_multiple_of=multiple,
+            pad_to_multiple_of=pad_multiple(cfg),
         )
         if state is not None:
             loader.restore_state_rank(state["energon"])

@@ -85,6 +85,20 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(values, step=iteration)
 
+    def log_validation(self, v) -> None:
+        """One line per evaluation (a ``training.validation.ValidationResult``)."""
+        if not self.rank0:
+            return
+        print(
+            f"validation iter {v.iteration}/{self.cfg.train.train_iters} loss={v.loss:.5f} "
+            f"tokens={v.tokens:,} batches={v.batches}",
+            flush=True,
+        )
+        if self.tb is not None:
+            self.tb.add_scalar("valid/loss", v.loss, v.iteration)
+        if self.wandb is not None:
+            self.wandb.log({"valid_loss": v.loss}, step=v.iteration)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
