@@ -103,11 +103,13 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.data import build_train_data, data_layout, resumable_state
     from lov15_megatron.training.flops import peak_tflops, step_flops
     from lov15_megatron.training.metrics import MetricsLogger
+    from lov15_megatron.training.preflight import check_dataset_paths
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
     from lov15_megatron.training.validation import evaluate
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
+    check_dataset_paths(cfg)
 
     rt = distributed.initialize(cfg)
     print_rank_0(format_config(cfg))
@@ -255,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg))
         return 0
+    from lov15_megatron.training.preflight import check_dataset_paths
+
+    try:
+        check_dataset_paths(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     from lov15_megatron.runtime import distributed
 
     if cfg.checkpoint.save:
