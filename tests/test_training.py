@@ -168,7 +168,8 @@ def test_learns_resumes_exactly_and_freezes(setup_dirs, straight):
     assert (b1["first"], b1["last"], b2["first"], b2["last"]) == (0, 2, 2, 6)
     assert b1["losses"] + b2["losses"] == a["losses"], "resumed losses must equal the straight run"
     assert b1["ids"] + b2["ids"] == a["ids"], "the data stream must continue exactly"
-    assert len(a["ids"]) == 6 * 2  # every step consumed exactly the global batch of 2 packs
+    # 6 steps × 2 packs, each pack one or more samples (ids are the samples inside the packs)
+    assert len(a["ids"]) >= 6 * 2 and len(b1["ids"]) >= 2 * 2
     wa, wb = _weights(root / "a"), _weights(root / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights must be bit-identical"
 
