@@ -54,7 +54,7 @@ class EncodedPack(Sample):
     seqlens: list[int]  # sub-sample lengths, Σ = L
     pixel_values: torch.Tensor  # [Σ h·w, 588] float32
     image_grid_thw: torch.Tensor  # [n_images, 3] int64
-    sample_ids: list[str]
+    sample_ids: list[str]  # each sample's origin ("file:record N"), or its packer id
 
 
 @edataclass
@@ -166,7 +166,8 @@ class VLMTaskEncoder(DefaultTaskEncoder[PackedVLMSample, EncodedPack, VLMBatch, 
                 else torch.zeros(0, PATCH_DIM, dtype=torch.float32)
             ),
             image_grid_thw=torch.tensor(grids, dtype=torch.long).reshape(-1, 3),
-            sample_ids=[str(record.get("id")) for record in sample.samples],
+            # "file:record" of every sample: unique across packing runs (held-out checks).
+            sample_ids=[str(record.get("origin") or record.get("id")) for record in sample.samples],
         )
 
     def batch(self, samples: list[EncodedPack]) -> VLMBatch:  # type: ignore[override]
