@@ -238,7 +238,7 @@ def test_processor_batch_of_two_with_several_images(exports, our_model, tmp_path
         )
         for conversation in conversations
     ]
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = processor(text=texts, images=images, videos=None, padding=True, return_tensors="pt")
     assert inputs["image_grid_thw"].shape == (3, 3)
     assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum()  # row 0 padded
     out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
