@@ -160,3 +160,43 @@ def test_unpacked_webdataset_through_the_same_encoder(packed, tokenizer):
         answer = tokenizer.decode([t for t in batch.labels[0].tolist() if t != st.IGNORE_INDEX])
         assert answer == f"Answer number {int(batch.__key__[0][-3:])}.<|im_end|>"
         assert batch.image_grid_thw.shape == (1, 3)
+
+
+def test_longest_side_cap_applies_before_the_pixel_budget(tokenizer, tmp_path):
+    """The release's stage 2 caps the longest side at 1000 px, then resizes within the pixel
+    budget: a 2000 × 600 image arrives with the grid of 1000 × 300 (transformers' smart_resize,
+    the independent reference); without the cap it keeps its own size."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from lov15_megatron.data.image_processing import ImageConfig
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    image = io.BytesIO()
+    Image.new("RGB", (2000, 600), (200, 30, 30)).save(image, format="PNG")
+    record = {"conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                {"from": "gpt", "value": "Red."}]}  # fmt: skip
+    with tarfile.open(raw / "wide.tar", "w") as archive:
+        for name, payload in (("wide.json", json.dumps(record).encode()),
+                              ("wide.png", image.getvalue())):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    prepare_raw_webdataset(raw, ["wide.tar"], kind="instruct")
+    budget = DEFAULT_IMAGE_CONFIG
+    for cap, (height, width) in ((1000, (300, 1000)), (None, (600, 2000))):
+        loader = build_train_loader(
+            raw, tokenizer=tokenizer, micro_batch_size=1,
+            worker_config=data_parallel_worker_config(0, 1, 0),
+            image_config=ImageConfig(budget.min_pixels, budget.max_pixels, cap),
+            shuffle_buffer_size=None, max_samples_per_sequence=None,
+        )  # fmt: skip
+        (batch,) = _take(loader, 1)
+        h, w = smart_resize(height, width, factor=28, min_pixels=budget.min_pixels,
+                            max_pixels=budget.max_pixels)  # fmt: skip
+        assert batch.image_grid_thw.tolist() == [[1, h // 14, w // 14]], (cap, h, w)

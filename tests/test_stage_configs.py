@@ -100,7 +100,12 @@ def test_stage_recipe_is_the_release(size, stage):
     layers = 1 if stage == "stage2_instruct" else 4
     assert (r.granularity, r.method, r.num_layers, r.vision) == ("full", "uniform", layers, True)
     assert cfg.parallel.use_distributed_optimizer
-    assert (cfg.data.kind, cfg.data.seq_length) == ("energon", 8192)
+    # Stage 2 as the release runs it: unpacked samples (one per sequence, 16k upper bound),
+    # longest image side capped at 1000 px, loss averaged per sample (micro-batch 1).
+    stage2 = stage == "stage2_instruct"
+    assert (cfg.data.kind, cfg.data.seq_length) == ("energon", 16384 if stage2 else 8192)
+    assert cfg.data.max_image_side == (1000 if stage2 else None)
+    assert cfg.train.loss_weighting == ("micro_batch" if stage2 else "token")
     assert cfg.checkpoint.save_interval == 2000
     c = cfg.checkpoint
     assert (c.save, c.load, c.pretrained) == (None, None, None), "paths come from the launcher"
@@ -219,3 +224,21 @@ def test_model_configs_are_pure_model():
         assert {k: v for k, v in d.items() if k != "model"} == {
             k: v for k, v in default.items() if k != "model"
         }
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_packed_stage2_variant_consumes_about_the_release_samples(size):
+    """stage2_instruct_packed: the stage-2 recipe on 8k packs, 32 packs per step = 224 samples
+    at the 7 samples per pack its comment assumes; tokens weigh equally."""
+    packed = load_config(
+        CONFIGS / "llava_ov_1_5" / size / "stage2_instruct_packed.yaml", ["data.path=/d"]
+    )
+    unpacked = stage_config(size, "stage2_instruct")
+    assert packed.train.global_batch_size * 7 == unpacked.train.global_batch_size == 224
+    assert (packed.data.seq_length, packed.train.loss_weighting) == (8192, "token")
+    assert packed.data.max_image_side == 1000
+    same = ("lr", "min_lr", "weight_decay", "adam_beta2")
+    assert [getattr(packed.optimizer, k) for k in same] == [
+        getattr(unpacked.optimizer, k) for k in same
+    ]
+    assert packed.train.train_iters == unpacked.train.train_iters == 3500

@@ -117,6 +117,9 @@ class DataConfig:
     tokenizer: str = "qwen-offline"  # HF tokenizer dir, or qwen-offline (bundled Qwen vocab)
     min_pixels: int = 4 * 28 * 28  # image resize bounds (Qwen2-VL smart resize)
     max_pixels: int = 1600 * 1600
+    # Longest image side in pixels before the min/max-pixels resize (the release's stage 2:
+    # 1000); None: no cap. Packed data must have been packed with the same cap.
+    max_image_side: int | None = None
     valid_path: str | None = None  # energon dataset of held-out samples (validation loss)
 
 
@@ -223,6 +226,7 @@ _AT_LEAST_ONE = (
     "train.recompute.num_layers",
     "train.eval_interval",
     "train.eval_iters",
+    "data.max_image_side",
     "checkpoint.save_interval",
     "checkpoint.keep_last",
     "logging.log_interval",

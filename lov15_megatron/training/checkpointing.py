@@ -284,7 +284,7 @@ def describe_model(cfg, source: str | os.PathLike | None) -> dict:
         "image": {
             "min_pixels": cfg.data.min_pixels,
             "max_pixels": cfg.data.max_pixels,
-            "max_image_side": getattr(cfg.data, "max_image_side", None),
+            "max_image_side": cfg.data.max_image_side,
         },
     }
 

@@ -139,7 +139,9 @@ def build_train_data(
             tokenizer=load_tokenizer(cfg.data.tokenizer),
             micro_batch_size=cfg.train.micro_batch_size,
             worker_config=worker_config,
-            image_config=ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels),
+            image_config=ImageConfig(
+                cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_side
+            ),
             seq_len=cfg.data.seq_length,
             pad_to_multiple_of=pad_multiple(cfg),
         )

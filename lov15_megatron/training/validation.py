@@ -43,7 +43,7 @@ def _valid_batches(cfg: RunConfig, sample_ids: list[str]) -> Iterator[dict]:
 
     encoder = VLMTaskEncoder(
         load_tokenizer(cfg.data.tokenizer),
-        ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels),
+        ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_side),
         seq_len=cfg.data.seq_length,
         pad_to_multiple_of=pad_multiple(cfg),
     )
