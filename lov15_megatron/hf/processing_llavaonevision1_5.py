@@ -3,7 +3,7 @@
 Self-contained on purpose: this file is copied next to exported weights and loaded by
 ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` (``auto_map`` in
 ``processor_config.json`` and ``preprocessor_config.json``), so it imports only
-``transformers``, ``numpy`` and ``PIL``.
+``transformers`` and ``numpy`` (PIL is used through transformers).
 
 - :class:`LLaVAOneVision1_5_ImageProcessor`: transformers' ``Qwen2VLImageProcessorPil`` (PIL
   and NumPy only: no torchvision) with the settings of LLaVA-OneVision-1.5 (patch 14, merge 2,
@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorKwargs,
@@ -171,20 +170,9 @@ class LLaVAOneVision1_5_Processor(ProcessorMixin):
         return [*super().model_input_names, "mm_token_type_ids"]
 
 
-def open_image(path: str) -> Image.Image:
-    """An RGB PIL image from a local file, or ``ValueError`` naming the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot open image: {error}") from error
-
-
 __all__ = [
     "ImageTokenMismatchError",
     "LLaVAOneVision1_5_ImageProcessor",
     "LLaVAOneVision1_5_Processor",
     "cap_longest_side",
-    "open_image",
 ]
