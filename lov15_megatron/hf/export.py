@@ -155,7 +155,7 @@ def write_hf_assets(
 
     if missing("tokenizer.json") or missing("tokenizer_config.json"):
         written += write_tokenizer(directory, tokenizer_dir)
-    if missing(CHAT_TEMPLATE_FILE):
+    if missing(CHAT_TEMPLATE_FILE) and missing("chat_template.json"):  # legacy file: keep it alone
         (directory / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE_JINJA)
         written.append(CHAT_TEMPLATE_FILE)
     if missing(PREPROCESSOR_FILE) or image is not None:
