@@ -190,16 +190,37 @@ def test_learns_resumes_exactly_and_freezes(setup_dirs, straight):
 
 def test_validation_on_held_out_samples_survives_resume(setup_dirs):
     """Validation every 2 iterations and at the end, on another data set than training; a run
-    stopped at iteration 2 and resumed reports the same validation losses as a straight run."""
+    stopped at iteration 2 and resumed reports the same validation losses as a straight run.
+    Also: training on unpacked samples consumes exactly the global batch of samples per step."""
     root = setup_dirs
     valid = ["train.train_iters=4", "train.eval_interval=2", "train.eval_iters=2",
              f"data.valid_path={root / 'instruct'}"]  # fmt: skip
+    # Stage 2 as the release runs it: unpacked samples (one per row), longest side capped.
+    from data_fixtures import write_tar
+
+    from lov15_megatron.data.energon_dataset import prepare_raw_webdataset
+
+    raw = root / "raw_wds"
+    raw.mkdir(exist_ok=True)
+    write_tar(raw / "wds.tar", count=8)
+    prepare_raw_webdataset(raw, ["wds.tar"], kind="instruct")
     runs = {
         "straight": [*valid, f"checkpoint.save={root / 'v1'}"],
         "part1": [*valid, "train.exit_interval=2", f"checkpoint.save={root / 'v2'}"],
         "part2": [*valid, f"checkpoint.save={root / 'v2'}"],
+        "unpacked": [
+            "train.train_iters=2",
+            "train.global_batch_size=4",
+            f"data.path={raw}",
+            "data.max_image_side=56",
+            "train.loss_weighting=micro_batch",
+        ],  # fmt: skip
     }
     (out,) = run_ranks(1, train_runs, str(root), runs)
+    unpacked = out["unpacked"]
+    assert len(unpacked["ids"]) == 2 * 4  # samples per step = the global batch
+    assert set(unpacked["ids"]) <= {f"sample{i:03d}" for i in range(8)}, unpacked["ids"]
+    assert all(math.isfinite(x) for x in unpacked["losses"])
     straight, part1, part2 = out["straight"], out["part1"], out["part2"]
     assert [i for i, _ in straight["valid"]] == [2, 4]
     assert all(math.isfinite(v) for _, v in straight["valid"])
