@@ -210,7 +210,8 @@ def open_run(config: PackConfig) -> tuple[Run, list[Source]]:
     else:
         for folder in (run.dataset / SHARD_DIR, run.measure_dir, run.work / "tasks"):
             folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda s: s.write(json.dumps(identity, indent=2).encode()))
+        text = json.dumps(identity, indent=2).encode()
+        atomic_write(path, lambda s: s.write(text), shared=True)  # array tasks start together
     return run, sources
 
 
@@ -246,6 +247,7 @@ def _pool_map(
     workers: int,
     initializer: Callable[..., None],
     initargs: tuple[Any, ...],
+    ordered: bool = False,
 ) -> Iterator[Any]:
     if workers == 1 or len(tasks) <= 1:
         initializer(*initargs)
@@ -253,7 +255,8 @@ def _pool_map(
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(min(workers, len(tasks)), initializer, initargs) as pool:
-        yield from pool.imap_unordered(function, tasks, chunksize=1)
+        mapper = pool.imap if ordered else pool.imap_unordered
+        yield from mapper(function, tasks, chunksize=1)
 
 
 def _progress(total: int | None, desc: str, enabled: bool, unit: str) -> Any:
@@ -316,8 +319,8 @@ def measure(config: PackConfig, task: Task | None = None, progress: bool = True)
         jobs = [(index, units[index]) for index in todo]
         initargs = (config, str(run.measure_dir))
         for count, skips, failure in _pool_map(
-            _measure_unit, jobs, config.workers, _init_measure, initargs
-        ):
+            _measure_unit, jobs, config.workers, _init_measure, initargs, ordered=True
+        ):  # ordered: the first bad sample reported is the first in (source, record) order
             if failure is not None:
                 raise PackingError(f"bad input: {failure}")
             samples, skipped = samples + count, skipped + skips
@@ -567,7 +570,7 @@ def run(config: PackConfig, progress: bool = True) -> dict[str, Any]:
     fresh = not partial_path(Path(config.output).expanduser().resolve()).exists()
     try:
         measure(config, Task(), progress)
-    except PackingError:
+    except (PackingError, ValueError, OSError):  # bad input: a bad sample, an unreadable file
         if fresh:
             remove_partial(config.output)
         raise

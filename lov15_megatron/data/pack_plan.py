@@ -73,7 +73,7 @@ def make_plan(
     lengths = np.ascontiguousarray(table["length"])
     pack_of = best_fit_decreasing_assign(lengths, seq_len)
     num_packs = int(pack_of.max()) + 1 if len(pack_of) else 0
-    patches = np.ascontiguousarray(table["patches"]).astype(np.int64)
+    patches = np.ascontiguousarray(table["patches"])
     patches_sq = np.ascontiguousarray(table["patches_sq"])
     cost = vit_cost(patches, patches_sq)
     balance: dict[str, Any] = {
@@ -86,15 +86,16 @@ def make_plan(
         pack_of = balance_cost(lengths, pack_of, cost)
         balance["with"] = vit_cost_spread(pack_of, num_packs, cost, patches, patches_sq)
     del cost, patches_sq
-    rank = np.empty(num_packs, dtype=np.int64)
-    rank[np.random.default_rng(seed).permutation(num_packs)] = np.arange(num_packs)
+    # pack at position k of the write order: the BFD pack id permutation[k]
+    permutation = np.random.default_rng(seed).permutation(num_packs)
+    rank = np.empty(num_packs, dtype=pack_of.dtype)
+    rank[permutation] = np.arange(num_packs, dtype=pack_of.dtype)
     members, pack_offsets = pack_members(pack_of, rank)
-    pack_bytes = np.bincount(
-        rank[pack_of],
-        weights=table["image_bytes"] + SAMPLE_OVERHEAD_BYTES,
-        minlength=num_packs,
-    )
-    patches_per_pack = np.bincount(rank[pack_of], weights=patches, minlength=num_packs)
+    del rank
+    bytes_by_id = np.bincount(pack_of, weights=table["image_bytes"], minlength=num_packs)
+    bytes_by_id += SAMPLE_OVERHEAD_BYTES * np.bincount(pack_of, minlength=num_packs)
+    pack_bytes = bytes_by_id[permutation]
+    patches_per_pack = np.bincount(pack_of, weights=patches, minlength=num_packs)
     del pack_of, patches
     shard_offsets = _shard_offsets(pack_bytes.tolist(), max_packs_per_shard, max_shard_bytes)
     tokens = int(lengths.sum(dtype=np.int64))

@@ -119,7 +119,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 
 def best_fit_decreasing_assign(
-    lengths: np.ndarray, capacity: int, chunk: int = 1 << 20
+    lengths: np.ndarray, capacity: int, chunk: int = 1 << 16
 ) -> np.ndarray:
     """:func:`best_fit_decreasing` as an array: ``pack_of[i]`` = pack id of item ``i`` (packs
     numbered in creation order). Memory: a few bytes per item plus one heap entry per pack."""
@@ -129,7 +129,7 @@ def best_fit_decreasing_assign(
     if len(lengths) and (lengths.min() <= 0 or lengths.max() > capacity):
         bad = int(np.flatnonzero((lengths <= 0) | (lengths > capacity))[0])
         raise ValueError(f"item {bad} has length {int(lengths[bad])}, outside 1..{capacity}")
-    order = np.argsort(-lengths.astype(np.int64), kind="stable")  # ties: input order
+    order = np.argsort(-lengths, kind="stable")  # ties: input order
     pack_of = np.empty(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
     rooms = _FirstAtLeast(capacity + 1)
     by_room: dict[int, list[int]] = {}  # room left -> heap of pack ids
@@ -185,8 +185,9 @@ def balance_cost(
     cost = np.asarray(cost, dtype=np.int64)
     totals = np.zeros(int(pack_of.max()) + 1 if len(pack_of) else 0, dtype=np.int64)
     np.add.at(totals, pack_of, cost)
-    by_length = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    sorted_lengths = np.asarray(lengths)[by_length]
+    lengths = np.asarray(lengths)
+    by_length = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[by_length]
     bounds = np.flatnonzero(np.diff(sorted_lengths)) + 1
     classes = [c for c in np.split(by_length, bounds) if len(c) > 1]
     classes = [c for c in classes if cost[c].min() != cost[c].max()]

@@ -49,9 +49,11 @@ def unit_skips(directory: Path, unit: int) -> Path:
     return directory / f"u{unit:07d}.skips.json"
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(stream)`` into ``path`` so that ``path`` only ever exists complete."""
-    temp = path.with_name(path.name + ".tmp")
+def atomic_write(path: Path, write: Any, shared: bool = False) -> None:
+    """``write(stream)`` into ``path`` so that ``path`` only ever exists complete. The temp name
+    is ``path.tmp``; ``shared`` (a file several tasks may write at once) adds the process id."""
+    suffix = f".tmp.{os.getpid()}" if shared else ".tmp"
+    temp = path.with_name(path.name + suffix)
     with open(temp, "wb") as stream:
         write(stream)
         stream.flush()
