@@ -29,6 +29,13 @@ from lov15_megatron.data.offline_packing import (
 from lov15_megatron.data.sources import discover_sources, plan_units
 
 TASKS = 3
+#: The report's keys before the packer had phases: all kept.
+REPORT_KEYS_BEFORE_PHASES = (
+    "samples_in samples_packed samples_skipped skipped_examples packs packs_lower_bound shards "
+    "seq_len kind min_pixels max_pixels algorithm tokens samples_per_pack fill_efficiency "
+    "padding_compression length_histogram vision_patches_per_pack shards_written_this_run "
+    "wall_time_s"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,7 @@ def test_split_tasks_killed_and_rerun_match_one_process(sources, tmp_path):
     assert packed_tree(output) == packed_tree(root / "ref")
     assert report["measure_tasks"] == TASKS and report["write_tasks"] == TASKS
     assert set(report["wall_time_s"]) == {"measure", "plan", "write", "finalise", "total"}
+    assert set(REPORT_KEYS_BEFORE_PHASES) < set(report)
     assert report["peak_rss_bytes"]["max"] > 0 and report["peak_rss_bytes"]["per_sample"] > 0
 
 
