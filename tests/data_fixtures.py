@@ -235,6 +235,23 @@ def run_tool(command: list[str], env: dict[str, str] | None = None):
     return result
 
 
+def _blocked_opening_fifo(pid: int) -> bool:
+    """Whether process ``pid`` sleeps in open() of a FIFO without a reader: the kernel's wait
+    channel, or, where that is hidden ("0"), the same openat syscall seen twice 50 ms apart."""
+    import time
+
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        if wchan != "0":
+            return wchan in ("wait_for_partner", "fifo_open")
+        first = Path(f"/proc/{pid}/syscall").read_text().split()
+        time.sleep(0.05)
+        second = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return first[:1] in (["257"], ["56"]) and first == second  # openat: x86_64, aarch64
+
+
 def kill_when_blocked_on(command: list[str], fifo: Path) -> None:
     """Run ``command`` with a named pipe at ``fifo`` (a temp file name the tool will write),
     wait until the tool blocks opening it (``/proc/PID/wchan``), then SIGKILL it: a real kill
@@ -247,8 +264,7 @@ def kill_when_blocked_on(command: list[str], fifo: Path) -> None:
     os.mkfifo(fifo)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    wchan = Path(f"/proc/{process.pid}/wchan")
-    while wchan.read_text().strip() not in ("wait_for_partner", "fifo_open"):
+    while not _blocked_opening_fifo(process.pid):
         if process.poll() is not None:
             raise AssertionError(f"the tool ended before reaching {fifo}: {process.stderr.read()}")
         if time.monotonic() > deadline:
