@@ -4,6 +4,7 @@ tasks, one of each SIGKILLed mid-way and run again, give the one-process run's b
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -59,15 +60,27 @@ def test_split_tasks_killed_and_rerun_match_one_process(sources, tmp_path):
     mine = Task(1, TASKS).select(units)
     assert units == 20 and len(mine) >= 3
 
-    # measure: tasks 0 and 2 here; task 1 as a process, killed while storing its 2nd unit
-    for index in (0, 2):
-        measure(config, Task(index, TASKS), progress=False)
-    with pytest.raises(PackingError, match=f"{len(mine)} of 20 work units not measured"):
-        plan(config, progress=False)
+    # measure: the three tasks at once, as a job array runs them; task 1 is killed while
+    # storing its 2nd unit
     command = pack_command(inputs, output, "--records-per-unit", "1")
+    work.joinpath("measure").mkdir(parents=True)
+    others = [
+        subprocess.Popen(
+            command + ["--phase", "measure", "--task-index", str(index), "--num-tasks", "3"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 2)
+    ]
     fifo = work / "measure" / f"u{mine[1]:07d}.npy.tmp"
     task_1 = ["--task-index", "1", "--num-tasks", "3"]
     kill_when_blocked_on(command + ["--phase", "measure", *task_1], fifo)
+    for process in others:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    with pytest.raises(PackingError, match=f"{len(mine) - 1} of 20 work units not measured"):
+        plan(config, progress=False)
     done = sorted(path.name for path in (work / "measure").glob("*.npy"))
     assert f"u{mine[0]:07d}.npy" in done and f"u{mine[1]:07d}.npy" not in done
     assert len(done) == units - len(mine) + 1
