@@ -320,3 +320,21 @@ def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
     assert (pre["min_pixels"], pre["max_pixels"], pre["max_image_side"]) == (6272, 401408, 1000)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "hf" / name).read_bytes() == (exports["stage0"] / name).read_bytes()
+
+
+def test_bad_image_settings_are_one_line_errors(exports, tmp_path, capsys) -> None:
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("make_stage0_tool", ROOT / "tools/make_stage0.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root = exports["stage0"].parent
+    out = tmp_path / "out"
+    args = ["--vit-dir", str(root / "vit"), "--llm-dir", str(root / "llm"), "--save-dir", str(out)]
+    assert tool.main([*args, "--max-image-side", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --min-pixels/--max-pixels/--max-image-side: max_image_side must be "
+                   "at least 28, got 5"]  # fmt: skip
+    assert not out.exists() and not out.with_name("out.tmp").exists()
