@@ -9,7 +9,8 @@
 # TASKS: elements of the measure and write arrays. A failed or killed element: resubmit it alone
 # with the same arguments (sbatch --array=I examples/pack_offline/pack_phase.sbatch --phase
 # measure --num-tasks TASKS ARGS), then the jobs after it; finished work is kept.
-# Extra sbatch options for every job: $SBATCH_ARGS (e.g. "--partition=cpu --account=me").
+# Extra sbatch options for every job: $SBATCH_ARGS (e.g. "--partition=cpu --account=me"),
+# given last, so they win over the options this script and pack_phase.sbatch set.
 set -euo pipefail
 dry_run=0
 if [[ "${1:-}" == "--dry-run" ]]; then
@@ -34,10 +35,10 @@ submit() {  # submit NAME [sbatch options] -- [pack_offline options]; prints the
   done
   shift
   if ((dry_run)); then
-    echo "sbatch --parsable ${extra[*]} ${options[*]} $job $* $(printf '%q ' "${args[@]}")" >&2
+    echo "sbatch --parsable ${options[*]} ${extra[*]} $job $* $(printf '%q ' "${args[@]}")" >&2
     echo "<$name-job-id>"
   else
-    sbatch --parsable "${extra[@]}" "${options[@]}" "$job" "$@" "${args[@]}"
+    sbatch --parsable "${options[@]}" "${extra[@]}" "$job" "$@" "${args[@]}"
   fi
 }
 
