@@ -172,7 +172,10 @@ def test_bad_inputs_are_named(tmp_path):
         "shape": variant("shape", bad_shape),
         "config": variant("config", weights, intermediate_size=128),
         "head": variant("head", weights, tie_word_embeddings=True),
+        "truncated": variant("truncated", weights),
     }
+    shard = Path(cases["truncated"]) / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5])  # an interrupted download
     outputs = {name: str(tmp_path / f"out_{name}") for name in cases}
     outputs["unwritable"] = str(blocker / "out")
     jobs = {name: (hf_dir, outputs[name]) for name, hf_dir in cases.items()}
@@ -186,6 +189,7 @@ def test_bad_inputs_are_named(tmp_path):
     assert all(s in errors["shape"] for s in ("self_attn.o_proj.weight", "(64, 32)", "(64, 64)"))
     assert "gate_proj.weight" in errors["config"] and "intermediate_size=128" in errors["config"]
     assert "lm_head.weight differs" in errors["head"]
+    assert errors["truncated"].startswith(f"ConversionError: {shard}: not a readable safetensors")
     assert "cannot write" in errors["unwritable"] and outputs["unwritable"] in errors["unwritable"]
     for name, out in outputs.items():  # nothing left behind that looks like output
         assert not Path(out).exists() and not Path(out + ".tmp").exists(), name
@@ -198,3 +202,11 @@ def test_bad_inputs_are_named(tmp_path):
     err = _fails("mcore-to-hf", "--model", "qwen3", "--load-dir", str(hf), "--save-dir",
                  str(tmp_path / "x"))  # fmt: skip
     assert "lov15_model.json" in err and not (tmp_path / "x").exists()
+    # verify checks the layout and the HF directory before any rank starts
+    ok("hf-to-mcore", "--model", "qwen3", "--hf-dir", str(hf), "--save-dir", str(tmp_path / "mc"))
+    err = _fails("verify", "--model", "qwen3", "--hf-dir", str(hf), "--load-dir",
+                 str(tmp_path / "mc"), "--tp", "3")  # fmt: skip
+    assert "tensor_model_parallel_size=3 does not divide" in err
+    err = _fails("verify", "--model", "qwen3", "--hf-dir", str(tmp_path / "truncated"),
+                 "--load-dir", str(tmp_path / "mc"))  # fmt: skip
+    assert "not a readable safetensors file" in err

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lov15_megatron.convert.mapping import ConversionError
@@ -57,6 +57,21 @@ TOKENIZER_FILES = (
 )
 
 
+def _open(path: Path):
+    """``safe_open`` whose failures (truncated or corrupt file) name the file."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
 class HFCheckpointReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory."""
 
@@ -67,12 +82,14 @@ class HFCheckpointReader:
         config_path = self.dir / "config.json"
         if not config_path.exists():
             raise ConversionError(f"{config_path} is missing")
-        self.config: dict = json.loads(config_path.read_text())
+        self.config: dict = _read_json(config_path)
         if (self.dir / INDEX).exists():
-            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            weight_map = _read_json(self.dir / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{self.dir / INDEX}: no 'weight_map' mapping")
             self._file_of = {name: self.dir / f for name, f in weight_map.items()}
         elif (self.dir / SINGLE).exists():
-            with safe_open(self.dir / SINGLE, framework="pt") as f:
+            with _open(self.dir / SINGLE) as f:
                 self._file_of = {name: self.dir / SINGLE for name in f.keys()}
         else:
             raise ConversionError(f"no {SINGLE} or {INDEX} in {self.dir}")
@@ -89,11 +106,15 @@ class HFCheckpointReader:
         return path
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self._path(name), framework="pt") as f:
-            return f.get_tensor(name).clone()
+        path = self._path(name)
+        with _open(path) as f:
+            try:
+                return f.get_tensor(name).clone()
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"{path}: cannot read tensor {name!r} ({e})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._path(name), framework="pt") as f:
+        with _open(self._path(name)) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype(self) -> torch.dtype:

@@ -95,11 +95,16 @@ def verify(
     dump_logits: str | os.PathLike | None = None,
 ) -> dict:
     """Run both models on the same inputs; returns the metrics (and dumps logits if asked)."""
+    from lov15_megatron.config import validate_world_size
     from lov15_megatron.convert.core import run_config_of_checkpoint
+    from lov15_megatron.convert.hf_io import HFCheckpointReader
     from lov15_megatron.convert.registry import get_converter
     from lov15_megatron.runtime.launch import run_ranks
 
     converter = get_converter(model_name)
+    HFCheckpointReader(hf_dir)  # a missing or unreadable HF directory is named here
+    # The layout must fit the model (heads, layers) before any rank starts: a ConfigError.
+    validate_world_size(run_config_of_checkpoint(load_dir, tp, pp), tp * pp)
     cfg = run_config_of_checkpoint(load_dir)
     if inputs:
         data = torch.load(inputs)
