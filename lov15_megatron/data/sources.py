@@ -264,9 +264,11 @@ def _jsonl_units(source: Source, records_per_unit: int) -> Iterator[WorkUnit]:
         yield WorkUnit(source, start, count, first, position)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
 def _json_records(path: str) -> list[Any]:
-    """A JSON array source, parsed whole (kept for the last file asked for)."""
+    """A JSON array source, parsed whole (kept for the last four files asked for: a write task
+    draws samples from all sources in turn). Large sets are better given as JSONL, which is
+    read by byte offset."""
     data = Path(path).read_bytes()
     try:
         records = json.loads(data)
