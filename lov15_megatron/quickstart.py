@@ -31,8 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # data counts and steps per stage
-    "default": {"caption": 400, "instruct": 3000, "eval": 100, "steps": (10, 20, 400)},
-    "small": {"caption": 120, "instruct": 1000, "eval": 60, "steps": (6, 8, 200)},
+    "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "steps": (10, 20, 400)},
+    "small": {"caption": 120, "instruct": 1000, "eval": 60, "valid": 48, "steps": (6, 8, 200)},
 }
 
 
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     print("[1/7] generating the shapes data set", flush=True)
     data = generate_shapes_dataset(out / "data", seed=0, n_caption=size["caption"],
                                    n_instruct=size["instruct"], n_eval=size["eval"])  # fmt: skip
+    # Held-out sets for the validation loss: drawn with another seed (other images and texts).
+    held_out = generate_shapes_dataset(out / "data_valid", seed=1, n_caption=size["valid"],
+                                       n_instruct=size["valid"], n_eval=4)  # fmt: skip
     print("[2/7] tiny random Rice ViT + Qwen3 -> stage-0 (tools/make_stage0.py)", flush=True)
     vit, llm = make_sources(out / "sources")
     run(sys.executable, "tools/make_stage0.py", "--vit-dir", str(vit), "--llm-dir", str(llm),
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             "--no-progress")  # fmt: skip
         report = json.loads((out / f"packed_{split}" / "pack_report.json").read_text())
         fill[split] = (report["samples_in"], report["packs"], report["fill_efficiency"])
+        run(sys.executable, "tools/pack_offline.py", "--input", *held_out[split]["sources"],
+            "--output", str(out / f"valid_{split}"), "--tokenizer", "qwen-offline",
+            "--seq-len", "512", "--workers", "2", "--kind", held_out[split]["kind"],
+            "--no-progress")  # fmt: skip
     print("[4/7] stage-0 HF -> Megatron (tools/convert_checkpoint.py hf-to-mcore)", flush=True)
     run(sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--model", "llava-ov-1.5",
         "--hf-dir", str(out / "stage0_hf"), "--save-dir", str(out / "stage0_mcore"))  # fmt: skip
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.append(stage(out, name, config, [
             f"data.path={out / f'packed_{split}'}", f"checkpoint.pretrained={previous}",
             f"checkpoint.save={out / name}", f"train.train_iters={n}",
+            f"data.valid_path={out / f'valid_{split}'}", "train.eval_iters=1",
         ]))  # fmt: skip
     print("[6/7] export to Hugging Face (mcore-to-hf) and answer held-out questions", flush=True)
     run(sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--model", "llava-ov-1.5",
@@ -156,6 +164,8 @@ def print_summary(s: dict, out: Path) -> None:
     for st in s["stages"]:
         steps = f"{st['first_iteration'] + 1}-{st['last_iteration']}"
         loss = f"{st['first_loss']:.3f} -> {st['last_loss']:.3f}"
+        if st.get("last_valid_loss") is not None:
+            loss += f", validation {st['last_valid_loss']:.3f}"
         print(f"  {st['stage']:9s} steps {steps}  loss {loss}  {st['tokens_per_s']:,.0f} tokens/s  "
               f"checkpoint {st['checkpoint']}")  # fmt: skip
     for split, (n, packs, fill) in s["packing"].items():

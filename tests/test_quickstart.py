@@ -13,6 +13,7 @@ against chance 0.29; the other question types stay near chance at this size, see
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def test_quickstart_small_pipeline(tmp_path):
     assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage1_5", "stage2"]
     for stage in summary["stages"]:
         assert stage["last_loss"] < stage["first_loss"], stage
+        assert math.isfinite(stage["last_valid_loss"]), stage  # held-out loss at the stage's end
         assert Path(stage["checkpoint"]).is_dir()
         assert (Path(stage["checkpoint"]) / "lov15_model.json").exists()
     assert summary["stages"][-1]["last_loss"] < 0.5 * summary["stages"][-1]["first_loss"]
