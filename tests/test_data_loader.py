@@ -200,3 +200,46 @@ def test_longest_side_cap_applies_before_the_pixel_budget(tokenizer, tmp_path):
         h, w = smart_resize(height, width, factor=28, min_pixels=budget.min_pixels,
                             max_pixels=budget.max_pixels)  # fmt: skip
         assert batch.image_grid_thw.tolist() == [[1, h // 14, w // 14]], (cap, h, w)
+
+
+def test_one_sample_per_pack_with_the_side_cap_reads_back(tokenizer, tmp_path):
+    """The release's stage-2 data: tools/pack_offline.py --one-sample-per-pack --max-image-side
+    writes one sample per sequence, measured with the cap; the loader with the same cap reads
+    every sample back as its own row (and the cap changed the grid of the wide image)."""
+    import json as json_lib
+
+    from PIL import Image
+
+    from lov15_megatron.data.image_processing import ImageConfig
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    Image.new("RGB", (2000, 600), (10, 200, 10)).save(src / "images" / "wide.png")
+    Image.new("RGB", (300, 200), (10, 10, 200)).save(src / "images" / "small.png")
+    records = [
+        {"id": f"r{i}", "image": f"images/{name}.png",
+         "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                           {"from": "gpt", "value": f"Answer {i}."}]}
+        for i, name in enumerate(["wide", "small", "wide", "small", "small"])
+    ]  # fmt: skip
+    (src / "data.json").write_text(json_lib.dumps(records))
+    out = tmp_path / "unpacked"
+    report = pack([str(src / "data.json")], out, seq_len=2048, kind="instruct",
+                  max_image_side=1000, one_sample_per_pack=True, max_packs_per_shard=2)  # fmt: skip
+    assert (report["packs"], report["samples_per_pack"]) == (5, 1.0)
+    assert report["algorithm"] == "one_sample_per_pack" and report["max_image_side"] == 1000
+    budget = DEFAULT_IMAGE_CONFIG
+    loader = build_train_loader(
+        out, tokenizer=tokenizer, micro_batch_size=1,
+        worker_config=data_parallel_worker_config(0, 1, 0),
+        image_config=ImageConfig(budget.min_pixels, budget.max_pixels, 1000),
+        shuffle_buffer_size=None, max_samples_per_sequence=None,
+    )  # fmt: skip
+    batches = _take(loader, 5)
+    assert sorted(len(b.seqlens[0]) for b in batches) == [1] * 5  # one sample per row
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(300, 1000, factor=28, min_pixels=budget.min_pixels,
+                        max_pixels=budget.max_pixels)  # fmt: skip
+    grids = [tuple(b.image_grid_thw[0].tolist()) for b in batches]
+    assert grids.count((1, h // 14, w // 14)) == 2  # both wide images arrive capped

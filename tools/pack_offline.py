@@ -52,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bo
     parser.add_argument("--kind", choices=("caption", "instruct"), default="instruct")
     parser.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument(
+        "--max-image-side",
+        type=int,
+        default=None,
+        help="cap every image's longest side at this many pixels before the pixel budget "
+        "(the release's stage 2: 1000; training must set the same data.max_image_side)",
+    )
+    parser.add_argument(
+        "--one-sample-per-pack",
+        action="store_true",
+        help="no packing: every sample is its own sequence (the release's stage 2)",
+    )
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     parser.add_argument("--image-root", help="image folder for JSON sources (default: its folder)")
     parser.add_argument(
@@ -98,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bo
         kind=args.kind,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        max_image_side=args.max_image_side,
+        one_sample_per_pack=args.one_sample_per_pack,
         on_error=args.on_error,
         image_root=args.image_root,
         verify_images=args.verify_images,

@@ -93,6 +93,8 @@ class PackConfig:
     kind: str = "instruct"
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_side: int | None = None
+    one_sample_per_pack: bool = False
     on_error: str = "fail"
     image_root: str | None = None
     verify_images: bool = False
@@ -105,7 +107,7 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
-        ImageConfig(self.min_pixels, self.max_pixels)
+        self.image_config  # noqa: B018 - validates the image settings
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         for name in ("seq_len", "workers", "max_packs_per_shard", "records_per_unit"):
@@ -116,7 +118,7 @@ class PackConfig:
 
     @property
     def image_config(self) -> ImageConfig:
-        return ImageConfig(self.min_pixels, self.max_pixels)
+        return ImageConfig(self.min_pixels, self.max_pixels, self.max_image_side)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The arguments the output depends on (not ``output`` location, not ``workers``)."""
@@ -361,6 +363,7 @@ def plan(config: PackConfig, progress: bool = True) -> dict[str, Any]:
         config.max_packs_per_shard,
         config.max_shard_bytes,
         config.balance_vision,
+        config.one_sample_per_pack,
     )
     result.info.update(
         samples_in=len(table) + skipped, samples_skipped=reasons, skipped_examples=examples
@@ -530,7 +533,8 @@ def build_report(
         "kind": config.kind,
         "min_pixels": config.min_pixels,
         "max_pixels": config.max_pixels,
-        "algorithm": "best_fit_decreasing",
+        "max_image_side": config.max_image_side,
+        "algorithm": "one_sample_per_pack" if config.one_sample_per_pack else "best_fit_decreasing",
         "tokens": info["tokens"],
         "samples_per_pack": info["samples_per_pack"],
         "fill_efficiency": info["fill_efficiency"],

@@ -68,10 +68,18 @@ def make_plan(
     max_packs_per_shard: int,
     max_shard_bytes: int,
     balance_vision: bool,
+    one_sample_per_pack: bool = False,
 ) -> Plan:
-    """Pack the sample table (see the module docstring)."""
+    """Pack the sample table (see the module docstring); with ``one_sample_per_pack`` every
+    sample is its own pack (unpacked data, e.g. the release's stage 2)."""
     lengths = np.ascontiguousarray(table["length"])
-    pack_of = best_fit_decreasing_assign(lengths, seq_len)
+    if one_sample_per_pack:
+        if len(lengths) and lengths.max() > seq_len:
+            bad = int(np.argmax(lengths))
+            raise ValueError(f"item {bad} has length {int(lengths[bad])}, outside 1..{seq_len}")
+        pack_of = np.arange(len(lengths), dtype=np.int64)
+    else:
+        pack_of = best_fit_decreasing_assign(lengths, seq_len)
     num_packs = int(pack_of.max()) + 1 if len(pack_of) else 0
     patches = np.ascontiguousarray(table["patches"])
     patches_sq = np.ascontiguousarray(table["patches_sq"])
@@ -82,7 +90,7 @@ def make_plan(
         "without": vit_cost_spread(pack_of, num_packs, cost, patches, patches_sq),
         "with": None,
     }
-    if balance_vision and num_packs > 1:
+    if balance_vision and num_packs > 1 and not one_sample_per_pack:
         pack_of = balance_cost(lengths, pack_of, cost)
         balance["with"] = vit_cost_spread(pack_of, num_packs, cost, patches, patches_sq)
     del cost, patches_sq
