@@ -18,8 +18,9 @@
 # they are missing). `up` starts its own munged on its own socket and key, the controller and
 # the node daemons, adds the node names to /etc/hosts (one marked line) and waits until every
 # node is idle. Use the cluster with SLURM_CONF=DIR/slurm.conf (printed by `up`). `down`
-# cancels the cluster's jobs and stops exactly the daemons `up` started (by their pid files),
-# removes the /etc/hosts line and keeps DIR/log for inspection; the next `up` wipes DIR.
+# cancels the cluster's jobs, stops exactly the daemons `up` started (by their pid files) and
+# any process a job left behind (found by its SLURM_CONF and SLURM_JOB_ID), removes the
+# /etc/hosts line and keeps DIR/log for inspection; the next `up` wipes DIR.
 set -euo pipefail
 
 die() {
@@ -223,6 +224,23 @@ stop_pidfile() { # TERM, then KILL after 10 s
   kill -9 "$pid" 2>/dev/null || true
 }
 
+kill_job_leftovers() { # processes of the cluster's jobs that outlived them
+  # proctrack/linuxproc follows a job's processes by parentage, so a child orphaned by a killed
+  # rank (e.g. a multiprocessing manager) escapes it; proctrack/cgroup on a real cluster does not
+  local p env pids=()
+  for p in /proc/[0-9]*; do
+    env="$({ tr '\0' '\n' <"$p/environ"; } 2>/dev/null)" || continue
+    if grep -qxF "SLURM_CONF=$CONF" <<<"$env" && grep -q '^SLURM_JOB_ID=' <<<"$env"; then
+      pids+=("${p#/proc/}")
+    fi
+  done
+  [[ ${#pids[@]} -eq 0 ]] && return
+  echo "[slurm] stopping ${#pids[@]} process(es) left behind by the cluster's jobs"
+  kill "${pids[@]}" 2>/dev/null || true
+  sleep 1
+  kill -9 "${pids[@]}" 2>/dev/null || true
+}
+
 down() {
   [[ -d "$DIR" ]] || { echo "[slurm] nothing to stop ($DIR does not exist)"; return; }
   if alive "$DIR/slurmctld.pid"; then
@@ -240,6 +258,7 @@ down() {
   done
   stop_pidfile "$DIR/slurmctld.pid"
   stop_pidfile "$DIR/munged.pid"
+  kill_job_leftovers
   remove_hosts
   echo "[slurm] down (logs kept in $DIR/log)"
 }

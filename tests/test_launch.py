@@ -298,9 +298,11 @@ def test_failed_run_names_the_first_failed_rank(tmp_path):
     ) in res.stderr, res.stderr
 
 
-def test_run_stopped_by_sigterm_is_reported_with_exit_75(tmp_path):
-    """torchrun exits 1 after passing SIGTERM on; the ranks' summary says they saved and stopped."""
-    env = fake_slurm(tmp_path, nodes=1, SRUN_EXIT="1")
+@pytest.mark.parametrize("srun_exit", ["1", "0"])
+def test_run_stopped_by_sigterm_is_reported_with_exit_75(tmp_path, srun_exit):
+    """torchrun exits 1 after passing SIGTERM on (0 if only the ranks got it); the ranks' summary
+    says they saved and stopped: not finished, so not 0."""
+    env = fake_slurm(tmp_path, nodes=1, SRUN_EXIT=srun_exit)
     save = Path(env["LOV15_CKPT_ROOT"]) / "4b" / "stage1_alignment"
     env["SRUN_PLAY"] = (
         f"echo 12 > {save}/latest_checkpointed_iteration.txt; "

@@ -149,8 +149,9 @@ def assert_two_node_run(job: Job, layout: str) -> None:
     assert "runtime: device=cpu backend=gloo world=2" in log  # the rendezvous completed
 
 
-def kill_rank(job_id: str, node: str) -> int:
-    """SIGKILL the training process (a torchrun worker) of this job on this node."""
+def job_processes(job_id: str) -> list[tuple[int, dict[str, str], list[bytes]]]:
+    """(pid, environment, argv) of the processes of this test-cluster job on this machine."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -159,13 +160,29 @@ def kill_rank(job_id: str, node: str) -> int:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
-        if (env.get("SLURM_JOB_ID"), env.get("SLURMD_NODENAME")) == (job_id, node) and (
-            "LOCAL_RANK" in env and b"lov15_megatron.train" in cmdline
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_CONF") == str(
+            CLUSTER_DIR / "slurm.conf"
         ):
-            os.kill(int(entry.name), signal.SIGKILL)
-            return int(env["RANK"])
+            found.append((int(entry.name), env, cmdline))
+    return found
+
+
+def kill_rank(job_id: str, node: str) -> int:
+    """SIGKILL the training process (a torchrun worker) of this job on this node."""
+    for pid, env, cmdline in job_processes(job_id):
+        if env.get("SLURMD_NODENAME") == node and "LOCAL_RANK" in env:
+            if b"lov15_megatron.train" in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                return int(env["RANK"])
     raise AssertionError(f"no training process of job {job_id} on {node}")
+
+
+def stop_leftovers(job_id: str) -> None:
+    """A killed rank orphans its helper processes (Megatron's checkpoint-writer manager):
+    proctrack/linuxproc loses them, proctrack/cgroup on a real cluster would not."""
+    for pid, _, _ in job_processes(job_id):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_preflight_refusal_through_sbatch(slurm_env, inputs, tmp_path):
@@ -235,7 +252,10 @@ def test_dead_rank_and_preemption_resume_exactly(stage_chain, slurm_env, inputs,
     killed = Job(slurm_env, tmp_path / "killed.out", *args)
     killed.wait_for_line("iter 3/")  # iteration 2's checkpoint is complete by then
     assert kill_rank(killed.id, "n2") == 1
-    assert killed.wait() != 0
+    try:
+        assert killed.wait() != 0
+    finally:
+        stop_leftovers(killed.id)
     log = killed.text()
     assert "launch.sh: error: stage1_5_mid_training failed (srun exit status" in log, log[-3000:]
     assert "first failed rank 1 (exit code -9" in log and "SIGKILL" in log, log[-3000:]

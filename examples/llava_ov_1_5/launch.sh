@@ -241,21 +241,22 @@ LATEST="none"
 [[ -f "$SAVE/latest_checkpointed_iteration.txt" ]] &&
   LATEST="iteration $(cat "$SAVE/latest_checkpointed_iteration.txt")"
 SUMMARY="$SAVE/train_summary.json"
-if [[ $RC -eq 0 ]]; then
-  echo "==== $STAGE finished: last checkpoint $LATEST in $SAVE ===="
-elif [[ -f "$SUMMARY" && $(stat -c %Y "$SUMMARY") -ge $STARTED ]] &&
+if [[ -f "$SUMMARY" && $(stat -c %Y "$SUMMARY") -ge $STARTED ]] &&
   grep -q '"stopped_by_signal": true' "$SUMMARY"; then
-  # torchrun itself exits 1 after passing SIGTERM on; the ranks saved and stopped cleanly.
+  # torchrun itself exits 1 after passing SIGTERM on; the ranks saved and stopped cleanly. Not
+  # 0 either way: the stage is not finished, and an afterok dependency must not start the next.
   echo "==== $STAGE stopped by SIGTERM (preemption or time limit): checkpoint $LATEST saved in" \
     "$SAVE; submit the same command again to resume (exit status 75) ===="
   exit 75
+elif [[ $RC -eq 0 ]]; then
+  echo "==== $STAGE finished: last checkpoint $LATEST in $SAVE ===="
 else
   # torchrun's first "Root Cause" block in the job log names the rank that failed first
   LOG="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*StdOut=\([^ ]*\).*/\1/p')"
   FIRST=""
   [[ -f "$LOG" ]] && FIRST="$(awk '/Root Cause/ { rc = 1 } rc && $1 == "rank" { rank = $3 }
-    rc && $1 == "exitcode" { sub(/^ *exitcode *: */, ""); gsub(/  +/, " "); print "rank " rank " (exit code " $0 ")"
-    exit }' "$LOG")"
+    rc && $1 == "exitcode" { sub(/^ *exitcode *: */, ""); gsub(/  +/, " ")
+      print "rank " rank " (exit code " $0 ")"; exit }' "$LOG")"
   echo "launch.sh: error: $STAGE failed (srun exit status $RC): first failed" \
     "${FIRST:-rank: see the srun and torchrun messages above}; the last complete checkpoint is" \
     "$LATEST in $SAVE, from which the same command resumes" >&2
