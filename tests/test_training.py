@@ -390,7 +390,7 @@ def test_sigterm_stage_chain_and_export(setup_dirs, tmp_path, isolated_hf_module
     )
     ids = torch.tensor([[11, 12, 151652, 151655, 151653, 13]])
     generated = model.generate(input_ids=ids, pixel_values=torch.randn(4, 588),
-                               image_grid_thw=torch.tensor([[1, 2, 2]]), max_new_tokens=2, min_new_tokens=2,
-                               do_sample=False)  # fmt: skip
+                               image_grid_thw=torch.tensor([[1, 2, 2]]), max_new_tokens=2,
+                               min_new_tokens=2, do_sample=False)  # fmt: skip
     assert generated.shape == (1, 8)
     assert json.loads((export / "config.json").read_text())["model_type"] == "llavaonevision1_5"
