@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_export, our_generation, save_image
 from PIL import Image
-from test_hf_export import build_tiny_export, our_generation, save_image
 
 from lov15_megatron.data.chat import Message
 from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID

@@ -18,54 +18,18 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import ok
+from helpers import MAX_NEW, build_tiny_export, ok, our_generation, save_image
 from PIL import Image
 
-from lov15_megatron.convert.stage0 import make_stage0
 from lov15_megatron.data.chat import Message, encode_conversation
 from lov15_megatron.data.errors import BadSample
-from lov15_megatron.data.image_processing import ImageConfig, image_grid, preprocess_image
+from lov15_megatron.data.image_processing import ImageConfig, image_grid
 from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
 from lov15_megatron.data.tokenizer import load_tokenizer
 from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
 from lov15_megatron.hf.export import ASSET_FILES, AUTO_MAP, CODE_FILES
-
-MAX_NEW = 8
-
-
-def build_tiny_export(root: Path) -> Path:
-    """A tiny stage-0 export (random MLCD ViT + Qwen3 with the Qwen vocabulary) via make_stage0."""
-    from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    MLCDVisionModel(MLCDVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        patch_size=14, image_size=56, num_channels=3,
-    )).save_pretrained(root / "vit")  # fmt: skip
-    Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=151936,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        )
-    ).save_pretrained(root / "llm")  # fmt: skip — no tokenizer there: the offline one is written
-    out = make_stage0(root / "vit", root / "llm", root / "stage0", seed=1, progress=False)
-    return out.output
-
-
-def save_image(path: Path, height: int, width: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -144,27 +108,6 @@ def our_model(exports):
         exports["stage0"], dtype=torch.float32
     )
     return model.eval()
-
-
-@torch.no_grad()
-def our_generation(model, messages: list[Message], images: list[Image.Image]) -> list[int]:
-    """Our path: the training template and image pipeline, then ``generate`` (greedy)."""
-    processed = [preprocess_image(image) for image in images]
-    prompt = [*messages, Message("assistant", "")]
-    counts = [p.num_tokens for p in processed]
-    ids = encode_conversation(load_tokenizer("qwen-offline"), prompt, counts, "instruct").input_ids
-    ids = ids[:-1]  # "<|im_start|>assistant\n" ends the prompt
-    kwargs = {}
-    if processed:
-        kwargs["pixel_values"] = torch.from_numpy(
-            np.concatenate([p.pixel_values for p in processed])
-        )
-        kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in processed])
-    out = model.generate(
-        input_ids=torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-        eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **kwargs,
-    )  # fmt: skip
-    return out[0, len(ids) :].tolist()
 
 
 def test_model_card_quick_start(exports, our_model, tmp_path, offline) -> None:

@@ -16,36 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGE_PAD, VISION_END, VISION_START, ok, pack_rows, vlm_sample
+from helpers import IMAGE_PAD, VISION_END, VISION_START, make_hf_vlm, ok, pack_rows, vlm_sample
 from safetensors import safe_open
 
 LOGIT_TOL = 1e-4
-
-
-def make_hf_vlm(path: Path, seed: int = 0):
-    from lov15_megatron.hf import (
-        LLaVAOneVision1_5_Config,
-        LLaVAOneVision1_5_ForConditionalGeneration,
-        save_pretrained_with_code,
-    )
-
-    config = LLaVAOneVision1_5_Config(
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, intermediate_size=128,
-                           num_heads=4, patch_size=14, spatial_merge_size=2),
-        text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False),
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LLaVAOneVision1_5_ForConditionalGeneration(config)
-    with torch.no_grad():  # perturb everything, norms and biases included
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.05 if p.dim() > 1 else 0.1)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    save_pretrained_with_code(model, path)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def _run(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory):
-    from test_llava_ov import make_hf_vlm
+    from helpers import make_hf_vlm
 
     from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
 

@@ -1,6 +1,6 @@
 """The Rice ViT vision tower and the 2×2 patch merger of LLaVA-OneVision-1.5 on Megatron-Core.
 
-What is computed (``shared/spec/model.md`` §2–3):
+What is computed (``docs/rice-vit.md``):
 
 * patch embedding of every flattened patch row (``[Σ h·w, C·P·P]``, channel-major) with a
   bias-free ``Conv2d`` (kernel = stride = P), written as one matmul over the row;
