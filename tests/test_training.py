@@ -101,11 +101,28 @@ def _watchdog(proc: subprocess.Popen, seconds: float = 900.0):
 
 
 def _cli(config: Path) -> subprocess.Popen:
+    """The trainer in a process group of its own (see :func:`_kill_all`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "lov15_megatron.train", "--config", str(config)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )  # fmt: skip
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the trainer and every process it started (the checkpoint writer's helpers
+    would otherwise outlive it), as a node failure would."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for _ in range(500):  # the group's other members are reaped by init shortly after
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"processes of the killed trainer (group {proc.pid}) are still alive")
 
 
 def _drain(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
@@ -253,7 +270,7 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
         while proc.poll() is None and half_written is None:
             tmp = sorted(save.glob("iter_*.tmp")) if save.exists() else []
             if tmp and int(tmp[-1].name[5:12]) >= 2:
-                proc.kill()
+                _kill_all(proc)
                 half_written = tmp[-1]
             time.sleep(0.002)
     proc.wait()
@@ -273,7 +290,7 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
             lines.append(line)
             if line.startswith(f"iter {complete + 2}/"):
                 time.sleep(0.3)  # the next step is running
-                proc.kill()
+                _kill_all(proc)
                 break
     proc.wait()
     log = "".join(lines)
