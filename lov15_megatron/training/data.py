@@ -46,6 +46,13 @@ class TrainData:
         return self.iterators[0] if len(self.iterators) == 1 else self.iterators
 
 
+def image_config(cfg: RunConfig):
+    """The run's image rule (pixel budget and longest-side cap) for its loaders."""
+    from lov15_megatron.data.image_processing import ImageConfig
+
+    return ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_side)
+
+
 def pad_multiple(cfg: RunConfig) -> int:
     """What every micro-batch's row length is rounded up to: the TP size under sequence
     parallelism; the full ``data.seq_length`` under pipeline parallelism (fixed activation
@@ -95,16 +102,13 @@ def resumable_state(
             f"cannot be restored at another layout. Resume with the saved layout, or set "
             f"checkpoint.allow_data_restart=true to start the data order over"
         )
-    if (
-        parallel_state.get_data_parallel_rank() == 0
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-    ):
-        print(
-            f"warning: checkpoint {where} was saved at {was}; the data order restarts from "
-            f"the beginning (checkpoint.allow_data_restart): up to {consumed_samples} samples "
-            f"seen before may be seen again",
-            flush=True,
-        )
+    from lov15_megatron.runtime.distributed import print_rank_0
+
+    print_rank_0(
+        f"warning: checkpoint {where} was saved at {was}; the data order restarts from "
+        f"the beginning (checkpoint.allow_data_restart): up to {consumed_samples} samples "
+        f"seen before may be seen again"
+    )
     return None
 
 
@@ -124,7 +128,6 @@ def build_train_data(
         data = TrainData([], counter, next_iteration=first)
         stream: Iterator = counter
     else:
-        from lov15_megatron.data.image_processing import ImageConfig
         from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
         from lov15_megatron.data.tokenizer import load_tokenizer
 
@@ -139,9 +142,7 @@ def build_train_data(
             tokenizer=load_tokenizer(cfg.data.tokenizer),
             micro_batch_size=cfg.train.micro_batch_size,
             worker_config=worker_config,
-            image_config=ImageConfig(
-                cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_side
-            ),
+            image_config=image_config(cfg),
             seq_len=cfg.data.seq_length,
             pad_to_multiple_of=pad_multiple(cfg),
         )

@@ -35,15 +35,14 @@ class ValidationResult:
 def _valid_batches(cfg: RunConfig, sample_ids: list[str]) -> Iterator[dict]:
     from megatron.energon import get_loader, get_val_dataset
 
-    from lov15_megatron.data.image_processing import ImageConfig
     from lov15_megatron.data.loader import data_parallel_worker_config
     from lov15_megatron.data.task_encoder import VLMTaskEncoder
     from lov15_megatron.data.tokenizer import load_tokenizer
-    from lov15_megatron.training.data import BATCH_KEYS, pad_multiple
+    from lov15_megatron.training.data import BATCH_KEYS, image_config, pad_multiple
 
     encoder = VLMTaskEncoder(
         load_tokenizer(cfg.data.tokenizer),
-        ImageConfig(cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_side),
+        image_config(cfg),
         seq_len=cfg.data.seq_length,
         pad_to_multiple_of=pad_multiple(cfg),
     )
