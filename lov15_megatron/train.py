@@ -95,6 +95,7 @@ def train(cfg: RunConfig) -> TrainResult:
     """Train until ``train.train_iters`` (or SIGTERM); returns what happened."""
     import torch
 
+    from lov15_megatron import checkpoint_dir
     from lov15_megatron.models.backend import attention_backend
     from lov15_megatron.models.qwen3 import zero_vocab_padding
     from lov15_megatron.runtime import distributed
@@ -125,7 +126,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     start, progress, data_state = 0, {"consumed_samples": 0}, None
     resume_dir = cfg.checkpoint.load or cfg.checkpoint.save
-    if checkpointing.has_checkpoint(resume_dir):
+    if checkpoint_dir.has_checkpoint(resume_dir):
         progress, data_state = checkpointing.load_checkpoint(
             resume_dir, model, optimizer, scheduler
         )
@@ -141,7 +142,7 @@ def train(cfg: RunConfig) -> TrainResult:
         print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained} (fresh optimizer)")
 
     data = build_train_data(cfg, len(model), start, data_state)
-    model_file = checkpointing.describe_model(cfg, cfg.checkpoint.pretrained or resume_dir)
+    model_file = checkpoint_dir.describe_model(cfg, cfg.checkpoint.pretrained or resume_dir)
     n_micro = setup.num_microbatches(cfg)
     forward_step = vlm_forward_step if vlm else language_forward_step
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
@@ -153,7 +154,7 @@ def train(cfg: RunConfig) -> TrainResult:
     peak = peak_tflops(rt.device)
     exit_signal = ExitSignal()
     result = TrainResult(first_iteration=start, last_iteration=start)
-    saved_at = start if checkpointing.has_checkpoint(resume_dir) else None
+    saved_at = start if checkpoint_dir.has_checkpoint(resume_dir) else None
 
     def validation_due(iteration: int) -> bool:
         if cfg.data.valid_path is None:

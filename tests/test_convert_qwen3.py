@@ -188,7 +188,7 @@ def test_bad_inputs_are_named(tmp_path):
     assert "unexpected" in errors["extra"] and "self_attn.rotary.inv_freq" in errors["extra"]
     assert all(s in errors["shape"] for s in ("self_attn.o_proj.weight", "(64, 32)", "(64, 64)"))
     assert "gate_proj.weight" in errors["config"] and "intermediate_size=128" in errors["config"]
-    assert "lm_head.weight differs" in errors["head"]
+    assert "'lm_head.weight' differs" in errors["head"]
     assert errors["truncated"].startswith(f"ConversionError: {shard}: not a readable safetensors")
     assert "cannot write" in errors["unwritable"] and outputs["unwritable"] in errors["unwritable"]
     for name, out in outputs.items():  # nothing left behind that looks like output

@@ -243,8 +243,8 @@ def test_bad_inputs_are_named_errors(exports, tmp_path, our_model, offline) -> N
 def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
     """A training checkpoint records data.min/max_pixels in lov15_model.json; mcore-to-hf puts
     them into the processor (the other files stay the template's), and the CLI flags win."""
+    from lov15_megatron.checkpoint_dir import describe_model
     from lov15_megatron.config import config_from_dict
-    from lov15_megatron.training.checkpointing import describe_model
 
     cfg = config_from_dict({"data": {"min_pixels": 6272, "max_pixels": 401408}})
     assert describe_model(cfg, None)["image"] == {

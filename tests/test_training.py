@@ -137,11 +137,11 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_weights(path: str):
+    from lov15_megatron.checkpoint_dir import resolve
     from lov15_megatron.convert import core
     from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming
     from lov15_megatron.convert.registry import get_converter
     from lov15_megatron.runtime import distributed
-    from lov15_megatron.training.checkpointing import resolve
 
     distributed.initialize(core.converter_runtime_config())
     cfg = core.run_config_of_checkpoint(resolve(path))
@@ -253,8 +253,8 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
     """Real kills (SIGKILL: no handler runs): during a checkpoint save, then during a step; each
     next run starts from the last complete checkpoint and the end result is bit-identical to the
     uninterrupted run."""
+    from lov15_megatron.checkpoint_dir import LATEST, resolve
     from lov15_megatron.config import config_to_yaml
-    from lov15_megatron.training.checkpointing import LATEST, resolve
 
     root = setup_dirs
     save = tmp_path / "killed"

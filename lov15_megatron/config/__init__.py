@@ -3,11 +3,9 @@
 from lov15_megatron.config.loader import (
     ConfigError,
     apply_override,
-    config_from_dict,
     config_to_dict,
     config_to_yaml,
     format_config,
-    load_config,
 )
 from lov15_megatron.config.schema import (
     TRAINABLE_GROUPS,
@@ -23,6 +21,8 @@ from lov15_megatron.config.schema import (
     SchedulerConfig,
     TrainConfig,
     VisionModelConfig,
+    config_from_dict,
+    load_config,
     validate,
     validate_world_size,
 )

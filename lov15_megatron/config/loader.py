@@ -21,12 +21,9 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, Union
+from typing import Any, Literal, NoReturn, TypeVar, Union
 
 import yaml
-
-if TYPE_CHECKING:
-    from lov15_megatron.config.schema import RunConfig
 
 T = TypeVar("T")
 _NONE = type(None)
@@ -261,26 +258,6 @@ def load(
     for text in [overrides] if isinstance(overrides, str) else overrides:
         apply_override(obj, text)
     return obj
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
-) -> RunConfig:
-    """Load a :class:`RunConfig`: YAML (with ``base:`` chain), then overrides, then ``validate``."""
-    from lov15_megatron.config.schema import RunConfig, validate
-
-    cfg = load(RunConfig, path, overrides)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain nested mapping."""
-    from lov15_megatron.config.schema import RunConfig, validate
-
-    cfg = build(RunConfig, d, "", source)
-    validate(cfg)
-    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

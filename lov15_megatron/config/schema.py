@@ -1,17 +1,21 @@
 """The one config schema: typed dataclasses with defaults, plus cross-field validation.
 
 Loading/overrides/type checking live in :mod:`lov15_megatron.config.loader`, which is generic over
-this tree: add a field here (with a default and a comment) and it is loadable and overridable.
+this tree and knows nothing of it: add a field here (with a default and a comment) and it is
+loadable and overridable. :func:`load_config` / :func:`config_from_dict` (at the end) apply that
+machinery to :class:`RunConfig` and validate the result.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Literal
 
-from lov15_megatron.config.loader import ConfigError, check_types
+from lov15_megatron.config.loader import ConfigError, build, check_types, load
 
 TRAINABLE_GROUPS = ("vision", "merger", "language")
 
@@ -33,6 +37,13 @@ class LanguageModelConfig:
     qk_layernorm: bool = True  # RMSNorm on per-head queries/keys
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
+    # Mixture of experts (Qwen3-MoE): every layer's MLP is a Megatron MoELayer when set.
+    num_experts: int | None = None  # None: a dense model
+    moe_ffn_hidden_size: int | None = None  # per-expert intermediate size (moe_intermediate_size)
+    moe_router_topk: int = 2  # experts per token (num_experts_per_tok)
+    moe_norm_topk_prob: bool = True  # renormalise the top-k softmax weights (norm_topk_prob)
+    moe_aux_loss_coeff: float = 0.0  # load-balancing auxiliary loss coefficient (logged)
+    moe_z_loss_coeff: float | None = None  # router z-loss coefficient; None: off
 
 
 @dataclass
@@ -64,6 +75,10 @@ class ModelConfig:
     # ours (models/attention.py: per-segment SDPA / varlen flash, never S×S); auto = te where the
     # TE spec is used, else torch.
     attention_backend: Literal["auto", "te", "torch"] = "auto"
+    # FP8 GEMMs on the Transformer Engine path (Megatron's fp8 format): null = off, hybrid =
+    # e4m3 forward / e5m2 backward, e4m3 = e4m3 both ways. Untested until a GPU run checks it.
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"  # TE scaling: delayed or current
 
 
 @dataclass
@@ -75,6 +90,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None  # model chunks per PP stage
     context_parallel_size: int = 1
     sequence_parallel: bool = False  # shard activations along sequence over TP ranks
+    expert_model_parallel_size: int = 1  # MoE experts split over this many ranks (EP)
+    expert_tensor_parallel_size: int | None = None  # TP inside each expert; None -> TP size
     use_distributed_optimizer: bool = True  # shard optimizer state over DP ranks
 
 
@@ -218,6 +235,11 @@ _AT_LEAST_ONE = (
     "parallel.pipeline_model_parallel_size",
     "parallel.virtual_pipeline_model_parallel_size",
     "parallel.context_parallel_size",
+    "parallel.expert_model_parallel_size",
+    "parallel.expert_tensor_parallel_size",
+    "model.language.num_experts",
+    "model.language.moe_ffn_hidden_size",
+    "model.language.moe_router_topk",
     "scheduler.decay_iters",
     "data.seq_length",
     "train.train_iters",
@@ -232,6 +254,8 @@ _AT_LEAST_ONE = (
     "logging.log_interval",
 )
 _NON_NEGATIVE = (
+    "model.language.moe_aux_loss_coeff",
+    "model.language.moe_z_loss_coeff",
     "optimizer.lr",
     "optimizer.min_lr",
     "optimizer.weight_decay",
@@ -362,6 +386,7 @@ def validate(cfg: RunConfig) -> None:
         f"model.language.max_position_embeddings={lm.max_position_embeddings}",
     )
     _require(d.kind != "energon" or bool(d.path), "data.kind='energon' requires data.path")
+    _validate_moe(cfg)
     if cfg.model.vision is not None:
         _validate_vision(cfg.model.vision, tp)
 
@@ -438,6 +463,53 @@ def _reject_fields_without_effect(cfg: RunConfig) -> None:
         )
 
 
+_MOE_FIELDS = ("moe_ffn_hidden_size", "moe_router_topk", "moe_norm_topk_prob", "moe_aux_loss_coeff",
+               "moe_z_loss_coeff")  # fmt: skip
+
+
+def _validate_moe(cfg: RunConfig) -> None:
+    """Mixture-of-experts fields: consistent, and without effect on a dense model = error."""
+    lm, p = cfg.model.language, cfg.parallel
+    _require(
+        cfg.model.fp8 is not None or cfg.model.fp8_recipe == "delayed",
+        f"model.fp8_recipe={cfg.model.fp8_recipe!r} has no effect unless model.fp8 is set",
+    )
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    if lm.num_experts is None:
+        defaults = LanguageModelConfig()
+        for name in _MOE_FIELDS:
+            value = getattr(lm, name)
+            _require(
+                value == getattr(defaults, name),
+                f"model.language.{name}={value!r} has no effect on a dense model "
+                f"(model.language.num_experts is null)",
+            )
+        for name, value in (("expert_model_parallel_size", ep),
+                            ("expert_tensor_parallel_size", etp)):  # fmt: skip
+            _require(
+                value in (None, 1),
+                f"parallel.{name}={value} needs a mixture-of-experts model "
+                f"(model.language.num_experts is null)",
+            )
+        return
+    n = lm.num_experts
+    _require(
+        lm.moe_router_topk <= n,
+        f"model.language.moe_router_topk={lm.moe_router_topk} exceeds "
+        f"model.language.num_experts={n}",
+    )
+    _require(
+        n % ep == 0,
+        f"parallel.expert_model_parallel_size={ep} does not divide model.language.num_experts={n}",
+    )
+    ffn = lm.moe_ffn_hidden_size or lm.ffn_hidden_size
+    _require(
+        ffn % (etp or p.tensor_model_parallel_size) == 0,
+        f"parallel.expert_tensor_parallel_size={etp or p.tensor_model_parallel_size} does not "
+        f"divide the expert intermediate size {ffn} (model.language.moe_ffn_hidden_size)",
+    )
+
+
 def _validate_vision(v: VisionModelConfig, tp: int) -> None:
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "patch_size", "in_channels", "spatial_merge_size"):  # fmt: skip
@@ -476,6 +548,12 @@ def validate_world_size(cfg: RunConfig, world_size: int) -> int:
         f"= {model_parallel}",
     )
     dp = world_size // model_parallel
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
+    _require(
+        (tp * cp * dp) % (ep * etp) == 0,
+        f"parallel.expert_model_parallel_size={ep} x expert tensor-parallel size {etp} must "
+        f"divide tensor x context x data parallel = {tp} x {cp} x {dp} (world size {world_size})",
+    )
     _require(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,
         f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -483,3 +561,19 @@ def validate_world_size(cfg: RunConfig, world_size: int) -> int:
         f"(world size {world_size}) = {t.micro_batch_size * dp}",
     )
     return dp
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Load a :class:`RunConfig`: YAML (with ``base:`` chain), then overrides, then ``validate``."""
+    cfg = load(RunConfig, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain nested mapping."""
+    cfg = build(RunConfig, d, "", source)
+    validate(cfg)
+    return cfg

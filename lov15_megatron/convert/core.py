@@ -27,19 +27,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lov15_megatron import checkpoint_dir
+from lov15_megatron.checkpoint_dir import MODEL_FILE, model_file_text, resolve
 from lov15_megatron.config import RunConfig, config_from_dict, config_to_dict
 from lov15_megatron.convert.hf_io import (
     HFCheckpointReader,
     HFCheckpointWriter,
+    check_tied_lm_head,
     copy_tokenizer_files,
 )
 from lov15_megatron.convert.mapping import ConversionError
 from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming, save_streaming
+from lov15_megatron.runtime.dtypes import TORCH_DTYPES, dtype_name
 
-MODEL_FILE = "lov15_model.json"
 """Written inside every converted Megatron checkpoint: which model, its config, the HF config."""
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -122,17 +123,13 @@ def hf_to_mcore(
     start = time.perf_counter()
     reader = HFCheckpointReader(hf_dir)
     cfg = cfg or converter.run_config(reader.config)
-    torch_dtype = reader.dtype() if dtype == "auto" else _DTYPES[dtype]
+    torch_dtype = reader.dtype() if dtype == "auto" else TORCH_DTYPES[dtype]
     model = _layout_model(converter, cfg, torch_dtype)
     plan = plan_hf_to_mcore(converter, cfg, reader, model)
     for name in reader.names():
         if converter.ignorable_hf_tensor(name, cfg) and name == "lm_head.weight":
             embed = next(n for n in reader.names() if n.endswith("embed_tokens.weight"))
-            if not torch.equal(reader.get(name), reader.get(embed)):
-                raise ConversionError(
-                    "lm_head.weight differs from the input embeddings but config.json says "
-                    "tie_word_embeddings=true"
-                )
+            check_tied_lm_head(reader, name, embed)
     progress = tqdm(total=len(plan), desc="hf-to-mcore", unit="tensor", mininterval=1.0)
     total = 0
 
@@ -147,7 +144,7 @@ def hf_to_mcore(
         "model": converter.name,
         "model_config": config_to_dict(cfg)["model"],
         "hf_config": reader.config,
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": dtype_name(torch_dtype),
     }
     try:
         out = save_streaming(
@@ -155,7 +152,7 @@ def hf_to_mcore(
             source,
             save_dir,
             on_param=lambda _name: progress.update(1),
-            extra_files={MODEL_FILE: json.dumps(meta, indent=2, sort_keys=True) + "\n"},
+            extra_files={MODEL_FILE: model_file_text(meta)},
         )
     except PermissionError as e:
         raise ConversionError(str(e)) from e
@@ -192,12 +189,11 @@ def _image_config(meta: dict[str, Any], template: Path | None, overrides: Any) -
 
 
 def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
-    from lov15_megatron.training.checkpointing import resolve
-
-    path = resolve(load_dir) / MODEL_FILE
-    if not path.exists():
+    meta = checkpoint_dir.read_model_file(load_dir)
+    if meta is None:
+        path = resolve(load_dir) / MODEL_FILE
         raise ConversionError(f"{path} is missing: not a checkpoint written by this converter")
-    return json.loads(path.read_text())
+    return meta
 
 
 def run_config_of_checkpoint(load_dir: str | os.PathLike, tp: int = 1, pp: int = 1) -> RunConfig:
@@ -231,12 +227,10 @@ def mcore_to_hf(
     ``image`` (a dict of ``min_pixels``/``max_pixels``/``max_image_side``) overrides some.
     """
     start = time.perf_counter()
-    from lov15_megatron.training.checkpointing import resolve
-
     load_dir = resolve(load_dir)  # a training root exports its latest iteration
     meta = read_model_file(load_dir)
     cfg = run_config_of_checkpoint(load_dir)
-    torch_dtype = _DTYPES[meta.get("dtype", "float32")]
+    torch_dtype = TORCH_DTYPES[meta.get("dtype", "float32")]
     model = _layout_model(converter, cfg, torch_dtype)
     table = converter.table(cfg)
     template_dir = Path(hf_template) if hf_template else None
@@ -258,7 +252,7 @@ def mcore_to_hf(
         progress.close()
         hf_config = converter.hf_config(cfg, template_config)
         dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
-        hf_config[dtype_key] = str(torch_dtype).removeprefix("torch.")
+        hf_config[dtype_key] = dtype_name(torch_dtype)
         writer.write_json("config.json", hf_config)
         if template_dir is not None:  # byte for byte; write_extra fills in what is missing
             copy_tokenizer_files(template_dir, writer)

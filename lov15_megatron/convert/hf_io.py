@@ -21,6 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lov15_megatron.convert.mapping import ConversionError
+from lov15_megatron.hf.export import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_FILE,
+    PREPROCESSOR_FILE,
+    PROCESSOR_FILE,
+    TOKENIZER_SOURCE_FILES,
+)
 
 
 def check_save_dir(save_dir: Path, sources: list[Path], overwrite: bool) -> None:
@@ -41,18 +48,16 @@ def check_save_dir(save_dir: Path, sources: list[Path], overwrite: bool) -> None
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
+#: Files copied unchanged from an HF template directory when exporting: the tokenizer proper
+#: (:data:`~lov15_megatron.hf.export.TOKENIZER_SOURCE_FILES`), chat template, processor and
+#: generation settings.
+TEMPLATE_FILES = (
+    *TOKENIZER_SOURCE_FILES,
     "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
+    CHAT_TEMPLATE_FILE,
+    GENERATION_FILE,
+    PREPROCESSOR_FILE,
+    PROCESSOR_FILE,
     "video_preprocessor_config.json",
 )
 
@@ -182,10 +187,23 @@ class HFCheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def check_tied_lm_head(
+    reader: HFCheckpointReader, lm_head: str, embed: str, embed_tensor: torch.Tensor | None = None
+) -> None:
+    """A checkpoint whose ``config.json`` says ``tie_word_embeddings: true`` may still store its
+    output layer; it must then equal the input embeddings (``embed_tensor``, if already read)."""
+    embed_tensor = reader.get(embed) if embed_tensor is None else embed_tensor
+    if not torch.equal(reader.get(lm_head), embed_tensor):
+        raise ConversionError(
+            f"{reader.dir / 'config.json'} has tie_word_embeddings true but tensor "
+            f"{lm_head!r} differs from {embed!r}"
+        )
+
+
 def copy_tokenizer_files(template: Path, writer: HFCheckpointWriter) -> list[str]:
     """Copy tokenizer / processor / generation files from ``template``; returns their names."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in TEMPLATE_FILES:
         if (template / name).exists():
             writer.copy_file(template / name)
             copied.append(name)

@@ -44,53 +44,18 @@ import torch
 from tqdm import tqdm
 
 from lov15_megatron.convert.hf_io import (
-    TOKENIZER_FILES,
     HFCheckpointReader,
     HFCheckpointWriter,
     check_save_dir,
+    check_tied_lm_head,
 )
 from lov15_megatron.convert.mapping import ConversionError
-
-#: Output dtypes selectable with ``dtype`` (``"auto"``: the language model's dtype).
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+from lov15_megatron.hf.export import TOKENIZER_SOURCE_FILES
+from lov15_megatron.hf.mlcd import MLCD_DROPPED, MLCD_PREFIX, VIT_MAPPING
+from lov15_megatron.runtime.dtypes import TORCH_DTYPES, dtype_name
 
 #: ``model_type`` values accepted for the vision checkpoint's ``config.json``.
 MLCD_MODEL_TYPES = ("mlcd_vision_model", "mlcd_vision", "mlcd")
-
-#: Prefix of the ViT tensor names in MLCD checkpoints saved by ``transformers`` 4.x (and the
-#: released Rice ViT); ``transformers`` 5 saves the same tensors without it. Both are accepted.
-MLCD_PREFIX = "vision_model."
-
-#: MLCD tensors that have no place in the Rice ViT (``post_layernorm`` only normalises MLCD's
-#: pooled class-token output; the merger's ``ln_q`` plays the role of a final norm).
-MLCD_DROPPED = ("post_layernorm.weight", "post_layernorm.bias")
-
-#: Release vision name (under ``visual.``) -> MLCD name(s), ``*`` = layer index. Several names
-#: are concatenated along dim 0 (``qkv`` rows are ``[Q; K; V]``). The in-memory equivalent is
-#: :func:`lov15_megatron.hf.mlcd.mlcd_to_rice_vit_state_dict`.
-VIT_MAPPING: dict[str, tuple[str, ...]] = {
-    "patch_embed.proj.weight": ("embeddings.patch_embedding.weight",),
-    "class_embedding": ("embeddings.class_embedding",),
-    "class_pos_emb": ("class_pos_emb",),
-    "pre_layernorm.weight": ("pre_layrnorm.weight",),
-    "pre_layernorm.bias": ("pre_layrnorm.bias",),
-    "blocks.*.norm1.weight": ("encoder.layers.*.layer_norm1.weight",),
-    "blocks.*.norm1.bias": ("encoder.layers.*.layer_norm1.bias",),
-    "blocks.*.norm2.weight": ("encoder.layers.*.layer_norm2.weight",),
-    "blocks.*.norm2.bias": ("encoder.layers.*.layer_norm2.bias",),
-    "blocks.*.attn.qkv.weight": tuple(f"encoder.layers.*.self_attn.{p}_proj.weight" for p in "qkv"),
-    "blocks.*.attn.qkv.bias": tuple(f"encoder.layers.*.self_attn.{p}_proj.bias" for p in "qkv"),
-    "blocks.*.attn.proj.weight": ("encoder.layers.*.self_attn.out_proj.weight",),
-    "blocks.*.attn.proj.bias": ("encoder.layers.*.self_attn.out_proj.bias",),
-    "blocks.*.mlp.fc1.weight": ("encoder.layers.*.mlp.fc1.weight",),
-    "blocks.*.mlp.fc1.bias": ("encoder.layers.*.mlp.fc1.bias",),
-    "blocks.*.mlp.fc2.weight": ("encoder.layers.*.mlp.fc2.weight",),
-    "blocks.*.mlp.fc2.bias": ("encoder.layers.*.mlp.fc2.bias",),
-}
 
 #: Special tokens whose ids go into the output config, looked up in the tokenizer files.
 SPECIAL_TOKENS: dict[str, str] = {
@@ -403,10 +368,10 @@ def plan_stage0(
     if tokenizer_dir is not None:
         if not tok_dir.is_dir():
             raise ConversionError(f"--tokenizer-dir {tok_dir} does not exist")
-        if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        if not any((tok_dir / f).is_file() for f in TOKENIZER_SOURCE_FILES):
             raise ConversionError(f"--tokenizer-dir {tok_dir} holds no tokenizer files")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if dtype != "auto" and dtype not in TORCH_DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
 
     token_ids, token_origin = special_token_ids(tok_dir)
     vocab = qwen.get("vocab_size")
@@ -486,11 +451,11 @@ def plan_stage0(
 
     if dtype == "auto":
         declared = qwen.get("dtype") or qwen.get("torch_dtype")
-        torch_dtype = DTYPES.get(declared) if isinstance(declared, str) else None
+        torch_dtype = TORCH_DTYPES.get(declared) if isinstance(declared, str) else None
         if torch_dtype is None:
             torch_dtype = llm_reader.get("model.norm.weight").dtype
     else:
-        torch_dtype = DTYPES[dtype]
+        torch_dtype = TORCH_DTYPES[dtype]
     return Stage0Plan(vit_dir, llm_dir, tok_dir, config, tensors, torch_dtype, tied, token_origin)
 
 
@@ -534,11 +499,8 @@ def _stream(
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         else:
             tensor = llm.get(t.sources[0])
-            if t.must_equal and not torch.equal(llm.get(t.must_equal), tensor):
-                raise ConversionError(
-                    f"{plan.llm_dir / 'config.json'} has tie_word_embeddings true but tensor "
-                    f"{t.must_equal!r} differs from {t.sources[0]!r}"
-                )
+            if t.must_equal:
+                check_tied_lm_head(llm, t.must_equal, t.sources[0], embed_tensor=tensor)
         if tuple(tensor.shape) != t.shape:  # checked in the plan; guards a changing file
             raise ConversionError(f"{t.name}: got shape {list(tensor.shape)}, expected {t.shape}")
         yield t.name, tensor.to(plan.dtype)
@@ -632,7 +594,7 @@ def _describe(plan: Stage0Plan, seed: int, init_std: float) -> None:
         f"{t.hidden_size}, vocab {t.vocab_size}; {untie})",
         f"merger:   {merged} -> {merged} -> {t.hidden_size}, weights N(0, {init_std}^2) "
         f"seed {seed}, biases 0, ln_q 1/0",
-        f"dtype:    {str(plan.dtype).removeprefix('torch.')}; tokenizer from {plan.tokenizer_dir}",
+        f"dtype:    {dtype_name(plan.dtype)}; tokenizer from {plan.tokenizer_dir}",
     ]
     for name, origin in plan.token_id_origin.items():
         lines.append(f"{name}: {getattr(plan.config, name)} ({origin})")
@@ -640,7 +602,6 @@ def _describe(plan: Stage0Plan, seed: int, init_std: float) -> None:
 
 
 __all__ = [
-    "DTYPES",
     "MLCD_DROPPED",
     "MLCD_PREFIX",
     "SPECIAL_TOKENS",

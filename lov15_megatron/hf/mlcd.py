@@ -19,32 +19,51 @@ from collections.abc import Mapping
 
 import torch
 
-_MLCD_PREFIX = "vision_model."
+#: Prefix of the ViT tensor names in MLCD checkpoints saved by ``transformers`` 4.x (and the
+#: released Rice ViT); ``transformers`` 5 saves the same tensors without it. Both are accepted.
+MLCD_PREFIX = "vision_model."
 
-_DIRECT = {
-    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-    "embeddings.class_embedding": "class_embedding",
-    "class_pos_emb": "class_pos_emb",
-    "pre_layrnorm.weight": "pre_layernorm.weight",
-    "pre_layrnorm.bias": "pre_layernorm.bias",
+#: MLCD tensors that have no place in the Rice ViT.
+MLCD_DROPPED = ("post_layernorm.weight", "post_layernorm.bias")
+
+#: The one name table: Rice ViT name (under ``visual.`` in the release layout) -> MLCD name(s),
+#: ``*`` = layer index. Several names are concatenated along dim 0 (``qkv`` rows are
+#: ``[Q; K; V]``). Used here in memory and by ``convert/stage0.py`` on disk.
+VIT_MAPPING: dict[str, tuple[str, ...]] = {
+    "patch_embed.proj.weight": ("embeddings.patch_embedding.weight",),
+    "class_embedding": ("embeddings.class_embedding",),
+    "class_pos_emb": ("class_pos_emb",),
+    "pre_layernorm.weight": ("pre_layrnorm.weight",),
+    "pre_layernorm.bias": ("pre_layrnorm.bias",),
+    **{
+        f"blocks.*.{ours}": (f"encoder.layers.*.{theirs}",)
+        for ours, theirs in (
+            ("norm1.weight", "layer_norm1.weight"),
+            ("norm1.bias", "layer_norm1.bias"),
+            ("norm2.weight", "layer_norm2.weight"),
+            ("norm2.bias", "layer_norm2.bias"),
+            ("attn.proj.weight", "self_attn.out_proj.weight"),
+            ("attn.proj.bias", "self_attn.out_proj.bias"),
+            ("mlp.fc1.weight", "mlp.fc1.weight"),
+            ("mlp.fc1.bias", "mlp.fc1.bias"),
+            ("mlp.fc2.weight", "mlp.fc2.weight"),
+            ("mlp.fc2.bias", "mlp.fc2.bias"),
+        )
+    },
+    "blocks.*.attn.qkv.weight": tuple(f"encoder.layers.*.self_attn.{p}_proj.weight" for p in "qkv"),
+    "blocks.*.attn.qkv.bias": tuple(f"encoder.layers.*.self_attn.{p}_proj.bias" for p in "qkv"),
 }
 
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
-_LAYER_DIRECT = {
-    "layer_norm1.weight": "norm1.weight",
-    "layer_norm1.bias": "norm1.bias",
-    "layer_norm2.weight": "norm2.weight",
-    "layer_norm2.bias": "norm2.bias",
-    "self_attn.out_proj.weight": "attn.proj.weight",
-    "self_attn.out_proj.bias": "attn.proj.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
 
-_DROPPED = ("post_layernorm.weight", "post_layernorm.bias")
+def _mlcd_to_rice() -> dict[str, tuple[str, int]]:
+    """MLCD name (layer as ``*``) -> (Rice ViT name, position in the concatenation)."""
+    return {
+        source: (ours, i)
+        for ours, sources in VIT_MAPPING.items()
+        for i, source in enumerate(sources)
+    }
 
 
 def mlcd_to_rice_vit_state_dict(
@@ -56,33 +75,30 @@ def mlcd_to_rice_vit_state_dict(
     (``"visual."`` gives the LLaVA-OV-1.5 on-disk names; ``""`` the ``RiceViTModel`` ones).
     The merger is not part of MLCD and is not produced. Unknown keys raise ``KeyError``.
     """
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    table = _mlcd_to_rice()
+    parts: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        name = key.removeprefix(_MLCD_PREFIX)
-        if name in _DROPPED:
-            continue
-        if name in _DIRECT:
-            out[prefix + _DIRECT[name]] = tensor
+        name = key.removeprefix(MLCD_PREFIX)
+        if name in MLCD_DROPPED:
             continue
         match = _LAYER.match(name)
-        if match is None:
+        layer, pattern = (
+            (match.group(1), f"encoder.layers.*.{match.group(2)}") if match else ("", name)
+        )
+        if pattern not in table:
             raise KeyError(f"unexpected MLCD tensor {key!r}")
-        layer, rest = match.groups()
-        if rest in _LAYER_DIRECT:
-            out[f"{prefix}blocks.{layer}.{_LAYER_DIRECT[rest]}"] = tensor
-            continue
-        qkv_match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-        if qkv_match is None:
-            raise KeyError(f"unexpected MLCD tensor {key!r}")
-        which, kind = qkv_match.groups()
-        qkv.setdefault((layer, kind), {})[which] = tensor
-    for (layer, kind), parts in qkv.items():
-        missing = {"q", "k", "v"} - parts.keys()
-        if missing:
-            raise KeyError(f"MLCD layer {layer}: missing {sorted(missing)} projection {kind}")
-        fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"{prefix}blocks.{layer}.attn.qkv.{kind}"] = fused
+        ours, index = table[pattern]
+        parts.setdefault(ours.replace("*", layer), {})[index] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for ours, pieces in parts.items():
+        pattern = re.sub(r"^blocks\.\d+\.", "blocks.*.", ours)
+        if len(pieces) != len(VIT_MAPPING[pattern]):
+            missing = [
+                VIT_MAPPING[pattern][i] for i in range(len(VIT_MAPPING[pattern])) if i not in pieces
+            ]
+            raise KeyError(f"MLCD tensors for {ours!r}: missing {missing}")
+        ordered = [pieces[i] for i in range(len(pieces))]
+        out[prefix + ours] = ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=0)
     return out
 
 
@@ -93,4 +109,10 @@ def raster_to_merge_order(height: int, width: int, merge_size: int = 2) -> torch
     return rows.permute(0, 2, 1, 3).flatten()
 
 
-__all__ = ["mlcd_to_rice_vit_state_dict", "raster_to_merge_order"]
+__all__ = [
+    "MLCD_DROPPED",
+    "MLCD_PREFIX",
+    "VIT_MAPPING",
+    "mlcd_to_rice_vit_state_dict",
+    "raster_to_merge_order",
+]

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from lov15_megatron.config import ConfigError, RunConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lov15_megatron.runtime.dtypes import TORCH_DTYPES
 
 
 def _te_importable() -> bool:
@@ -76,9 +75,31 @@ def core_attention_module(cfg: RunConfig) -> type:
     return PackedSequenceAttention
 
 
+def fp8_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``TransformerConfig`` FP8 fields (``model.fp8``), refused where they cannot run.
+
+    FP8 GEMMs are Transformer Engine's: the run must build the TE spec on a GPU. ``fp8_recipe``
+    is Megatron's ``delayed`` (amax history) or ``tensorwise`` (current scaling). Untested
+    until a GPU run checks it (docs/gpu-runs.md).
+    """
+    m = cfg.model
+    if m.fp8 is None:
+        return {}
+    if not _te_importable():
+        raise ConfigError(f"model.fp8={m.fp8!r} needs Transformer Engine, which is not importable")
+    if not runs_on_gpu(cfg):
+        raise ConfigError(f"model.fp8={m.fp8!r} needs a GPU run (this run is on the CPU)")
+    if not use_transformer_engine(cfg):
+        raise ConfigError(
+            f"model.fp8={m.fp8!r} needs the Transformer Engine spec "
+            f"(model.transformer_impl={m.transformer_impl!r} builds the local spec)"
+        )
+    return {"fp8": m.fp8, "fp8_recipe": m.fp8_recipe}
+
+
 def device_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``TransformerConfig`` fields decided by dtype and device, shared by the LM and the ViT."""
-    dtype = _DTYPES[cfg.model.params_dtype]
+    dtype = TORCH_DTYPES[cfg.model.params_dtype]
     on_gpu, te = runs_on_gpu(cfg), fused_kernels(cfg)
     return {
         "params_dtype": dtype,

@@ -20,7 +20,6 @@ half-written checkpoint never looks like a checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -33,8 +32,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-LATEST = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "lov15_model.json"  # same name and content as the converter writes
+from lov15_megatron.checkpoint_dir import (
+    MODEL_FILE,
+    iteration_dir,
+    model_file_text,
+    read_latest,
+    resolve,
+    saved_iterations,
+    write_latest,
+)
 
 
 def _unwrap(chunk):
@@ -179,13 +185,6 @@ def _training_state_dict(chunks, optimizer, scheduler, progress, is_loading: boo
     }
 
 
-def read_latest(root: str | os.PathLike) -> int:
-    text = (Path(root) / LATEST).read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{Path(root) / LATEST} holds {text!r}, not an iteration number")
-    return int(text)
-
-
 def _loader_file(directory: Path) -> Path | None:
     """This rank's loader-state file if it is the one that writes it for its DP rank."""
     ps = parallel_state
@@ -224,18 +223,13 @@ def save_checkpoint(
             loader_path.parent.mkdir(exist_ok=True)
             torch.save(loader_state, loader_path)
         if model_file is not None and dist.get_rank() == 0:
-            (tmp / MODEL_FILE).write_text(json.dumps(model_file, indent=2, sort_keys=True) + "\n")
+            (tmp / MODEL_FILE).write_text(model_file_text(model_file))
 
-    final = _atomic_dir_save(root / f"iter_{iteration:07d}", write)
+    final = _atomic_dir_save(iteration_dir(root, iteration), write)
     if dist.get_rank() == 0:
-        tracker = root / (LATEST + ".tmp")
-        tracker.write_text(f"{iteration}\n")
-        os.replace(tracker, root / LATEST)
-        iterations = sorted(
-            int(p.name.removeprefix("iter_")) for p in root.glob("iter_*") if p.name[5:].isdigit()
-        )
-        for old in iterations[:-keep_last]:
-            shutil.rmtree(root / f"iter_{old:07d}", ignore_errors=True)
+        write_latest(root, iteration)
+        for old in saved_iterations(root)[:-keep_last]:
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
     dist.barrier()
     return final
 
@@ -245,7 +239,7 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], Any]:
     """Restore the latest training checkpoint under ``root``; returns (progress, loader state)."""
     root = Path(root)
-    directory = root / f"iter_{read_latest(root):07d}"
+    directory = iteration_dir(root, read_latest(root))
     template = _training_state_dict(chunks, optimizer, scheduler, {}, is_loading=True)
     state = dist_checkpointing.load(template, str(directory))
     _load_model_state(chunks, state)
@@ -259,35 +253,3 @@ def load_checkpoint(
     loader_path = directory / "dataloader" / name
     loader_state = torch.load(loader_path, weights_only=False) if loader_path.exists() else None
     return state["progress"], loader_state
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory: a training root resolves to its latest iteration."""
-    path = Path(path)
-    return path / f"iter_{read_latest(path):07d}" if (path / LATEST).exists() else path
-
-
-def describe_model(cfg, source: str | os.PathLike | None) -> dict:
-    """What ``lov15_model.json`` records: model name and config, the HF config template
-    (inherited from the checkpoint the run started from, when it has one), the dtype and the
-    run's image settings (``mcore-to-hf`` writes them into the exported processor)."""
-    from lov15_megatron.config import config_to_dict
-
-    hf_config: dict = {}
-    if source is not None and (resolve(source) / MODEL_FILE).exists():
-        hf_config = json.loads((resolve(source) / MODEL_FILE).read_text()).get("hf_config", {})
-    return {
-        "model": "llava-ov-1.5" if cfg.model.vision is not None else "qwen3",
-        "model_config": config_to_dict(cfg)["model"],
-        "hf_config": hf_config,
-        "dtype": cfg.model.params_dtype,
-        "image": {
-            "min_pixels": cfg.data.min_pixels,
-            "max_pixels": cfg.data.max_pixels,
-            "max_image_side": cfg.data.max_image_side,
-        },
-    }
-
-
-def has_checkpoint(root: str | os.PathLike | None) -> bool:
-    return root is not None and (Path(root) / LATEST).exists()

@@ -1,0 +1,105 @@
+"""The on-disk layout of checkpoint directories, shared by training and conversion.
+
+A **weights directory** (what ``tools/convert_checkpoint.py hf-to-mcore`` writes and what a stage
+starts from) is one Megatron-Core ``torch_dist`` checkpoint plus :data:`MODEL_FILE`. A
+**training root** holds one such directory per saved iteration, ``iter_0000100/`` …, and
+:data:`LATEST`, the number of the newest complete one. Wherever a checkpoint is read (resume,
+``checkpoint.pretrained``, ``mcore-to-hf``), a training root stands for its latest iteration
+(:func:`resolve`).
+
+:data:`MODEL_FILE` (``lov15_model.json``) records what the tensors are: the registered model
+name, the run config's ``model`` section, the Hugging Face config the weights came from (the
+template of an export), the dtype and, for a training run, its image settings.
+
+This module knows only paths and JSON; it imports neither torch nor Megatron.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+LATEST = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "lov15_model.json"
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def saved_iterations(root: str | os.PathLike) -> list[int]:
+    """The iterations with a (complete, renamed) directory under ``root``, ascending."""
+    names = (p.name.removeprefix("iter_") for p in Path(root).glob("iter_*"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def read_latest(root: str | os.PathLike) -> int:
+    text = (Path(root) / LATEST).read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{Path(root) / LATEST} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def write_latest(root: str | os.PathLike, iteration: int) -> None:
+    """Point :data:`LATEST` at ``iteration`` atomically (write a temporary file, then rename)."""
+    tracker = Path(root) / (LATEST + ".tmp")
+    tracker.write_text(f"{iteration}\n")
+    os.replace(tracker, Path(root) / LATEST)
+
+
+def has_checkpoint(root: str | os.PathLike | None) -> bool:
+    """Whether ``root`` is a training root with at least one complete iteration."""
+    return root is not None and (Path(root) / LATEST).exists()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory: a training root resolves to its latest iteration."""
+    path = Path(path)
+    return iteration_dir(path, read_latest(path)) if has_checkpoint(path) else path
+
+
+def model_file_text(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, indent=2, sort_keys=True) + "\n"
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any] | None:
+    """:data:`MODEL_FILE` of a checkpoint directory or training root; ``None`` when absent."""
+    file = resolve(path) / MODEL_FILE
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def describe_model(cfg, source: str | os.PathLike | None) -> dict[str, Any]:
+    """:data:`MODEL_FILE` of a training run: model name and config, the HF config template
+    (inherited from ``source``, the checkpoint the run started from, when it has one), the dtype
+    and the run's image settings (``mcore-to-hf`` writes them into the exported processor)."""
+    from lov15_megatron.config import config_to_dict
+
+    inherited = read_model_file(source) if source is not None else None
+    return {
+        "model": "llava-ov-1.5" if cfg.model.vision is not None else "qwen3",
+        "model_config": config_to_dict(cfg)["model"],
+        "hf_config": (inherited or {}).get("hf_config", {}),
+        "dtype": cfg.model.params_dtype,
+        "image": {
+            "min_pixels": cfg.data.min_pixels,
+            "max_pixels": cfg.data.max_pixels,
+            "max_image_side": cfg.data.max_image_side,
+        },
+    }
+
+
+__all__ = [
+    "LATEST",
+    "MODEL_FILE",
+    "describe_model",
+    "has_checkpoint",
+    "iteration_dir",
+    "model_file_text",
+    "read_latest",
+    "read_model_file",
+    "resolve",
+    "saved_iterations",
+    "write_latest",
+]
