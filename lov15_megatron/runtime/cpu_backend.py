@@ -16,13 +16,24 @@ Scope and limits (see ``docs/cpu-backend.md``):
 * Context parallelism runs with our attention core (``models/attention.py``), not TE's.
 * fp32 and bf16 compute only (no fp16 loss scaling kernels, no fused CUDA kernels).
 * All CUDA streams/events/graphs stay unavailable; code paths that need them (overlapped grad
-  reduce, CUDA graphs) must stay switched off on CPU.
+  reduce, CUDA graphs) must stay switched off on CPU. ``torch.cuda.current_stream()`` (which
+  megatron-core 0.19 asks for on every grad sync, only to wait on CUDA-graph events) gets
+  torch's CPU stand-in stream, whose waits are no-ops.
+* Any other call that would initialise CUDA (``torch.cuda._lazy_init``, reached by every
+  torch.cuda function that needs a GPU and by CUDA tensors made outside the redirect) raises
+  :class:`CudaEscapeError` naming the installed megatron-core and is recorded in
+  :func:`cuda_escapes`, so a newer Megatron-Core that needs another redirect fails loudly, and
+  tests can check that nothing escaped even where a caller swallowed the error.
+
+Tested with megatron-core 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12).
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -32,6 +43,19 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _mode: _CudaToCpuMode | None = None
 _saved: list[tuple[Any, str, Any]] = []
+_escapes: list[str] = []
+
+
+class CudaEscapeError(RuntimeError):
+    """A call tried to initialise CUDA while the CPU backend is on (a missing redirect)."""
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core release (for error messages), without importing it."""
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _redirect(device: Any) -> Any:
@@ -85,6 +109,26 @@ def _noop(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
+def _cpu_current_stream(*_args: Any, **_kwargs: Any) -> Any:
+    return torch.cpu.current_stream()
+
+
+def _refuse_cuda_init(*_args: Any, **_kwargs: Any) -> None:
+    """Stands in for ``torch.cuda._lazy_init``: every path to a real CUDA context ends here."""
+    where = "".join(traceback.format_stack(limit=12)[:-1])
+    _escapes.append(where)
+    raise CudaEscapeError(
+        f"a CUDA call escaped the CPU backend (megatron-core {megatron_core_version()}, torch "
+        f"{torch.__version__}); lov15_megatron/runtime/cpu_backend.py needs a redirect for it. "
+        f"Called from:\n{where}"
+    )
+
+
+def cuda_escapes() -> list[str]:
+    """Stack traces of the calls that tried to initialise CUDA since :func:`enable`."""
+    return list(_escapes)
+
+
 def is_enabled() -> bool:
     """Whether the CPU redirect is active in this process."""
     return _mode is not None
@@ -102,6 +146,10 @@ def enable() -> None:
         _patch(torch.cuda, "current_device", current)
         _patch(torch.cuda, "synchronize", _noop)
         _patch(torch.cuda, "empty_cache", _noop)
+        _patch(torch.cuda, "current_stream", _cpu_current_stream)  # megatron-core >= 0.19
+        for owner in (torch.cuda, torch.cuda.memory, torch.cuda.random):  # each binds its own
+            _patch(owner, "_lazy_init", _refuse_cuda_init)
+        _escapes.clear()
         for owner in (torch.cuda, torch.cuda.random):
             _patch(owner, "get_rng_state", _cpu_get_rng_state)
             _patch(owner, "set_rng_state", _cpu_set_rng_state)
