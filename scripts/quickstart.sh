@@ -2,7 +2,7 @@
 # The embedded default: install (if needed), then run the whole LLaVA-OV-1.5 pipeline on CPU —
 # generated shapes data -> tiny random Rice ViT + Qwen3 -> stage-0 -> packing -> HF->Megatron ->
 # stage 1 (TP=2) -> stage 1.5 (PP=2) -> stage 2 (DP=2) on 2 gloo ranks -> export to HF ->
-# generate() answers to held-out questions -> summary. See lov15_megatron/quickstart.py.
+# generate() answers to held-out questions -> summary. See lov15_megatron/demo/quickstart.py.
 #   bash scripts/quickstart.sh [--size small] [--out runs/quickstart]
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-python -m lov15_megatron.quickstart "$@"
+python -m lov15_megatron.demo.quickstart "$@"

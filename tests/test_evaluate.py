@@ -154,7 +154,7 @@ def test_bad_input(setup, tmp_path, case, expected) -> None:
 
 def test_quickstart_eval_file_loads(tmp_path) -> None:
     """The shapes data set's held-out file is a QA file as it is (relative image paths)."""
-    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+    from lov15_megatron.demo.shapes_dataset import generate_shapes_dataset
 
     data = generate_shapes_dataset(tmp_path / "shapes", seed=0, n_caption=2, n_instruct=1, n_eval=5)
     items = load_qa(data["eval"]["path"])

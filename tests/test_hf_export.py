@@ -266,13 +266,8 @@ def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
 
 
 def test_bad_image_settings_are_one_line_errors(exports, tmp_path, capsys) -> None:
-    import importlib.util
+    from lov15_megatron.cli import make_stage0 as tool
 
-    from helpers import ROOT
-
-    spec = importlib.util.spec_from_file_location("make_stage0_tool", ROOT / "tools/make_stage0.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     root = exports["stage0"].parent
     out = tmp_path / "out"
     args = ["--vit-dir", str(root / "vit"), "--llm-dir", str(root / "llm"), "--save-dir", str(out)]

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lov15_megatron.data import shapes_dataset as sd
 from lov15_megatron.data.image_processing import image_token_count, smart_resize
+from lov15_megatron.demo import shapes_dataset as sd
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_caption": 40, "n_instruct": 30, "n_eval": 25}
@@ -292,11 +292,8 @@ def test_packer_accepts_mixed_caption_layouts_and_instruct(dataset, tmp_path):
 
 
 def test_cli_prints_summary_and_refuses_to_clobber(tmp_path, capsys):
-    from importlib import util
+    from lov15_megatron.demo import make_shapes_dataset as tool
 
-    spec = util.spec_from_file_location("make_shapes", ROOT / "tools" / "make_shapes_dataset.py")
-    tool = util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     argv = ["--out", str(tmp_path / "d"), "--n-caption", "4", "--n-instruct", "3", "--n-eval", "5"]
     assert tool.main(argv) == 0
     printed = capsys.readouterr().out

@@ -39,7 +39,7 @@ def _run(*args: str) -> str:
 def setup_dirs(tmp_path_factory):
     from helpers import make_hf_vlm
 
-    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+    from lov15_megatron.demo.shapes_dataset import generate_shapes_dataset
 
     root = tmp_path_factory.mktemp("train")
     data = generate_shapes_dataset(root / "raw", seed=0, n_caption=40, n_instruct=40, n_eval=4)

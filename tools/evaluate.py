@@ -1,67 +1,13 @@
 #!/usr/bin/env python
-"""Score an exported HF checkpoint on a local question/answer set (JSON/JSONL + images).
+"""Score a Hugging Face export on a local question-answer set; see ``--help``.
 
-    python tools/evaluate.py --checkpoint HF_DIR --data qa.jsonl --report report.json
-        [--prompt "<image>\\n{question}"] [--max-new-tokens N] [--match exact|relaxed]
-        [--min-pixels N] [--max-pixels N] [--limit N] [--quiet]
-
-Loads the checkpoint with AutoModelForCausalLM + AutoProcessor (trust_remote_code, local files
-only), answers greedily, prints the accuracy table (per question type, then overall) and writes
-the JSON report. See docs/exports-and-evaluation.md. Bad input: one line ``error: …`` on
-stderr, exit status 2, no report written.
+The code is ``lov15_megatron/cli/evaluate.py``; an installed package has the same command as
+``lov15-evaluate``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
+from lov15_megatron.cli.evaluate import main
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="exported Hugging Face directory")
-    p.add_argument("--data", required=True, help="QA file: JSONL or a JSON list")
-    p.add_argument("--report", required=True, help="JSON report to write")
-    p.add_argument("--prompt", default="{question}", help="user turn; {question} is replaced")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--match", choices=["exact", "relaxed"], default="exact")
-    p.add_argument("--min-pixels", type=int, help="override the processor's min_pixels")
-    p.add_argument("--max-pixels", type=int, help="override the processor's max_pixels")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lov15_megatron.evaluation import (
-        EvaluationError,
-        evaluate,
-        format_report,
-        write_report,
-    )
-
-    try:
-        report = evaluate(
-            args.checkpoint,
-            args.data,
-            max_new_tokens=args.max_new_tokens,
-            match=args.match,
-            prompt=args.prompt,
-            min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels,
-            limit=args.limit,
-            progress=not args.quiet,
-        )
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print(f"report: {write_report(report, args.report)}")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard matters: worker processes are spawned
     sys.exit(main())

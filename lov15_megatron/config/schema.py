@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Literal
 
+from lov15_megatron.config.bundled import find_config
 from lov15_megatron.config.loader import ConfigError, build, check_types, load
 
 TRAINABLE_GROUPS = ("vision", "merger", "language")
@@ -566,8 +567,12 @@ def validate_world_size(cfg: RunConfig, world_size: int) -> int:
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """Load a :class:`RunConfig`: YAML (with ``base:`` chain), then overrides, then ``validate``."""
-    cfg = load(RunConfig, path, overrides)
+    """Load a :class:`RunConfig`: YAML (with ``base:`` chain), then overrides, then ``validate``.
+
+    A ``path`` that does not exist names one of the configs shipped with the package
+    (:func:`~lov15_megatron.config.bundled.find_config`).
+    """
+    cfg = load(RunConfig, find_config(path) if path is not None else None, overrides)
     validate(cfg)
     return cfg
 

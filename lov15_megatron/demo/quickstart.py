@@ -1,17 +1,19 @@
 """The embedded default: the whole LLaVA-OV-1.5 pipeline on one CPU machine in minutes.
 
-``python -m lov15_megatron.quickstart [--out runs/quickstart] [--size default|small]`` runs, with
-the real tools and the real training entry point (each as its own process):
+``lov15-quickstart [--out runs/quickstart] [--size default|small] [--stop-after STEP]`` (or
+``python -m lov15_megatron.demo.quickstart``, or ``bash scripts/quickstart.sh``) runs, from any
+working directory, with the real tools and the real training entry point (each as its own
+process, each found through the installed package):
 
 1. generate the procedural shapes data set (captions, multi-turn QA, held-out eval);
 2. make tiny random Rice ViT (MLCD layout) and Qwen3 checkpoints with the offline Qwen
-   vocabulary, and build the stage-0 checkpoint with ``tools/make_stage0.py``;
-3. pack the caption and instruct sets with ``tools/pack_offline.py``;
-4. convert stage-0 to Megatron with ``tools/convert_checkpoint.py hf-to-mcore``;
+   vocabulary, and build the stage-0 checkpoint with ``lov15-make-stage0``;
+3. pack the caption and instruct sets with ``lov15-pack-offline``;
+4. convert stage-0 to Megatron with ``lov15-convert-checkpoint hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
    ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
-   ``tools/evaluate.py`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
+   ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
 7. print a summary: per stage steps, first/last loss, tokens/s and checkpoint; packing fill;
    the answers next to the expected ones and the accuracy against chance.
 """
@@ -29,24 +31,32 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from lov15_megatron.config.bundled import configs_dir
+
 SIZES = {  # data counts and steps per stage
     "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "steps": (10, 20, 400)},
     "small": {"caption": 120, "instruct": 1000, "eval": 60, "valid": 48, "steps": (6, 8, 200)},
 }
 
 
+#: ``--stop-after`` choices, in order (the numbered steps above).
+STEPS = ("data", "stage0", "pack", "convert", "train", "evaluate")
 ANSWERS_SHOWN = 15  # held-out answers printed (all are in summary.json)
 
 
 def run(*cmd: str, log: Path | None = None) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if log is not None:
         log.write_text(out.stdout + out.stderr)
     if out.returncode:
         raise SystemExit(f"step failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
     return out.stdout
+
+
+def tool(module: str, *args: str) -> str:
+    """Run ``python -m lov15_megatron.<module> args…`` (a tool of the installed package)."""
+    return run(sys.executable, "-m", f"lov15_megatron.{module}", *args)
 
 
 def make_sources(out: Path) -> tuple[Path, Path]:
@@ -89,13 +99,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--size", choices=list(SIZES), default="default")
+    parser.add_argument(
+        "--stop-after", choices=STEPS, default=STEPS[-1], help="stop after this step (default: all)"
+    )
     args = parser.parse_args(argv)
+    configs = configs_dir()
+    if configs is None:
+        parser.exit(2, "error: the package's configs are missing (a broken install?)\n")
+    last = STEPS.index(args.stop_after)
     size, out = SIZES[args.size], Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     start = time.perf_counter()
 
-    from lov15_megatron.data.shapes_dataset import generate_shapes_dataset
+    from lov15_megatron.demo.shapes_dataset import generate_shapes_dataset
+
+    def done(step: str) -> bool:
+        if STEPS.index(step) < last:
+            return False
+        print(f"stopped after step {step!r}; outputs in {out}", flush=True)
+        return True
 
     print("[1/7] generating the shapes data set", flush=True)
     data = generate_shapes_dataset(out / "data", seed=0, n_caption=size["caption"],
@@ -103,32 +126,52 @@ def main(argv: list[str] | None = None) -> int:
     # Held-out sets for the validation loss: drawn with another seed (other images and texts).
     held_out = generate_shapes_dataset(out / "data_valid", seed=1, n_caption=size["valid"],
                                        n_instruct=size["valid"], n_eval=4)  # fmt: skip
-    print("[2/7] tiny random Rice ViT + Qwen3 -> stage-0 (tools/make_stage0.py)", flush=True)
+    if done("data"):
+        return 0
+    print("[2/7] tiny random Rice ViT + Qwen3 -> stage-0 (make_stage0)", flush=True)
     vit, llm = make_sources(out / "sources")
-    run(sys.executable, "tools/make_stage0.py", "--vit-dir", str(vit), "--llm-dir", str(llm),
+    tool("cli.make_stage0", "--vit-dir", str(vit), "--llm-dir", str(llm),
         "--save-dir", str(out / "stage0_hf"), "--quiet")  # fmt: skip
-    print("[3/7] packing (tools/pack_offline.py)", flush=True)
+    if done("stage0"):
+        return 0
+    print("[3/7] packing (pack_offline)", flush=True)
     fill = {}
     for split in ("caption", "instruct"):
-        run(sys.executable, "tools/pack_offline.py", "--input", *data[split]["sources"],
+        tool("cli.pack_offline", "--input", *data[split]["sources"],
             "--output", str(out / f"packed_{split}"), "--tokenizer", "qwen-offline",
             "--seq-len", "512", "--workers", "2", "--kind", data[split]["kind"],
             "--no-progress")  # fmt: skip
         report = json.loads((out / f"packed_{split}" / "pack_report.json").read_text())
         fill[split] = (report["samples_in"], report["packs"], report["fill_efficiency"])
-        run(sys.executable, "tools/pack_offline.py", "--input", *held_out[split]["sources"],
+        tool("cli.pack_offline", "--input", *held_out[split]["sources"],
             "--output", str(out / f"valid_{split}"), "--tokenizer", "qwen-offline",
             "--seq-len", "512", "--workers", "2", "--kind", held_out[split]["kind"],
             "--no-progress")  # fmt: skip
-    print("[4/7] stage-0 HF -> Megatron (tools/convert_checkpoint.py hf-to-mcore)", flush=True)
-    run(sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--model", "llava-ov-1.5",
+    if done("pack"):
+        return 0
+    print("[4/7] stage-0 HF -> Megatron (convert_checkpoint hf-to-mcore)", flush=True)
+    tool("convert.cli", "hf-to-mcore", "--model", "llava-ov-1.5",
         "--hf-dir", str(out / "stage0_hf"), "--save-dir", str(out / "stage0_mcore"))  # fmt: skip
+    if done("convert"):
+        return 0
 
     steps = size["steps"]
     plan = [
-        ("stage1", "configs/quickstart/stage1.yaml", "caption", out / "stage0_mcore", steps[0]),
-        ("stage1_5", "configs/quickstart/stage1_5.yaml", "caption", out / "stage1", steps[1]),
-        ("stage2", "configs/quickstart/stage2.yaml", "instruct", out / "stage1_5", steps[2]),
+        (
+            "stage1",
+            str(configs / "quickstart/stage1.yaml"),
+            "caption",
+            out / "stage0_mcore",
+            steps[0],
+        ),
+        (
+            "stage1_5",
+            str(configs / "quickstart/stage1_5.yaml"),
+            "caption",
+            out / "stage1",
+            steps[1],
+        ),
+        ("stage2", str(configs / "quickstart/stage2.yaml"), "instruct", out / "stage1_5", steps[2]),
     ]
     stages = []
     for name, config, split, previous, n in plan:
@@ -138,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint.save={out / name}", f"train.train_iters={n}",
             f"data.valid_path={out / f'valid_{split}'}", "train.eval_iters=1",
         ]))  # fmt: skip
+    if done("train"):
+        return 0
     print("[6/7] export to Hugging Face (mcore-to-hf) and answer held-out questions", flush=True)
-    run(sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--model", "llava-ov-1.5",
+    tool("convert.cli", "mcore-to-hf", "--model", "llava-ov-1.5",
         "--load-dir", str(out / "stage2"), "--save-dir", str(out / "final_hf"),
         "--hf-template", str(out / "stage0_hf"))  # fmt: skip
-    run(sys.executable, "tools/evaluate.py", "--checkpoint", str(out / "final_hf"),
+    tool("cli.evaluate", "--checkpoint", str(out / "final_hf"),
         "--data", data["eval"]["path"], "--report", str(out / "eval_report.json"),
         "--prompt", "<image>\n{question}", "--max-new-tokens", "4", "--quiet")  # fmt: skip
     report = json.loads((out / "eval_report.json").read_text())
