@@ -49,13 +49,11 @@ def language_model_provider(cfg: RunConfig, vp_stage: int | None):
 
 
 def model_provider(cfg: RunConfig):
-    if cfg.model.vision is not None:
-        from lov15_megatron.models.llava_ov import build_llava_ov_model
+    """The Megatron provider of the registered model this config describes
+    (``convert/registry.py``: qwen3, qwen3-moe, or llava-ov-1.5 over either)."""
+    from lov15_megatron.convert.registry import converter_for_config
 
-        return build_llava_ov_model
-    if cfg.train.trainable not in (None, ["language"]):
-        raise ValueError(f"train.trainable={cfg.train.trainable}: a language-only model")
-    return language_model_provider
+    return converter_for_config(cfg).build_model
 
 
 @dataclass

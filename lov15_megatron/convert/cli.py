@@ -9,24 +9,34 @@ from pathlib import Path
 
 from lov15_megatron.config import ConfigError, validate_world_size
 from lov15_megatron.convert.mapping import ConversionError
-from lov15_megatron.convert.registry import MODELS
+from lov15_megatron.convert.registry import MODELS, REGISTRY
+
+_MODEL_HELP = "registered models: " + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values())
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    # Not argparse choices: an unknown name is one line listing the registered models (exit 2).
+    parser.add_argument("--model", required=True, metavar="{" + ",".join(MODELS) + "}",
+                        help=_MODEL_HELP)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
         description="Hugging Face <-> Megatron-Core (torch_dist) checkpoint conversion.",
+        epilog=_MODEL_HELP,
     )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron distributed checkpoint")
-    a.add_argument("--model", required=True, choices=MODELS)
+    _model_arg(a)
     a.add_argument("--hf-dir", required=True)
     a.add_argument("--save-dir", required=True)
     a.add_argument("--tp", type=int, default=1, help="check that the result loads at this TP")
     a.add_argument("--pp", type=int, default=1, help="check that the result loads at this PP")
+    a.add_argument("--ep", type=int, default=1, help="check that the result loads at this EP")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     b = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF directory")
-    b.add_argument("--model", required=True, choices=MODELS)
+    _model_arg(b)
     b.add_argument("--load-dir", required=True)
     b.add_argument("--save-dir", required=True)
     b.add_argument("--hf-template", help="HF directory to take config fields and tokenizer from")
@@ -36,21 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pixels", type=int, help="processor image budget (default: template's)")
     b.add_argument("--max-image-side", type=int, help="processor's longest-side cap (px)")
     c = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
-    c.add_argument("--model", required=True, choices=MODELS)
+    _model_arg(c)
     c.add_argument("--hf-dir", required=True)
     c.add_argument("--load-dir", required=True)
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE; expert TP 1)")
     c.add_argument("--inputs", help="torch file with a dict holding input_ids [batch, seq]")
     c.add_argument("--dump-logits", help="write the Megatron logits (HF vocab) to this file")
     return p
 
 
-def _check_layout(converter, hf_dir: str, tp: int, pp: int) -> None:
+def _check_layout(converter, hf_dir: str, tp: int, pp: int, ep: int) -> None:
+    from lov15_megatron.config import config_from_dict, config_to_dict
     from lov15_megatron.convert.hf_io import HFCheckpointReader
+    from lov15_megatron.convert.verify import world_size
 
-    cfg = converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp)
-    validate_world_size(cfg, tp * pp)
+    raw = config_to_dict(converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp))
+    if ep > 1:
+        raw["parallel"].update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    validate_world_size(
+        config_from_dict(raw, source=f"{hf_dir}/config.json"), world_size(tp, pp, ep)
+    )
 
 
 def _image_overrides(args: argparse.Namespace) -> dict[str, int]:
@@ -66,11 +83,15 @@ def _image_overrides(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.model not in REGISTRY:
+            from lov15_megatron.convert.registry import get_converter
+
+            get_converter(args.model)  # raises: the unknown name and the registered ones
         if args.command == "verify":
             from lov15_megatron.convert.verify import verify
 
             result = verify(args.model, args.hf_dir, args.load_dir, args.tp, args.pp,
-                            args.inputs, args.dump_logits)  # fmt: skip
+                            args.inputs, args.dump_logits, args.ep)  # fmt: skip
             print(json.dumps(result))
             return 0
         from lov15_megatron.convert import core
@@ -79,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         converter = get_converter(args.model)
         if args.command == "hf-to-mcore":
-            _check_layout(converter, args.hf_dir, args.tp, args.pp)
+            _check_layout(converter, args.hf_dir, args.tp, args.pp, args.ep)
         else:
             from lov15_megatron.convert.hf_io import check_save_dir
 
@@ -102,3 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":  # python -m lov15_megatron.convert.cli (worker processes are spawned)
+    sys.exit(main())

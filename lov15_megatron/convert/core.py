@@ -196,12 +196,18 @@ def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def run_config_of_checkpoint(load_dir: str | os.PathLike, tp: int = 1, pp: int = 1) -> RunConfig:
+def run_config_of_checkpoint(
+    load_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1
+) -> RunConfig:
+    """The checkpoint's model at TP×PP (and, for an MoE model, EP with expert TP 1)."""
     meta = read_model_file(load_dir)
+    parallel = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+    if ep > 1:
+        parallel.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     return config_from_dict(
         {
             "model": meta["model_config"],
-            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "parallel": parallel,
             "runtime": {"device": "cpu"},
             "data": {
                 "seq_length": min(32, meta["model_config"]["language"]["max_position_embeddings"])
@@ -256,8 +262,7 @@ def mcore_to_hf(
         writer.write_json("config.json", hf_config)
         if template_dir is not None:  # byte for byte; write_extra fills in what is missing
             copy_tokenizer_files(template_dir, writer)
-        if hasattr(converter, "write_extra"):
-            converter.write_extra(writer.tmp, image=_image_config(meta, template_dir, image))
+        converter.write_extra(writer.tmp, image=_image_config(meta, template_dir, image))
         out = writer.finish()
     except BaseException:
         writer.abort()

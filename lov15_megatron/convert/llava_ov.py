@@ -16,18 +16,19 @@ from typing import Any
 import torch
 
 from lov15_megatron.config import RunConfig, config_from_dict
+from lov15_megatron.convert.converter import Converter
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
-from lov15_megatron.convert.qwen3 import (
-    hf_config_from_language,
-    language_config_from_hf,
-    qwen3_rows,
-)
+from lov15_megatron.convert.registry import language_family, language_family_of_hf
 from lov15_megatron.convert.rice_vit import hf_vision_config, rice_vit_rows, vision_config_from_hf
 from lov15_megatron.data.special_tokens import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 
 
-class LLaVAOneVisionConverter:
-    """What the generic converter (``convert/core.py``) needs to know about LLaVA-OV-1.5."""
+class LLaVAOneVisionConverter(Converter):
+    """What the generic converter (``convert/core.py``) needs to know about LLaVA-OV-1.5.
+
+    The language model is any registered LM family (``qwen3``, ``qwen3-moe``): picked by the
+    HF ``text_config.model_type`` on the way in and by ``model.language`` on the way out.
+    """
 
     name = "llava-ov-1.5"
     hf_architecture = "LLaVAOneVision1_5_ForConditionalGeneration"
@@ -35,7 +36,9 @@ class LLaVAOneVisionConverter:
     def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
         if "text_config" not in hf_config or "vision_config" not in hf_config:
             raise ConversionError("config.json has no text_config/vision_config: not LLaVA-OV-1.5")
-        lm = language_config_from_hf(hf_config["text_config"])
+        lm = language_family_of_hf(hf_config["text_config"]).language_config(
+            hf_config["text_config"]
+        )
         if not lm.untie_embeddings_and_output_weights:
             raise ConversionError(
                 "text_config.tie_word_embeddings=true: LLaVA-OV-1.5 keeps lm_head separate "
@@ -53,7 +56,8 @@ class LLaVAOneVisionConverter:
         )
 
     def table(self, cfg: RunConfig) -> MappingTable:
-        rows = rice_vit_rows(cfg) + qwen3_rows(cfg, mcore="language_model.", hf="model.")
+        family = language_family(cfg.model.language)
+        rows = rice_vit_rows(cfg) + family.rows(cfg, mcore="language_model.", hf="model.")
         return MappingTable(rows)
 
     def build_model(self, cfg: RunConfig, vp_stage: int | None = None):
@@ -65,8 +69,10 @@ class LLaVAOneVisionConverter:
         from lov15_megatron.hf.export import AUTO_MAP
 
         lm = cfg.model.language
-        text = hf_config_from_language(lm, template.get("text_config", {"model_type": "qwen3"}))
-        text.setdefault("model_type", "qwen3")
+        family = language_family(lm)
+        text_template = template.get("text_config", {"model_type": family.hf_model_type})
+        text = family.hf_text_config(lm, text_template)
+        text.setdefault("model_type", family.hf_model_type)
         out = dict(template)
         out.update(
             model_type="llavaonevision1_5",
@@ -93,9 +99,6 @@ class LLaVAOneVisionConverter:
 
         write_model_code(directory)
         write_hf_assets(directory, image=image, keep_existing=True)
-
-    def ignorable_hf_tensor(self, name: str, cfg: RunConfig) -> bool:
-        return False
 
     def hf_model_class(self):
         from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration

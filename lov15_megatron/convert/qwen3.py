@@ -6,14 +6,15 @@ language model (``language_model.`` on the Megatron side).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from typing import Any
 
 from lov15_megatron.config import LanguageModelConfig, RunConfig, config_from_dict
+from lov15_megatron.convert.converter import Converter
 from lov15_megatron.convert.mapping import (
     Concat,
     ConversionError,
-    Direct,
     GroupedQKV,
     MappingTable,
     PaddedRows,
@@ -79,9 +80,11 @@ def hf_config_from_language(lm: LanguageModelConfig, template: dict[str, Any]) -
     return out
 
 
-def run_config_from_hf(hf: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
+def run_config_from_hf(
+    hf: dict[str, Any], tp: int = 1, pp: int = 1, language_config=None
+) -> RunConfig:
     """A run config holding the model of ``hf`` at the given layout on CPU."""
-    lm = language_config_from_hf(hf)
+    lm = (language_config or language_config_from_hf)(hf)
     return config_from_dict(
         {
             "model": {"language": asdict(lm)},
@@ -93,72 +96,126 @@ def run_config_from_hf(hf: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfi
     )
 
 
-def qwen3_rows(
-    cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."
-) -> list[ParamMapping]:
-    """Rows for the Qwen3 LM (Megatron prefix ``mcore``, HF prefixes ``hf`` and ``head``)."""
+# The Transformer Engine spec's name for a tensor of the local spec (layer-relative; the local
+# spec's ``sharded_state_dict_keys_map`` files the norms under these names in checkpoints).
+TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def with_te_names(rows: list[ParamMapping], te_names: dict[str, str]) -> list[ParamMapping]:
+    """``rows`` plus, for each layer row with a TE counterpart, the same row under TE's name."""
+    out = list(rows)
+    for row in rows:
+        prefix, sep, local = row.megatron.rpartition("decoder.layers.*.")
+        if sep and local in te_names:
+            out.append(dataclasses.replace(row, megatron=f"{prefix}{sep}{te_names[local]}"))
+    return out
+
+
+def attention_rows(cfg: RunConfig, layer: str, hl: str) -> list[ParamMapping]:
+    """Per-layer attention rows (Megatron layer prefix ``layer``, HF layer prefix ``hl``)."""
     lm = cfg.model.language
     head_dim = lm.kv_channels or lm.hidden_size // lm.num_attention_heads
+    qkv = GroupedQKV(lm.num_attention_heads, lm.num_query_groups, head_dim)
+    attn, hattn = f"{layer}self_attention.", f"{hl}self_attn."
+    return [
+        ParamMapping(f"{layer}input_layernorm.weight", (f"{hl}input_layernorm.weight",)),
+        ParamMapping(
+            f"{attn}linear_qkv.weight", tuple(f"{hattn}{p}_proj.weight" for p in "qkv"), qkv
+        ),
+        ParamMapping(f"{attn}linear_proj.weight", (f"{hattn}o_proj.weight",)),
+        ParamMapping(f"{attn}q_layernorm.weight", (f"{hattn}q_norm.weight",)),
+        ParamMapping(f"{attn}k_layernorm.weight", (f"{hattn}k_norm.weight",)),
+        ParamMapping(f"{layer}pre_mlp_layernorm.weight", (f"{hl}post_attention_layernorm.weight",)),
+    ]
+
+
+def dense_mlp_rows(cfg: RunConfig, layer: str, hl: str) -> list[ParamMapping]:
+    ffn = cfg.model.language.ffn_hidden_size
+    return [
+        ParamMapping(
+            f"{layer}mlp.linear_fc1.weight",
+            (f"{hl}mlp.gate_proj.weight", f"{hl}mlp.up_proj.weight"),
+            Concat((ffn, ffn)),
+        ),
+        ParamMapping(f"{layer}mlp.linear_fc2.weight", (f"{hl}mlp.down_proj.weight",)),
+    ]
+
+
+def lm_rows(
+    cfg: RunConfig, mlp_rows, te_names: dict[str, str], mcore: str, hf: str, head: str
+) -> list[ParamMapping]:
+    """The rows of a Qwen3-style LM: embeddings, head, final norm, attention and ``mlp_rows``."""
+    lm = cfg.model.language
     vocab = PaddedRows(lm.vocab_size, model_vocab_size(cfg))
     layer, hl = f"{mcore}decoder.layers.*.", f"{hf}layers.*."
-    qkv = GroupedQKV(lm.num_attention_heads, lm.num_query_groups, head_dim)
     rows = [
         ParamMapping(
             f"{mcore}embedding.word_embeddings.weight", (f"{hf}embed_tokens.weight",), vocab
         ),
         ParamMapping(f"{mcore}output_layer.weight", (f"{head}weight",), vocab),
         ParamMapping(f"{mcore}decoder.final_layernorm.weight", (f"{hf}norm.weight",)),
-        # local spec names, then the Transformer Engine spec's fused-norm names
-        ParamMapping(f"{layer}input_layernorm.weight", (f"{hl}input_layernorm.weight",)),
-        ParamMapping(
-            f"{layer}self_attention.linear_qkv.layer_norm_weight", (f"{hl}input_layernorm.weight",)
-        ),
-        ParamMapping(
-            f"{layer}self_attention.linear_qkv.weight",
-            tuple(f"{hl}self_attn.{p}_proj.weight" for p in "qkv"),
-            qkv,
-        ),
-        ParamMapping(
-            f"{layer}self_attention.linear_proj.weight", (f"{hl}self_attn.o_proj.weight",)
-        ),
-        ParamMapping(
-            f"{layer}self_attention.q_layernorm.weight", (f"{hl}self_attn.q_norm.weight",)
-        ),
-        ParamMapping(
-            f"{layer}self_attention.k_layernorm.weight", (f"{hl}self_attn.k_norm.weight",)
-        ),
-        ParamMapping(f"{layer}pre_mlp_layernorm.weight", (f"{hl}post_attention_layernorm.weight",)),
-        ParamMapping(
-            f"{layer}mlp.linear_fc1.layer_norm_weight", (f"{hl}post_attention_layernorm.weight",)
-        ),
-        ParamMapping(
-            f"{layer}mlp.linear_fc1.weight",
-            (f"{hl}mlp.gate_proj.weight", f"{hl}mlp.up_proj.weight"),
-            Concat((lm.ffn_hidden_size, lm.ffn_hidden_size)),
-        ),
-        ParamMapping(f"{layer}mlp.linear_fc2.weight", (f"{hl}mlp.down_proj.weight",), Direct()),
+        *attention_rows(cfg, layer, hl),
+        *mlp_rows(cfg, layer, hl),
     ]
-    return rows
+    return with_te_names(rows, te_names)
 
 
-class Qwen3Converter:
-    """What the generic converter needs to know about Qwen3 (see ``convert/core.py``)."""
+def qwen3_rows(
+    cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."
+) -> list[ParamMapping]:
+    """Rows for the Qwen3 LM (Megatron prefix ``mcore``, HF prefixes ``hf`` and ``head``)."""
+    return lm_rows(cfg, dense_mlp_rows, TE_NAMES, mcore, hf, head)
+
+
+class Qwen3Family:
+    """The Qwen3 language-model family: HF config ⇄ ``LanguageModelConfig`` and its rows (the
+    language-only converter and the VLM use it for their LM)."""
 
     name = "qwen3"
+    hf_model_type = "qwen3"
     hf_architecture = "Qwen3ForCausalLM"
 
+    def matches(self, lm: LanguageModelConfig) -> bool:
+        return lm.num_experts is None
+
+    def language_config(self, hf: dict[str, Any]) -> LanguageModelConfig:
+        return language_config_from_hf(hf)
+
+    def hf_text_config(self, lm: LanguageModelConfig, template: dict[str, Any]) -> dict[str, Any]:
+        return hf_config_from_language(lm, template)
+
+    def rows(self, cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."):
+        return qwen3_rows(cfg, mcore, hf, head)
+
+    def hf_model_class(self):
+        from transformers import Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM
+
+
+class LanguageModelConverter(Converter):
+    """A language-only model of a Qwen3-style ``family`` (see ``convert/core.py``)."""
+
+    def __init__(self, family) -> None:
+        self.family = family
+        self.name = family.name
+        self.hf_architecture = family.hf_architecture
+
     def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
-        return run_config_from_hf(hf_config, tp, pp)
+        return run_config_from_hf(hf_config, tp, pp, self.family.language_config)
 
     def table(self, cfg: RunConfig) -> MappingTable:
-        return MappingTable(qwen3_rows(cfg))
+        return MappingTable(self.family.rows(cfg))
 
     def build_model(self, cfg: RunConfig, vp_stage: int | None = None):
         return build_qwen3_model(cfg, vp_stage=vp_stage)
 
     def hf_config(self, cfg: RunConfig, template: dict[str, Any]) -> dict[str, Any]:
-        out = hf_config_from_language(cfg.model.language, template)
-        out.setdefault("model_type", "qwen3")
+        out = self.family.hf_text_config(cfg.model.language, template)
+        out.setdefault("model_type", self.family.hf_model_type)
         out["architectures"] = [self.hf_architecture]
         return out
 
@@ -168,6 +225,9 @@ class Qwen3Converter:
         return tied and name == "lm_head.weight"
 
     def hf_model_class(self):
-        from transformers import Qwen3ForCausalLM
+        return self.family.hf_model_class()
 
-        return Qwen3ForCausalLM
+
+class Qwen3Converter(LanguageModelConverter):
+    def __init__(self) -> None:
+        super().__init__(Qwen3Family())

@@ -1,20 +1,108 @@
-"""The models the converter knows, by the name used on the command line (``--model``)."""
+"""The model registry: every model the converter, the trainer and ``verify`` know, by name.
+
+One :class:`ModelEntry` per model family names its converter (``convert/converter.py``: the
+Megatron provider, the mapping table, the HF config ⇄ run-config translation and the HF
+export). Language-model families (:data:`LANGUAGE_FAMILIES`) are also what the vision-language
+model is built over: ``llava-ov-1.5`` takes whichever family its ``text_config`` (HF) or its
+``model.language`` (run config) describes. Adding a model is adding an entry and its table.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.mapping import ConversionError
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the --model name
+    summary: str  # one line for --help
+    converter: str  # "module:Class" (imported on first use: the CLI's --help stays fast)
+    accepts: Callable[[RunConfig], bool]  # whether a run config describes this model
+
+    def load(self):
+        module, cls = self.converter.split(":")
+        return getattr(importlib.import_module(module), cls)()
+
+
+def _language_only(experts: bool) -> Callable[[RunConfig], bool]:
+    def accepts(cfg: RunConfig) -> bool:
+        lm = cfg.model.language
+        return cfg.model.vision is None and (lm.num_experts is not None) == experts
+
+    return accepts
+
+
+_ENTRIES = (
+    ModelEntry(
+        "qwen3",
+        "Qwen3ForCausalLM (dense Qwen3 LM: 4B, 8B, 14B, ...)",
+        "lov15_megatron.convert.qwen3:Qwen3Converter",
+        _language_only(experts=False),
+    ),
+    ModelEntry(
+        "qwen3-moe",
+        "Qwen3MoeForCausalLM (mixture of experts: 30B-A3B, ...)",
+        "lov15_megatron.convert.qwen3_moe:Qwen3MoeConverter",
+        _language_only(experts=True),
+    ),
+    ModelEntry(
+        "llava-ov-1.5",
+        "LLaVA-OneVision-1.5: Rice ViT + merger over a qwen3 or qwen3-moe LM",
+        "lov15_megatron.convert.llava_ov:LLaVAOneVisionConverter",
+        lambda cfg: cfg.model.vision is not None,
+    ),
+)
+REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
+MODELS = tuple(REGISTRY)
+
+
 def get_converter(name: str):
-    if name == "qwen3":
-        from lov15_megatron.convert.qwen3 import Qwen3Converter
-
-        return Qwen3Converter()
-    if name == "llava-ov-1.5":
-        from lov15_megatron.convert.llava_ov import LLaVAOneVisionConverter
-
-        return LLaVAOneVisionConverter()
-    raise ConversionError(f"unknown --model {name!r}; known: {', '.join(MODELS)}")
+    """The converter registered as ``name`` (ConversionError listing the known names)."""
+    if name not in REGISTRY:
+        raise ConversionError(f"unknown --model {name!r}; registered models: {', '.join(MODELS)}")
+    return REGISTRY[name].load()
 
 
-MODELS = ("qwen3", "llava-ov-1.5")
+def converter_for_config(cfg: RunConfig):
+    """The converter of the model a run config describes (the trainer's model provider)."""
+    matches = [e for e in _ENTRIES if e.accepts(cfg)]
+    if len(matches) != 1:
+        raise ConversionError(f"no single registered model fits this config: {matches}")
+    return matches[0].load()
+
+
+LANGUAGE_FAMILIES = (
+    "lov15_megatron.convert.qwen3:Qwen3Family",
+    "lov15_megatron.convert.qwen3_moe:Qwen3MoeFamily",
+)
+
+
+def _language_families() -> list:
+    out = []
+    for path in LANGUAGE_FAMILIES:
+        module, cls = path.split(":")
+        out.append(getattr(importlib.import_module(module), cls)())
+    return out
+
+
+def language_family(lm: LanguageModelConfig):
+    """The LM family of a run config's ``model.language`` (exactly one matches)."""
+    (family,) = [f for f in _language_families() if f.matches(lm)]
+    return family
+
+
+def language_family_of_hf(text_config: dict) -> object:
+    """The LM family of an HF (text) ``config.json`` by its ``model_type``."""
+    model_type = text_config.get("model_type", "qwen3")
+    for family in _language_families():
+        if family.hf_model_type == model_type:
+            return family
+    known = ", ".join(f.hf_model_type for f in _language_families())
+    raise ConversionError(
+        f"config.json: language model_type {model_type!r} is not registered (known: {known})"
+    )

@@ -11,6 +11,7 @@ Metrics: ``max_abs_diff`` = max |mcore − hf|; ``max_rel_diff`` = max_abs_diff 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,8 +24,11 @@ def _forward_step(data_iterator, model):
     return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach()})
 
 
-def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, inputs: dict):
-    """Runs in each rank: load the checkpoint at TP×PP and return full-vocab logits (or None).
+def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, ep: int, inputs: dict):
+    """Runs in each rank: load the checkpoint at TP×PP×EP; return full-vocab logits (or None).
+
+    Under expert parallelism the data-parallel ranks all run the same inputs (their tokens
+    still travel to the experts of other ranks through the all-to-all dispatcher).
 
     ``inputs`` holds ``input_ids`` and, for the VLM, ``pixel_values`` and ``image_grid_thw``.
     """
@@ -39,11 +43,12 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, inputs: di
     from lov15_megatron.training import checkpointing, setup
 
     converter = get_converter(model_name)
-    raw = config_to_dict(run_config_of_checkpoint(load_dir, tp, pp))
+    raw = config_to_dict(run_config_of_checkpoint(load_dir, tp, pp, ep))
     input_ids = inputs["input_ids"]
     batch, seq = input_ids.shape
     raw["data"]["seq_length"] = seq
-    raw["train"].update(micro_batch_size=batch, global_batch_size=batch)
+    dp = world_size(tp, pp, ep) // (tp * pp)
+    raw["train"].update(micro_batch_size=batch, global_batch_size=batch * dp)
     raw["runtime"]["device"] = "auto"
     cfg = config_from_dict(raw)
     rt = distributed.initialize(cfg)
@@ -72,8 +77,9 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, inputs: di
     return logits[..., : cfg.model.language.vocab_size].float().cpu()
 
 
-def default_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def world_size(tp: int, pp: int, ep: int) -> int:
+    """Ranks for a TP×PP×EP check: EP (expert TP 1) is carved out of TP × DP."""
+    return tp * pp * (ep // math.gcd(ep, tp))
 
 
 def compare(mcore: torch.Tensor, hf: torch.Tensor) -> dict[str, float]:
@@ -93,6 +99,7 @@ def verify(
     pp: int = 1,
     inputs: str | os.PathLike | None = None,
     dump_logits: str | os.PathLike | None = None,
+    ep: int = 1,
 ) -> dict:
     """Run both models on the same inputs; returns the metrics (and dumps logits if asked)."""
     from lov15_megatron.config import validate_world_size
@@ -104,15 +111,11 @@ def verify(
     converter = get_converter(model_name)
     HFCheckpointReader(hf_dir)  # a missing or unreadable HF directory is named here
     # The layout must fit the model (heads, layers) before any rank starts: a ConfigError.
-    validate_world_size(run_config_of_checkpoint(load_dir, tp, pp), tp * pp)
+    world = world_size(tp, pp, ep)
+    validate_world_size(run_config_of_checkpoint(load_dir, tp, pp, ep), world)
     cfg = run_config_of_checkpoint(load_dir)
-    if inputs:
-        data = torch.load(inputs)
-    elif hasattr(converter, "default_inputs"):
-        data = converter.default_inputs(cfg)
-    else:
-        data = {"input_ids": default_inputs(cfg.model.language.vocab_size)}
-    results = run_ranks(tp * pp, megatron_logits, model_name, str(load_dir), tp, pp, data)
+    data = torch.load(inputs) if inputs else converter.default_inputs(cfg)
+    results = run_ranks(world, megatron_logits, model_name, str(load_dir), tp, pp, ep, data)
     mcore = next(r for r in results if r is not None)
     hf_model = converter.hf_model_class().from_pretrained(str(hf_dir), dtype=torch.float32)
     hf_model.eval()
@@ -122,4 +125,5 @@ def verify(
         Path(dump_logits).parent.mkdir(parents=True, exist_ok=True)
         torch.save(mcore, dump_logits)
     metrics = compare(mcore, hf)
-    return {"model": model_name, "tp": tp, "pp": pp, "shape": list(mcore.shape), **metrics}
+    layout = {"tp": tp, "pp": pp, "ep": ep}
+    return {"model": model_name, **layout, "shape": list(mcore.shape), **metrics}

@@ -75,6 +75,20 @@ def core_attention_module(cfg: RunConfig) -> type:
     return PackedSequenceAttention
 
 
+def moe_without_transformer_engine() -> None:
+    """Let Megatron-Core's MoE router run where Transformer Engine is not installed.
+
+    megatron-core 0.16.1's router gating (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None`` but defines that name only when TE imports, so without TE it
+    raises ``NameError``. ``None`` is the value its own check expects for "no TE": the plain
+    ``torch.mm`` path then runs. A no-op where the name exists (TE installed, or fixed upstream).
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def fp8_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``TransformerConfig`` FP8 fields (``model.fp8``), refused where they cannot run.
 

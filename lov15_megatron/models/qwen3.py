@@ -33,11 +33,13 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from lov15_megatron.config import RunConfig
+from lov15_megatron.config import ConfigError, RunConfig
 from lov15_megatron.models.backend import (
     core_attention_module,
     device_config_kwargs,
+    fp8_config_kwargs,
     fused_kernels,
+    moe_without_transformer_engine,
     recompute_config_kwargs,
     runs_on_gpu,
     use_transformer_engine,
@@ -112,12 +114,56 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         # Context-parallel THD streams are padded per sub-sample, so their length varies from
         # micro-batch to micro-batch: pipeline stages then exchange shapes before activations.
         variable_seq_lengths=pipelined and p.context_parallel_size > 1,
-        # (Megatron refuses variable lengths with its default all-gather MoE dispatcher, even
-        # for a dense model; the dispatcher is unused here.)
-        moe_token_dispatcher_type="alltoall",
+        **moe_config_kwargs(cfg),
+        **fp8_config_kwargs(cfg),
         **recompute_config_kwargs(cfg),
         **device_config_kwargs(cfg),
     )
+
+
+def moe_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields of a Qwen3-MoE language model (none for a dense one).
+
+    Qwen3-MoE's router is softmax over all experts → top-k → (``norm_topk_prob``) renormalise
+    the k weights. Megatron's default order, top-k on the logits then softmax over the k, is the
+    same function: softmax is monotone, so it keeps the same k experts, and the softmax of k
+    logits equals their full-softmax probabilities divided by their sum. Without
+    ``norm_topk_prob`` the weights are the unnormalised probabilities: Megatron's pre-softmax
+    order. Routing runs in fp32 (``moe_router_dtype``); tokens are never dropped.
+    """
+    lm, p = cfg.model.language, cfg.parallel
+    if lm.num_experts is None:
+        # Megatron refuses variable lengths with its default all-gather MoE dispatcher, even
+        # for a dense model (where the dispatcher is unused).
+        return {"moe_token_dispatcher_type": "alltoall"}
+    # The all-to-all dispatcher stages its device-to-host copies on a side CUDA stream; on the
+    # CPU the all-gather dispatcher (all-gather over TP×EP, local experts, reduce-scatter) runs
+    # the same experts on gloo. It needs equal token counts per rank: fixed-length micro-batches.
+    dispatcher = "alltoall" if runs_on_gpu(cfg) else "allgather"
+    if (
+        dispatcher == "allgather"
+        and p.pipeline_model_parallel_size > 1
+        and p.context_parallel_size > 1
+    ):
+        raise ConfigError(
+            "a mixture-of-experts model on the CPU cannot combine pipeline and context "
+            "parallelism (variable-length micro-batches need the GPU's all-to-all dispatcher)"
+        )
+    return {
+        "moe_token_dispatcher_type": dispatcher,
+        "num_moe_experts": lm.num_experts,
+        "moe_ffn_hidden_size": lm.moe_ffn_hidden_size or lm.ffn_hidden_size,
+        "moe_router_topk": lm.moe_router_topk,
+        "moe_router_pre_softmax": not lm.moe_norm_topk_prob,
+        "moe_router_score_function": "softmax",
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": lm.moe_aux_loss_coeff,
+        "moe_z_loss_coeff": lm.moe_z_loss_coeff,
+        "moe_grouped_gemm": use_transformer_engine(cfg),
+        "expert_model_parallel_size": p.expert_model_parallel_size,
+        "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+    }
 
 
 def swap_modules(spec: Any, mapping: dict[type, type]) -> Any:
@@ -144,13 +190,30 @@ def qwen3_layer_spec(cfg: RunConfig) -> ModuleSpec:
     attention is ``model.attention_backend``'s (:mod:`lov15_megatron.models.backend`): TE's, or
     our packed-sequence attention in place of Megatron's dense-mask ``DotProductAttention``."""
     qk = cfg.model.language.qk_layernorm
+    experts = cfg.model.language.num_experts
     core = core_attention_module(cfg)
     if use_transformer_engine(cfg):
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+        # MoE: TE's grouped-GEMM experts (TEGroupedMLP); pre_mlp_layernorm stays a TENorm.
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=qk
+        )
         return swap_modules(spec, {TEDotProductAttention: core})
-    local = get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
+    if experts is not None:
+        moe_without_transformer_engine()
+    # MoE: experts as a SequentialMLP of local MLPs (checkpoints interchangeable with TE's).
+    local = get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk, normalization="RMSNorm"
+    )
+    if experts is not None:
+        # TE's MoE spec keeps pre_mlp_layernorm unfused: store it under its own name as TE does.
+        keys = dict(local.submodules.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.")
+        local = dataclasses.replace(
+            local,
+            submodules=dataclasses.replace(local.submodules, sharded_state_dict_keys_map=keys),
+        )
     return swap_modules(local, {WrappedTorchNorm: LocalNorm, DotProductAttention: core})
 
 

@@ -1,0 +1,56 @@
+"""What the model-independent conversion (``convert/core.py``, ``convert/verify.py``) asks of a
+model: the interface every registered converter implements (``convert/registry.py``).
+
+A converter names its Megatron provider (``build_model``), its mapping table (``table``), its
+HF config ⇄ run config translation (``run_config`` / ``hf_config``) and its HF export
+(``write_extra``: files beside the weights; ``hf_model_class``: the class that loads them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lov15_megatron.config import RunConfig
+from lov15_megatron.convert.mapping import MappingTable
+
+
+class Converter:
+    """Base class of a model's converter; subclasses override the abstract methods."""
+
+    name: str
+    hf_architecture: str
+
+    def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
+        """The run config of the model in an HF ``config.json`` (CPU, the given layout)."""
+        raise NotImplementedError
+
+    def table(self, cfg: RunConfig) -> MappingTable:
+        raise NotImplementedError
+
+    def build_model(self, cfg: RunConfig, vp_stage: int | None = None) -> torch.nn.Module:
+        """The Megatron model provider (one pipeline chunk)."""
+        raise NotImplementedError
+
+    def hf_config(self, cfg: RunConfig, template: dict[str, Any]) -> dict[str, Any]:
+        """The HF ``config.json`` of ``cfg``'s model (the template's other fields kept)."""
+        raise NotImplementedError
+
+    def hf_model_class(self) -> type:
+        raise NotImplementedError
+
+    def ignorable_hf_tensor(self, name: str, cfg: RunConfig) -> bool:
+        """HF tensors that have no Megatron counterpart but carry no information."""
+        return False
+
+    def write_extra(self, directory: Path, image: Any = None) -> None:
+        """Files the HF export needs beside the weights and ``config.json`` (none here)."""
+
+    def default_inputs(self, cfg: RunConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+        """``verify``'s inputs when none are given: two rows of 16 random token ids."""
+        gen = torch.Generator().manual_seed(seed)
+        return {
+            "input_ids": torch.randint(0, cfg.model.language.vocab_size, (2, 16), generator=gen)
+        }
