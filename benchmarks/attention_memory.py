@@ -120,14 +120,13 @@ def run_case(part: str, tokens: int, path: str, recompute: bool) -> dict:
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        from lov15_megatron.models.norms import LocalNorm
+        from lov15_megatron.models.norms import TorchNormFactory
 
         layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        layer = swap_modules(
-            layer, {WrappedTorchNorm: LocalNorm, DotProductAttention: PackedSequenceAttention}
-        )
+        swaps = {WrappedTorchNorm: TorchNormFactory, DotProductAttention: PackedSequenceAttention}
+        layer = swap_modules(layer, swaps)
     if path == "dense":  # the old local path: Megatron's attention with an explicit mask
         layer = swap_modules(layer, {PackedSequenceAttention: DotProductAttention})
         layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}

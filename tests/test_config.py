@@ -225,7 +225,7 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
             ["data.seq_length=30", "parallel.context_parallel_size=2"],
             r"data.seq_length=30 must be divisible by 2 x parallel.context_parallel_size=2",
         ),
-        (["data.kind=energon"], r"data.kind='energon' requires data.path"),
+        (["data.loader=energon"], r"data.loader='energon' requires data.path"),
         (["train.trainable=[vision, decoder]"], r"train.trainable .*'decoder'"),
         (["train.trainable=[]"], r"train.trainable"),
         (["optimizer.lr_mult={decoder: 0.1}"], r"optimizer.lr_mult has unknown group.*'decoder'"),
@@ -276,8 +276,8 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
             ["train.recompute.granularity=full", "train.recompute.modules=[mlp]"],
             r"train.recompute.modules=\['mlp'\] has no effect unless",
         ),
-        (["data.num_workers=2"], r"data.num_workers=2 has no effect with data.kind=synthetic"),
-        (["data.path=/x"], r"data.path='/x' has no effect with data.kind=synthetic"),
+        (["data.num_workers=2"], r"data.num_workers=2 has no effect with data.loader=synthetic"),
+        (["data.path=/x"], r"data.path='/x' has no effect with data.loader=synthetic"),
         (
             [
                 "train.recompute.granularity=full",
@@ -302,7 +302,7 @@ def test_valid_parallel_layouts_pass():
             "parallel.pipeline_model_parallel_size=2",
             "model.language.num_layers=4",
             "parallel.virtual_pipeline_model_parallel_size=2",
-            "data.kind=energon",
+            "data.loader=energon",
             "data.path=/data/wds",
             "model.vision={num_attention_heads: 4}",
             "train.trainable=[vision, merger, language]",

@@ -459,7 +459,7 @@ def test_train_config_errors_are_one_line(tmp_path):
     cmd = [sys.executable, "-m", "lov15_megatron.train", "--config", "configs/tiny/model.yaml"]
     res = run([*cmd, "--print-config"], env)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert "config error: data.kind='energon' requires data.path" in res.stderr
+    assert "config error: data.loader='energon' requires data.path" in res.stderr
     res = run([*cmd, "data.path=x", "optimizer.lr_mult={decoder: 1}"], env)
     assert res.returncode == 2
     assert "optimizer.lr_mult has unknown group(s) ['decoder']" in res.stderr

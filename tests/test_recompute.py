@@ -52,7 +52,7 @@ def recompute_checks() -> dict:
     from lov15_megatron.models.llava_ov import build_llava_ov_model
     from lov15_megatron.runtime import distributed
 
-    common = ["runtime.device=cpu", "data.kind=synthetic", "data.seq_length=64"]
+    common = ["runtime.device=cpu", "data.loader=synthetic", "data.seq_length=64"]
     out: dict = {}
     reference = None
     state = None

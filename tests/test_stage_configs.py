@@ -77,7 +77,7 @@ def test_every_yaml_under_configs_validates():
     assert len(paths) >= 20
     for path in paths:
         cfg = load(RunConfig, path)  # YAML + base chain, no cross-field checks yet
-        if cfg.data.kind == "energon":
+        if cfg.data.loader == "energon":
             assert cfg.data.path is None, f"{path}: data paths come from the command line"
             cfg.data.path = "/data/packed"
         validate(cfg)
@@ -103,7 +103,7 @@ def test_stage_recipe_is_the_release(size, stage):
     # Stage 2 as the release runs it: unpacked samples (one per sequence, 16k upper bound),
     # longest image side capped at 1000 px, loss averaged per sample (micro-batch 1).
     stage2 = stage == "stage2_instruct"
-    assert (cfg.data.kind, cfg.data.seq_length) == ("energon", 16384 if stage2 else 8192)
+    assert (cfg.data.loader, cfg.data.seq_length) == ("energon", 16384 if stage2 else 8192)
     assert cfg.data.max_image_side == (1000 if stage2 else None)
     assert cfg.train.loss_weighting == ("micro_batch" if stage2 else "token")
     assert cfg.checkpoint.save_interval == 2000
@@ -160,7 +160,7 @@ def test_layouts_that_do_not_fit_are_named(size, stage, gpus, overrides, match):
 
 
 def test_stage_configs_need_a_data_path():
-    with pytest.raises(ConfigError, match="data.kind='energon' requires data.path"):
+    with pytest.raises(ConfigError, match="data.loader='energon' requires data.path"):
         load_config(CONFIGS / "llava_ov_1_5" / "4b" / "stage1_alignment.yaml")
 
 
@@ -203,7 +203,7 @@ def test_tiny_configs(stage):
     assert lm.untie_embeddings_and_output_weights
     assert (v.num_layers, v.hidden_size, v.num_attention_heads) == (2, 64, 4)
     assert (cfg.model.params_dtype, cfg.model.transformer_impl) == ("float32", "local")
-    assert (cfg.runtime.device, cfg.data.kind, cfg.data.seq_length) == ("cpu", "energon", 512)
+    assert (cfg.runtime.device, cfg.data.loader, cfg.data.seq_length) == ("cpu", "energon", 512)
     assert (t.micro_batch_size, t.global_batch_size, t.trainable) == (1, 4, TINY[stage])
     assert 20 <= t.train_iters <= 60
     release = RELEASE[{"stage1": STAGES[0], "stage1_5": STAGES[1], "stage2": STAGES[2]}[stage]]

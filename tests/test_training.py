@@ -59,7 +59,7 @@ def _cfg(root: Path, overrides: list[str]):
 
     cfg = run_config_of_checkpoint(root / "stage0")
     for override in [
-        "data.kind=energon", f"data.path={root / 'caption'}", f"data.seq_length={SEQ}",
+        "data.loader=energon", f"data.path={root / 'caption'}", f"data.seq_length={SEQ}",
         "train.micro_batch_size=1", "train.global_batch_size=2", "optimizer.lr=3e-3",
         "optimizer.min_lr=3e-4", "scheduler.warmup_iters=1", "logging.log_interval=1",
         f"checkpoint.pretrained={root / 'stage0'}", "runtime.device=cpu", *overrides,

@@ -127,7 +127,9 @@ class SchedulerConfig:
 class DataConfig:
     """Training data source."""
 
-    kind: Literal["synthetic", "energon"] = "synthetic"
+    # What feeds training: the synthetic token stream (language model only) or Energon over
+    # data.path. (A sample's caption|instruct kind is a property of the data set, set when packing.)
+    loader: Literal["synthetic", "energon"] = "synthetic"
     path: str | None = None  # energon dataset dir or metadataset YAML (required for energon)
     seq_length: int = 32  # tokens per sample / pack length (packed rows are padded to this)
     num_workers: int = 0  # dataloader worker processes per DP rank
@@ -386,7 +388,7 @@ def validate(cfg: RunConfig) -> None:
         f"data.seq_length={d.seq_length} exceeds "
         f"model.language.max_position_embeddings={lm.max_position_embeddings}",
     )
-    _require(d.kind != "energon" or bool(d.path), "data.kind='energon' requires data.path")
+    _require(d.loader != "energon" or bool(d.path), "data.loader='energon' requires data.path")
     _validate_moe(cfg)
     if cfg.model.vision is not None:
         _validate_vision(cfg.model.vision, tp)
@@ -453,14 +455,14 @@ def _reject_fields_without_effect(cfg: RunConfig) -> None:
         f"held-out samples, packed like the training data)",
     )
     _require(
-        d.valid_path is None or d.kind == "energon",
-        "data.valid_path needs data.kind=energon (the synthetic stream has no validation split)",
+        d.valid_path is None or d.loader == "energon",
+        "data.valid_path needs data.loader=energon (the synthetic stream has no validation split)",
     )
-    if d.kind == "synthetic":
-        _require(d.path is None, f"data.path={d.path!r} has no effect with data.kind=synthetic")
+    if d.loader == "synthetic":
+        _require(d.path is None, f"data.path={d.path!r} has no effect with data.loader=synthetic")
         _require(
             d.num_workers == 0,
-            f"data.num_workers={d.num_workers} has no effect with data.kind=synthetic",
+            f"data.num_workers={d.num_workers} has no effect with data.loader=synthetic",
         )
 
 

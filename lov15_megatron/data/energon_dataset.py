@@ -14,6 +14,7 @@ packer and overridable per dataset in a metadataset YAML.
 # No ``from __future__ import annotations``: energon reads constructor annotations at runtime.
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,13 @@ class RawVLMWebdataset(_VLMWebdatasetBase):
     _loader = staticmethod(load_raw_sample)
 
 
-def prepare_raw_webdataset(path: str | Path, shards: list[str], kind: str) -> None:
-    """Index existing raw WebDataset shards (``json`` + images per key) under ``path`` with
-    energon's own API and write a ``dataset.yaml`` naming :class:`RawVLMWebdataset`."""
+def index_webdataset(
+    path: str | Path, shards: Sequence[str], factory: str, kind: str, workers: int = 1
+) -> None:
+    """Make ``path`` an Energon dataset: index its WebDataset ``shards`` with energon's own API
+    (``.info.json``, ``split.yaml``, sqlite index; everything in the train split) and write a
+    ``dataset.yaml`` naming ``factory`` (:class:`PackedVLMWebdataset` or
+    :class:`RawVLMWebdataset`) and the sample ``kind``."""
     import contextlib
     import io
 
@@ -114,16 +119,22 @@ def prepare_raw_webdataset(path: str | Path, shards: list[str], kind: str) -> No
     from megatron.energon.flavors.webdataset.config import MAIN_FOLDER_NAME
 
     path = Path(path)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # energon prints progress lines
         BaseWebdatasetFactory.prepare_dataset(
             path,
-            shards,
+            list(shards),
             split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
             shuffle_seed=None,
-            workers=1,
+            workers=max(1, min(workers, len(shards))),
         )
     with open(path / MAIN_FOLDER_NAME / "dataset.yaml", "w") as stream:
-        yaml.safe_dump(dataset_yaml("RawVLMWebdataset", kind), stream, sort_keys=False)
+        yaml.safe_dump(dataset_yaml(factory, kind), stream, sort_keys=False)
+
+
+def prepare_raw_webdataset(path: str | Path, shards: list[str], kind: str) -> None:
+    """Index existing raw WebDataset shards (``json`` + images per key) as a
+    :class:`RawVLMWebdataset` (the unpacked path)."""
+    index_webdataset(path, shards, "RawVLMWebdataset", kind)
 
 
 def dataset_yaml(factory: str, kind: str) -> dict[str, Any]:

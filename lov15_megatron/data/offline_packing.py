@@ -459,31 +459,6 @@ def write(config: PackConfig, task: Task | None = None, progress: bool = True) -
     return summary
 
 
-def write_energon_metadata(
-    dataset: Path, shard_names: Sequence[str], kind: str, workers: int
-) -> None:
-    """Index the shards with energon's own API (``.info.json``, ``split.yaml``, sqlite index)."""
-    import contextlib
-    import io
-
-    import yaml
-    from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
-    from megatron.energon.flavors.webdataset.config import MAIN_FOLDER_NAME
-
-    from .energon_dataset import dataset_yaml
-
-    with contextlib.redirect_stdout(io.StringIO()):  # energon prints progress lines
-        BaseWebdatasetFactory.prepare_dataset(
-            dataset,
-            list(shard_names),
-            split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
-            shuffle_seed=None,
-            workers=max(1, min(workers, len(shard_names))),
-        )
-    with open(dataset / MAIN_FOLDER_NAME / "dataset.yaml", "w") as stream:
-        yaml.safe_dump(dataset_yaml("PackedVLMWebdataset", kind), stream, sort_keys=False)
-
-
 def finalise(config: PackConfig, progress: bool = True) -> dict[str, Any]:
     """Phase 4: index, report, rename to ``OUT``; returns the report."""
     started = time.perf_counter()
@@ -498,7 +473,9 @@ def finalise(config: PackConfig, progress: bool = True) -> dict[str, Any]:
             f"{run.dataset}: {len(missing)} of {len(names)} shards not written yet "
             f"(first: {missing[0]}); run --phase write for every task first"
         )
-    write_energon_metadata(run.dataset, names, config.kind, config.workers)
+    from .energon_dataset import index_webdataset  # imports energon: only this phase needs it
+
+    index_webdataset(run.dataset, names, "PackedVLMWebdataset", config.kind, config.workers)
     _record_task(run, "finalise", Task(), started)
     report = build_report(config, info, {phase: _task_records(run, phase) for phase in PHASES})
     atomic_write(

@@ -13,10 +13,20 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 
-class LocalNorm:
-    """Spec-compatible factory: ``LocalNorm(config, hidden_size, eps)`` → a torch norm module."""
+class TorchNormFactory:
+    """Builds the torch norm a local spec asks for: ``TorchNormFactory(config, hidden_size, eps)``
+    returns a ``torch.nn.RMSNorm`` or ``torch.nn.LayerNorm`` (by ``config.normalization``),
+    not an instance of this class.
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
+    It is a class only because Megatron-Core's ``build_module`` calls classes but hands plain
+    functions back uncalled; Megatron's own ``WrappedTorchNorm`` is built the same way. The
+    torch module is returned unwrapped so that its parameters keep the names ``weight``/``bias``
+    that the checkpoint tables use.
+    """
+
+    def __new__(  # type: ignore[misc]  # returns a torch module by design (see above)
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object
+    ) -> torch.nn.Module:
         if config.normalization == "RMSNorm":
             norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
         elif config.normalization == "LayerNorm":

@@ -45,7 +45,7 @@ from lov15_megatron.models.backend import (
     use_transformer_engine,
 )
 from lov15_megatron.models.lm_loss import LossPositionsGPTModel
-from lov15_megatron.models.norms import LocalNorm
+from lov15_megatron.models.norms import TorchNormFactory
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -186,7 +186,7 @@ def swap_modules(spec: Any, mapping: dict[type, type]) -> Any:
 
 def qwen3_layer_spec(cfg: RunConfig) -> ModuleSpec:
     """The transformer-layer spec: TE on GPU; on CPU Megatron-Core's local spec with
-    sequence-parallel-capable norms (:class:`~lov15_megatron.models.norms.LocalNorm`). The core
+    sequence-parallel-capable norms (:class:`~.norms.TorchNormFactory`). The core
     attention is ``model.attention_backend``'s (:mod:`lov15_megatron.models.backend`): TE's, or
     our packed-sequence attention in place of Megatron's dense-mask ``DotProductAttention``."""
     qk = cfg.model.language.qk_layernorm
@@ -214,7 +214,7 @@ def qwen3_layer_spec(cfg: RunConfig) -> ModuleSpec:
             local,
             submodules=dataclasses.replace(local.submodules, sharded_state_dict_keys_map=keys),
         )
-    return swap_modules(local, {WrappedTorchNorm: LocalNorm, DotProductAttention: core})
+    return swap_modules(local, {WrappedTorchNorm: TorchNormFactory, DotProductAttention: core})
 
 
 def qwen3_block_spec(
@@ -225,7 +225,7 @@ def qwen3_block_spec(
     if use_transformer_engine(cfg):
         return layer  # TransformerBlock picks TENorm for the final norm itself
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LocalNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=TorchNormFactory)
 
 
 def build_qwen3_model(

@@ -54,7 +54,7 @@ from lov15_megatron.models.backend import (
     recompute_config_kwargs,
     use_transformer_engine,
 )
-from lov15_megatron.models.norms import LocalNorm
+from lov15_megatron.models.norms import TorchNormFactory
 
 # --------------------------------------------------------------------------------------------
 # Configs and specs
@@ -183,7 +183,7 @@ def rice_vit_layer_spec(use_te: bool, core_attention: type) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=LocalNorm,
+            input_layernorm=TorchNormFactory,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.padding},  # not causal: whole image
@@ -196,7 +196,7 @@ def rice_vit_layer_spec(use_te: bool, core_attention: type) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=LocalNorm,
+            pre_mlp_layernorm=TorchNormFactory,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -222,7 +222,7 @@ def _norm_impl(use_te: bool) -> type:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return LocalNorm
+    return TorchNormFactory
 
 
 def patch_merger_submodules(use_te: bool) -> MLPSubmodules:
@@ -450,7 +450,7 @@ class RiceViT(MegatronModule):
     Args:
         config: from :func:`rice_vit_transformer_config`.
         spec: the block's layers (:func:`rice_vit_block_spec`).
-        norm: class of ``pre_layernorm`` (``TENorm`` or :class:`LocalNorm`).
+        norm: class of ``pre_layernorm`` (``TENorm`` or :class:`TorchNormFactory`).
     """
 
     def __init__(
@@ -462,7 +462,7 @@ class RiceViT(MegatronModule):
         in_channels: int = 3,
         spatial_merge_size: int = 2,
         rope_theta: float = 10000.0,
-        norm: type | ModuleSpec = LocalNorm,
+        norm: type | ModuleSpec = TorchNormFactory,
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
@@ -567,7 +567,7 @@ class PatchMerger(MegatronModule):
         *,
         input_size: int,
         merge_size: int = 2,
-        norm: type | ModuleSpec = LocalNorm,
+        norm: type | ModuleSpec = TorchNormFactory,
     ) -> None:
         super().__init__(config=config)
         self.input_size = input_size

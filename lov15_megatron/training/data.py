@@ -1,8 +1,8 @@
 """The training data stream of one rank, with a state that checkpoints save and restore.
 
-* ``data.kind: synthetic`` — the learnable token stream of :mod:`.synthetic` (language model);
+* ``data.loader: synthetic`` — the learnable token stream of :mod:`.synthetic` (language model);
   its state is the next iteration.
-* ``data.kind: energon`` — packed (or unpacked) Energon shards through the VLM task encoder
+* ``data.loader: energon`` — packed (or unpacked) Energon shards through the VLM task encoder
   (:func:`lov15_megatron.data.loader.build_train_loader`), sharded by data-parallel rank; its
   state is Energon's savable-loader state of this DP rank.
 
@@ -66,7 +66,7 @@ def pad_multiple(cfg: RunConfig) -> int:
 def data_layout(cfg: RunConfig) -> dict[str, Any]:
     """What the saved loader state depends on (stored with every training checkpoint)."""
     return {
-        "kind": cfg.data.kind,
+        "loader": cfg.data.loader,
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "num_workers": cfg.data.num_workers,
     }
@@ -81,7 +81,7 @@ def resumable_state(
     data-parallel size or worker count. Such a resume raises ``ConfigError`` naming both
     layouts, unless ``checkpoint.allow_data_restart`` accepts a restart of the data order.
     """
-    if cfg.data.kind != "energon":
+    if cfg.data.loader != "energon":
         return state
     now = data_layout(cfg)
     saved = saved_layout or {}
@@ -122,7 +122,7 @@ def build_train_data(
     cfg: RunConfig, n_chunks: int, start_iteration: int = 0, state: Any = None
 ) -> TrainData:
     """The data stream for this rank, resumed from ``state`` when given."""
-    if cfg.data.kind == "synthetic":
+    if cfg.data.loader == "synthetic":
         first = state["iteration"] if state else start_iteration
         counter = CountingIterator(synthetic.synthetic_batches(cfg, first))
         data = TrainData([], counter, next_iteration=first)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lov15_megatron.config import RunConfig
+from lov15_megatron.config import RunConfig, config_to_dict
 from lov15_megatron.runtime.distributed import Runtime
 from lov15_megatron.training.flops import StepCounts
 from lov15_megatron.training.step import StepResult
@@ -38,7 +38,7 @@ class MetricsLogger:
                 raise RuntimeError(
                     "logging.wandb_project is set but wandb is not installed (pip install wandb)"
                 ) from e
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=_flat(cfg))
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=config_to_dict(cfg))
 
     def log(
         self,
@@ -104,9 +104,3 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _flat(cfg: RunConfig) -> dict:
-    from lov15_megatron.config import config_to_dict
-
-    return config_to_dict(cfg)

@@ -12,7 +12,7 @@ from lov15_megatron.config import ConfigError, RunConfig
 def check_dataset_paths(cfg: RunConfig) -> None:
     """``data.path`` / ``data.valid_path`` must be Energon datasets (or metadataset YAMLs)
     before any rank starts reading; a ``ConfigError`` names the field and what is wrong."""
-    if cfg.data.kind != "energon":
+    if cfg.data.loader != "energon":
         return
     for field, value in (("data.path", cfg.data.path), ("data.valid_path", cfg.data.valid_path)):
         if value is None:

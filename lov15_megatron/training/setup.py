@@ -26,6 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.models.llava_ov import GROUP_MODULES
 
 ModelProvider = Callable[[RunConfig, int | None], MegatronModule]
 """``provider(cfg, vp_stage) -> module`` builds one pipeline chunk on this rank."""
@@ -100,8 +101,6 @@ def lr_overrides(cfg: RunConfig, opt_config: OptimizerConfig) -> dict:
     Each listed group gets its own ``max_lr``/``min_lr``; the scheduler applies warmup and
     decay to every group relative to those.
     """
-    from lov15_megatron.models.llava_ov import GROUP_MODULES
-
     overrides = get_standard_config_overrides(opt_config)
     o = cfg.optimizer
     for group, mult in sorted(o.lr_mult.items()):
