@@ -70,15 +70,16 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
-def describe_model(cfg, source: str | os.PathLike | None) -> dict[str, Any]:
-    """:data:`MODEL_FILE` of a training run: model name and config, the HF config template
-    (inherited from ``source``, the checkpoint the run started from, when it has one), the dtype
-    and the run's image settings (``mcore-to-hf`` writes them into the exported processor)."""
+def describe_model(cfg, source: str | os.PathLike | None, model: str) -> dict[str, Any]:
+    """:data:`MODEL_FILE` of a training run: the registered ``model`` name and the run's model
+    config, the HF config template (inherited from ``source``, the checkpoint the run started
+    from, when it has one), the dtype and the run's image settings (``mcore-to-hf`` writes them
+    into the exported processor)."""
     from lov15_megatron.config import config_to_dict
 
     inherited = read_model_file(source) if source is not None else None
     return {
-        "model": "llava-ov-1.5" if cfg.model.vision is not None else "qwen3",
+        "model": model,
         "model_config": config_to_dict(cfg)["model"],
         "hf_config": (inherited or {}).get("hf_config", {}),
         "dtype": cfg.model.params_dtype,

@@ -67,6 +67,7 @@ class TrainResult:
     valid_losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss)
     valid_sample_ids: list[str] | None = None  # this DP rank's held-out samples (first eval)
     tokens_per_s: list[float] = field(default_factory=list)
+    moe_losses: list[dict[str, float]] = field(default_factory=list)  # MoE: aux losses per step
     consumed_sample_ids: list[str] = field(default_factory=list)
     stopped_by_signal: bool = False
     checkpoint: str | None = None
@@ -102,6 +103,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.data import build_train_data, data_layout, resumable_state
     from lov15_megatron.training.flops import peak_tflops, step_flops
     from lov15_megatron.training.metrics import MetricsLogger
+    from lov15_megatron.training.moe_metrics import discard_moe_losses, step_moe_losses
     from lov15_megatron.training.preflight import check_dataset_paths
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
@@ -140,7 +142,10 @@ def train(cfg: RunConfig) -> TrainResult:
         print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained} (fresh optimizer)")
 
     data = build_train_data(cfg, len(model), start, data_state)
-    model_file = checkpoint_dir.describe_model(cfg, cfg.checkpoint.pretrained or resume_dir)
+    from lov15_megatron.convert.registry import converter_for_config
+
+    source = cfg.checkpoint.pretrained or resume_dir
+    model_file = checkpoint_dir.describe_model(cfg, source, converter_for_config(cfg).name)
     n_micro = setup.num_microbatches(cfg)
     forward_step = vlm_forward_step if vlm else language_forward_step
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
@@ -196,12 +201,19 @@ def train(cfg: RunConfig) -> TrainResult:
             result.tokens_per_s.append(counts.token_positions / dt)
             result.last_iteration = iteration
             metrics.log(iteration, res, dt, counts, tflops, peak, hw_tflops)
+            moe = step_moe_losses(cfg, n_micro)
+            if moe:
+                result.moe_losses.append(moe)
+                if iteration % cfg.logging.log_interval == 0:
+                    parts = ", ".join(f"{name} {value:.6f}" for name, value in moe.items())
+                    print_rank_0(f"iteration {iteration}: moe {parts}")
             if validation_due(iteration):
                 validation = evaluate(cfg, model, forward_step, n_micro, iteration)
                 result.valid_losses.append((iteration, validation.loss))
                 if result.valid_sample_ids is None:
                     result.valid_sample_ids = validation.sample_ids
                 metrics.log_validation(validation)
+                discard_moe_losses()
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
             if exit_signal.received(rt.device):

@@ -247,14 +247,14 @@ def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
     from lov15_megatron.config import config_from_dict
 
     cfg = config_from_dict({"data": {"min_pixels": 6272, "max_pixels": 401408}})
-    assert describe_model(cfg, None)["image"] == {
+    assert describe_model(cfg, None, "llava-ov-1.5")["image"] == {
         "min_pixels": 6272, "max_pixels": 401408, "max_image_side": None,
     }  # fmt: skip
     run = tmp_path / "run"
     shutil.copytree(exports["stage0"].parent / "mcore", run)
     meta = json.loads((run / "lov15_model.json").read_text())
     (run / "lov15_model.json").write_text(
-        json.dumps({**meta, "image": describe_model(cfg, None)["image"]})
+        json.dumps({**meta, "image": describe_model(cfg, None, "llava-ov-1.5")["image"]})
     )
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(run), "--save-dir",
        str(tmp_path / "hf"), "--hf-template", str(exports["stage0"]),

@@ -43,6 +43,9 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
+#: The turn lists a record may hold, each with its role and content keys.
+_TURN_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -162,20 +165,14 @@ def parse_record(record: Any, where: str) -> tuple[list[Message], list[Any]]:
         )
     images = _as_list(record.get("images", record.get("image")))
     try:
-        if "conversations" in record:
-            turns = record["conversations"]
+        layout = next((k for k in _TURN_KEYS if k in record), None)
+        if layout is not None:  # LLaVA "conversations" or OpenAI-style "messages"
+            role, content = _TURN_KEYS[layout]
+            turns = record[layout]
             if isinstance(turns, str):
                 turns = json.loads(turns)
             messages = [
-                Message(ROLE_ALIASES[turn["from"]], _content_to_text(turn["value"], where))
-                for turn in turns
-            ]
-        elif "messages" in record:
-            turns = record["messages"]
-            if isinstance(turns, str):
-                turns = json.loads(turns)
-            messages = [
-                Message(ROLE_ALIASES[turn["role"]], _content_to_text(turn["content"], where))
+                Message(ROLE_ALIASES[turn[role]], _content_to_text(turn[content], where))
                 for turn in turns
             ]
         elif "caption" in record:
