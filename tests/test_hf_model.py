@@ -105,7 +105,7 @@ def prompt(grids: list[tuple[int, int]], text: list[int]) -> list[int]:
 
 
 def expected_tensor_shapes(config: LLaVAOneVision1_5_Config) -> dict[str, tuple[int, ...]]:
-    """On-disk names and shapes, written out from the table in spec §7."""
+    """On-disk names and shapes, written out from the table in docs/model-reference.md §7."""
     v, t = config.vision_config, config.text_config
     d, hd, p = v.embed_dim, v.embed_dim // v.num_heads, v.patch_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -279,8 +279,8 @@ def test_vit_matches_mlcd_single_image(mlcd_and_rice) -> None:
 def test_vit_packed_images_equal_each_alone(mlcd_and_rice) -> None:
     """Several images in one call: each one's features equal running it alone (and MLCD).
 
-    Guards against the release's class-token removal bug (spec §2), which shifts every image
-    after the first by one token.
+    Guards against the release's class-token removal bug (docs/model-reference.md §2), which
+    shifts every image after the first by one token.
     """
     mlcd, rice = mlcd_and_rice
     pixel_values, grid = pack(GRIDS, seed=20)
@@ -428,7 +428,7 @@ def test_generate_with_image_uses_cache_correctly(model) -> None:
 
 
 def test_release_4b_tensor_names_and_shapes() -> None:
-    """The default (4B) model has exactly the 698 on-disk tensors of spec §7, with their shapes."""
+    """The default (4B) model has exactly the 698 on-disk tensors of docs/model-reference.md §7."""
     config = LLaVAOneVision1_5_Config()
     with torch.device("meta"):
         m = LLaVAOneVision1_5_ForConditionalGeneration(config)
@@ -439,7 +439,8 @@ def test_release_4b_tensor_names_and_shapes() -> None:
     assert state["visual.blocks.23.attn.qkv.weight"] == (3072, 1024)
     assert state["visual.merger.mlp.2.weight"] == (2560, 4096)
     assert state["model.layers.35.mlp.gate_proj.weight"] == (9728, 2560)
-    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 4.74  # spec §1
+    # parameter count: docs/model-reference.md §1
+    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 4.74
 
 
 def test_release_8b_parameter_count() -> None:
@@ -447,7 +448,8 @@ def test_release_8b_parameter_count() -> None:
     with torch.device("meta"):
         m = LLaVAOneVision1_5_ForConditionalGeneration(config)
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected_tensor_shapes(config)
-    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 8.53  # spec §1
+    # parameter count: docs/model-reference.md §1
+    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 8.53
 
 
 @torch.no_grad()

@@ -201,7 +201,7 @@ def image(h: int, w: int, seed: int) -> torch.Tensor:
 
 
 def patchify(img: torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` -> ``[h*w, 588]`` rows in 2x2-merge order (spec §2)."""
+    """``[3, H, W]`` -> ``[h*w, 588]`` rows in 2x2-merge order (docs/model-reference.md §2)."""
     _, height, width = img.shape
     bh, bw = height // (2 * PATCH), width // (2 * PATCH)
     x = img.reshape(3, bh, 2, PATCH, bw, 2, PATCH).permute(1, 4, 2, 5, 0, 3, 6)
@@ -219,7 +219,7 @@ def mlcd_features(mlcd: MLCDVisionModel, img: torch.Tensor) -> torch.Tensor:
 
 
 def spec_shapes(vit: dict, text: dict) -> dict[str, tuple[int, ...]]:
-    """Release on-disk names and shapes (spec §7), written out from the table."""
+    """Release on-disk names and shapes (docs/model-reference.md §7), written out from the table."""
     d, p, hd = (
         vit["hidden_size"],
         vit["patch_size"],

@@ -1,6 +1,7 @@
 """The shipped configs: every YAML validates; the 4B/8B stage configs carry the release's recipe
-(data-and-stages.md §4) and the model shapes (model.md §1), and their parallel layouts fit the
-node counts they are meant for; the tiny CPU configs have the shapes tests rely on."""
+(docs/release-recipe.md) and the model shapes (docs/model-reference.md §1), and their parallel
+layouts fit the node counts they are meant for; the tiny CPU configs have the shapes tests rely
+on."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ STAGES = ("stage1_alignment", "stage1_5_mid_training", "stage2_instruct")
 SIZES = ("4b", "8b")
 ALL = ["vision", "merger", "language"]
 
-# data-and-stages.md §4 (the release's quick-start recipe), one row per stage:
+# docs/release-recipe.md (the release's quick-start recipe), one row per stage:
 # trainable, lr, min lr, weight decay, Adam beta2, iterations, micro batch, global batch
 RELEASE = {
     "stage1_alignment": (["merger"], 1e-4, 1e-6, 0.0, 0.99, 2500, 1, 8),
     "stage1_5_mid_training": (ALL, 1e-5, 1e-6, 0.01, 0.95, 20000, 1, 16),
     "stage2_instruct": (ALL, 1e-5, 1e-6, 0.0, 0.99, 3500, 1, 224),
 }
-# model.md §1: LM (layers, hidden, ffn, q heads, kv heads, head dim, rope theta), total params
+# docs/model-reference.md §1: LM (layers, hidden, ffn, q heads, kv heads, head dim, rope theta),
+# total params
 SHAPES = {
     "4b": ((36, 2560, 9728, 32, 8, 128, 5e6), 4.74e9),
     "8b": ((36, 4096, 12288, 32, 8, 128, 1e6), 8.53e9),
@@ -182,7 +184,7 @@ def test_total_parameters_match_the_release(size):
         model = LLaVAOneVision1_5_ForConditionalGeneration(config)
     names = dict(model.named_parameters())
     total = sum(p.numel() for p in names.values())
-    assert len(model.state_dict()) == 698  # model.md §7
+    assert len(model.state_dict()) == 698  # docs/model-reference.md §7
     assert abs(total - SHAPES[size][1]) < 0.005e9, total
     merger = sum(p.numel() for n, p in names.items() if ".merger." in n)
     hidden = cfg.model.language.hidden_size

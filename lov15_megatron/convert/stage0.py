@@ -1,9 +1,10 @@
 """Stage-0 checkpoint: a Rice ViT (MLCD layout) + a Qwen3 LM + a fresh merger, in HF layout.
 
-A "stage-0" LLaVA-OneVision-1.5 checkpoint is where training starts (spec §1): the vision tower
-from an MLCD-layout Rice ViT checkpoint (``transformers``' ``MLCDVisionModel``), the language
-model from a ``Qwen3ForCausalLM`` checkpoint, and a freshly initialised patch merger. The result
-is a complete Hugging Face directory in the release's on-disk names (spec §7) that loads with
+A "stage-0" LLaVA-OneVision-1.5 checkpoint is where training starts
+(docs/model-reference.md §1): the vision tower from an MLCD-layout Rice ViT checkpoint
+(``transformers``' ``MLCDVisionModel``), the language model from a ``Qwen3ForCausalLM``
+checkpoint, and a freshly initialised patch merger. The result is a complete Hugging Face
+directory in the release's on-disk names (docs/model-reference.md §7) that loads with
 ``LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained`` and, through ``auto_map``, with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; its tokenizer, chat
 template and processor load with ``AutoProcessor`` / ``AutoTokenizer`` (``hf/export.py``).
@@ -257,7 +258,9 @@ def _added_tokens(directory: Path) -> dict[str, int]:
 
 
 def special_token_ids(tokenizer_dir: Path) -> tuple[dict[str, int], dict[str, str]]:
-    """Config token-id fields from the tokenizer files, else the release defaults (spec §4).
+    """Config token-id fields from the tokenizer files, else the release defaults.
+
+    The defaults are the ids of docs/model-reference.md §4.
 
     Returns ``(ids, origin)``: ``origin[field]`` says where each id came from (for messages).
     """

@@ -1,6 +1,7 @@
 """Chat template, sample tokenisation and label rules: one implementation for packer and trainer.
 
-Template (model.md §4), turns joined by ``\\n``, no newline after the last ``<|im_end|>``::
+Template (docs/model-reference.md §4), turns joined by ``\\n``, no newline after the last
+``<|im_end|>``::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n{image block}{question}<|im_end|>\\n

@@ -1,4 +1,4 @@
-"""Qwen2-VL style image preprocessing (model.md §6) and header-only size reading.
+"""Qwen2-VL style image preprocessing (docs/model-reference.md §6), header-only size reading.
 
 The one image-size rule shared by the packer, the task encoder and the exported HF processor
 (``lov15_megatron/hf/processing_llavaonevision1_5.py`` reads its settings from
@@ -173,7 +173,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def patchify(pixels: np.ndarray) -> np.ndarray:
-    """``[3, H, W]`` → ``[(H/14)·(W/14), 588]`` rows in 2×2-merge order (model.md §2).
+    """``[3, H, W]`` → ``[(H/14)·(W/14), 588]`` rows in 2×2-merge order.
+
+    The order is the one of docs/model-reference.md §2.
 
     Row order nests (block_row, block_col, in_row, in_col); each row is (3, 14, 14) flattened.
     """

@@ -7,9 +7,9 @@
   :func:`balance_cost` then evens out a per-item cost (ViT FLOPs) over the packs without
   changing any pack's lengths.
 - :func:`first_fit`: items in input order into the first pack with room (baseline).
-- :func:`release_style`: an approximation of the release's bucket scheme (data-and-stages.md §2):
-  length buckets, greedy "seed + largest filler" rounds accepting packs at ≥ 96/94/92/90 % full,
-  then a random next-fit sweep of the leftovers.
+- :func:`release_style`: an approximation of the release's bucket scheme
+  (docs/data-reference.md §2): length buckets, greedy "seed + largest filler" rounds accepting
+  packs at ≥ 96/94/92/90 % full, then a random next-fit sweep of the leftovers.
 
 All return packs as lists of item indices (each pack sorted by index) and raise on an item
 longer than ``capacity``.
@@ -300,7 +300,10 @@ def release_style(
 
 
 def pack_statistics(lengths: Sequence[int], packs: Sequence[Sequence[int]], capacity: int) -> dict:
-    """``samples_per_pack``, ``fill_efficiency`` and ``padding_compression`` (spec §2)."""
+    """``samples_per_pack``, ``fill_efficiency`` and ``padding_compression``.
+
+    Definitions: docs/data-reference.md §2.
+    """
     n_raw, n_packed = sum(len(pack) for pack in packs), len(packs)
     total = sum(lengths[index] for pack in packs for index in pack)
     return pack_statistics_of(n_raw, n_packed, total, capacity)

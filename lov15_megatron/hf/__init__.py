@@ -1,4 +1,6 @@
-"""Hugging Face-side LLaVA-OneVision-1.5 model (``transformers`` classes), written from the spec.
+"""Hugging Face-side LLaVA-OneVision-1.5 model (``transformers`` classes).
+
+Written from the model's published description: docs/model-reference.md.
 
 - :mod:`.configuration_llavaonevision1_5`: ``RiceViTConfig``, ``LLaVAOneVision1_5_Config``.
 - :mod:`.modeling_llavaonevision1_5`: ``RiceViTModel`` (ViT + merger),

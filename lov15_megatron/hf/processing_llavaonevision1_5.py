@@ -33,7 +33,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-#: The release's training pixel budget (model.md §6): 4·28² … 1600·1600.
+#: The release's training pixel budget (docs/model-reference.md §6): 4·28² … 1600·1600.
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
 DEFAULT_MAX_PIXELS = 1600 * 1600
 IMAGE_TOKEN = "<|image_pad|>"
