@@ -1,7 +1,7 @@
 """Hugging Face-side LLaVA-OneVision-1.5 model: Rice ViT + 2x2 patch merger + Qwen3 LM.
 
-Written from the model's published description (``docs/hf-model.md``) independently of the
-Megatron-Core implementation; it is the reference in parity tests and the modeling file shipped
+Written from the model's published description (``docs/model-reference.md``) independently of
+the Megatron-Core implementation; it is the reference in parity tests and the modeling file shipped
 next to exported weights. It is self-contained: it imports only ``torch``, ``transformers`` and
 its sibling configuration file (relative import), so it can be copied into a checkpoint directory
 and loaded with
