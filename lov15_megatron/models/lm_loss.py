@@ -14,7 +14,9 @@ Megatron's ``GPTModel.forward(labels=...)`` returns per-token losses ``[b, s]``;
   Positions outside the mask get a loss of 0.
 
 Without ``labels`` (inference, conversion checks) the model is Megatron's ``GPTModel`` unchanged
-and returns full logits.
+and returns full logits. The two Megatron-Core internals this relies on (the ``_postprocess``
+hook and the output layer's ``sequence_parallel`` switch) go through
+:mod:`lov15_megatron.models.mcore_private`, which checks them against the installed release.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+from lov15_megatron.models import mcore_private
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -50,20 +54,20 @@ class LossPositionsGPTModel(GPTModel):
     """
 
     def __init__(self, *args, true_vocab_size: int, **kwargs) -> None:
+        mcore_private.check_assumptions()
         super().__init__(*args, **kwargs)
         self.true_vocab_size = true_vocab_size
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-        loss_mask = kwargs.get("loss_mask")
+    def _postprocess(self, *args, **kwargs):
+        call = mcore_private.postprocess_arguments(self, args, kwargs)
+        labels, loss_mask = call["labels"], call["loss_mask"]
         if not self.post_process or labels is None:
-            return super()._postprocess(
-                hidden_states, input_ids, position_ids, labels, *args, **kwargs
-            )
+            return super()._postprocess(*args, **kwargs)
         if loss_mask is None:
             raise ValueError("the training loss needs loss_mask together with labels")
-        if self.config.mtp_num_layers is not None or kwargs.get("mtp_in_postprocess"):
+        if self.config.mtp_num_layers is not None or call["mtp_in_postprocess"]:
             raise NotImplementedError("multi-token prediction is not supported")
-        return self.masked_token_losses(hidden_states, labels, loss_mask)
+        return self.masked_token_losses(call["hidden_states"], labels, loss_mask)
 
     def masked_token_losses(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
@@ -90,11 +94,8 @@ class LossPositionsGPTModel(GPTModel):
             if self.share_embeddings_and_output_weights
             else None
         )
-        self.output_layer.sequence_parallel = False
-        try:
+        with mcore_private.without_sequence_parallel(self.output_layer):
             logits, _ = self.output_layer(hidden, weight=weight)  # [n, 1, V_padded/TP]
-        finally:
-            self.output_layer.sequence_parallel = sequence_parallel
         targets = labels[selected].unsqueeze(0)  # [1, n]
         picked = token_losses(logits.transpose(0, 1), targets, self.true_vocab_size)
         if empty:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The second test environment: Python 3.12 with megatron-core 0.19.2 and torch 2.14.1 (what
+# pyproject.toml's markers give Python >= 3.12), in its own virtual environment ./.venv-py312.
+# Runs the compatibility subset (parallel equivalence, conversion, training/resume, VLM,
+# quickstart, runtime and Megatron-Core compatibility tests), or the given pytest arguments:
+#   bash scripts/test_py312.sh [pytest args…]
+# PYTHON312=/path/to/python3.12 picks the interpreter (default: python3.12 on PATH, else
+# pyenv's newest 3.12). PyPI's torch 2.14.1 is a CUDA build (about 5.5 GB in the venv; it runs
+# on the CPU here): the download is kept in pip's cache (PIP_CACHE_DIR, default ~/.cache/pip),
+# so a rebuilt venv installs from disk.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv-py312"
+TESTS=(tests/test_parallel_training.py tests/test_convert_qwen3.py tests/test_training.py
+       tests/test_llava_ov.py tests/test_quickstart.py tests/test_runtime.py
+       tests/test_mcore_compat.py)
+
+find_python312() {
+  local candidate pyenv_312=()
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python3.12; do
+    pyenv_312=("$candidate" "${pyenv_312[@]}")  # newest first (the glob sorts ascending)
+  done
+  for candidate in "${PYTHON312:-}" "$(command -v python3.12 || true)" "${pyenv_312[@]}"; do
+    if [[ -n "$candidate" && -x "$candidate" ]] \
+        && "$candidate" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  if ! PY312="$(find_python312)"; then
+    echo "[test-py312] error: no Python 3.12 interpreter found (looked at \$PYTHON312, python3.12" \
+         "on PATH, ${PYENV_ROOT:-$HOME/.pyenv}/versions/3.12.*); install one or set PYTHON312" >&2
+    exit 2
+  fi
+  echo "[test-py312] creating virtual environment in .venv-py312 with $PY312"
+  "$PY312" -m venv "$VENV"
+fi
+# Use this venv, not whatever is active; _venv.sh installs the package into it (skipped when
+# pyproject.toml has not changed) and sets one thread per rank.
+unset VIRTUAL_ENV
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+t0=$SECONDS
+# shellcheck disable=SC1091
+source "$ROOT/scripts/_venv.sh"
+python - <<'PY'
+import sys
+from importlib.metadata import version
+if sys.version_info[:2] != (3, 12):
+    sys.exit(f".venv-py312 runs Python {sys.version.split()[0]}, not 3.12: remove it and rerun")
+print(f"[test-py312] Python {sys.version.split()[0]}, torch {version('torch')}, "
+      f"megatron-core {version('megatron-core')}")
+PY
+echo "[test-py312] environment ready in $((SECONDS - t0)) s ($(du -sh "$VENV" | cut -f1))"
+if [[ $# -eq 0 ]]; then
+  set -- "${TESTS[@]}"
+fi
+echo "[test-py312] pytest $*"
+python -m pytest "$@"
