@@ -93,6 +93,16 @@ def test_a_cuda_call_escaping_the_backend_raises_naming_the_release():
     assert torch.cuda._lazy_init is not cpu_backend._refuse_cuda_init
 
 
+def test_a_renamed_private_rng_helper_fails_naming_the_release(monkeypatch):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    before = torch.cuda.current_device
+    monkeypatch.delattr(mcore_random, "_get_cuda_rng_state")
+    with pytest.raises(RuntimeError, match=f"megatron-core {MCORE}, .*_get_cuda_rng_state"):
+        cpu_backend.enable()
+    assert not cpu_backend.is_enabled() and torch.cuda.current_device is before
+
+
 def _loss_hook_check() -> dict:
     """TP=2 + SP: the training loss path (both touch points) against full logits."""
     from lov15_megatron.config import load_config

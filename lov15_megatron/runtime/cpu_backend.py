@@ -89,6 +89,12 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 def _patch(owner: Any, name: str, value: Any) -> None:
+    if not hasattr(owner, name):  # e.g. megatron's private _get_cuda_rng_state renamed
+        raise RuntimeError(
+            f"megatron-core {megatron_core_version()}, torch {torch.__version__}: "
+            f"{owner.__name__}.{name} no longer exists; the CPU backend "
+            "(lov15_megatron/runtime/cpu_backend.py) must be adapted to this release"
+        )
     _saved.append((owner, name, getattr(owner, name)))
     setattr(owner, name, value)
 
@@ -143,21 +149,33 @@ def enable() -> None:
         from megatron.core.tensor_parallel import random as mcore_random
 
         current: Callable[[], torch.device] = lambda: _CPU  # noqa: E731
-        _patch(torch.cuda, "current_device", current)
-        _patch(torch.cuda, "synchronize", _noop)
-        _patch(torch.cuda, "empty_cache", _noop)
-        _patch(torch.cuda, "current_stream", _cpu_current_stream)  # megatron-core >= 0.19
-        for owner in (torch.cuda, torch.cuda.memory, torch.cuda.random):  # each binds its own
-            _patch(owner, "_lazy_init", _refuse_cuda_init)
+        try:
+            # megatron's private RNG-state helpers first: if a release renamed them, nothing
+            # else is patched yet (and everything patched is undone below anyway).
+            _patch(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state)
+            _patch(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state)
+            _patch(torch.cuda, "current_device", current)
+            _patch(torch.cuda, "synchronize", _noop)
+            _patch(torch.cuda, "empty_cache", _noop)
+            _patch(torch.cuda, "current_stream", _cpu_current_stream)  # megatron-core >= 0.19
+            for owner in (torch.cuda, torch.cuda.memory, torch.cuda.random):  # each binds its own
+                _patch(owner, "_lazy_init", _refuse_cuda_init)
+            for owner in (torch.cuda, torch.cuda.random):
+                _patch(owner, "get_rng_state", _cpu_get_rng_state)
+                _patch(owner, "set_rng_state", _cpu_set_rng_state)
+                _patch(owner, "manual_seed", _cpu_manual_seed)
+        except BaseException:
+            _restore()
+            raise
         _escapes.clear()
-        for owner in (torch.cuda, torch.cuda.random):
-            _patch(owner, "get_rng_state", _cpu_get_rng_state)
-            _patch(owner, "set_rng_state", _cpu_set_rng_state)
-            _patch(owner, "manual_seed", _cpu_manual_seed)
-        _patch(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state)
-        _patch(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state)
         _mode = _CudaToCpuMode()
         _mode.__enter__()
+
+
+def _restore() -> None:
+    while _saved:
+        owner, name, value = _saved.pop()
+        setattr(owner, name, value)
 
 
 def disable() -> None:
@@ -168,6 +186,4 @@ def disable() -> None:
             return
         _mode.__exit__(None, None, None)
         _mode = None
-        while _saved:
-            owner, name, value = _saved.pop()
-            setattr(owner, name, value)
+        _restore()
