@@ -505,6 +505,12 @@ def _validate_moe(cfg: RunConfig) -> None:
         n % ep == 0,
         f"parallel.expert_model_parallel_size={ep} does not divide model.language.num_experts={n}",
     )
+    _require(
+        p.tensor_model_parallel_size == 1 or p.sequence_parallel,
+        f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} with a "
+        f"mixture-of-experts model needs parallel.sequence_parallel=true (Megatron-Core's MoE "
+        f"layer requires it under tensor parallelism)",
+    )
     ffn = lm.moe_ffn_hidden_size or lm.ffn_hidden_size
     _require(
         ffn % (etp or p.tensor_model_parallel_size) == 0,

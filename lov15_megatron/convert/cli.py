@@ -59,12 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_layout(converter, hf_dir: str, tp: int, pp: int, ep: int) -> None:
     from lov15_megatron.config import config_from_dict, config_to_dict
+    from lov15_megatron.convert.converter import parallel_layout
     from lov15_megatron.convert.hf_io import HFCheckpointReader
     from lov15_megatron.convert.verify import world_size
 
     raw = config_to_dict(converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp))
-    if ep > 1:
-        raw["parallel"].update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    raw["parallel"].update(parallel_layout(raw["model"]["language"], tp, pp, ep))
     validate_world_size(
         config_from_dict(raw, source=f"{hf_dir}/config.json"), world_size(tp, pp, ep)
     )

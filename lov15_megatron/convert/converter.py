@@ -13,8 +13,25 @@ from typing import Any
 
 import torch
 
-from lov15_megatron.config import RunConfig
+from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.mapping import MappingTable
+
+
+def parallel_layout(
+    lm: LanguageModelConfig | dict, tp: int = 1, pp: int = 1, ep: int = 1
+) -> dict[str, Any]:
+    """``parallel`` config section for checking or running a converted model at TP×PP×EP.
+
+    A mixture-of-experts model under TP also shards its sequence (Megatron-Core requires
+    sequence parallelism for MoE under TP); under EP its experts use expert TP 1.
+    """
+    experts = lm.get("num_experts") if isinstance(lm, dict) else lm.num_experts
+    out: dict[str, Any] = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+    if experts is not None and tp > 1:
+        out["sequence_parallel"] = True
+    if ep > 1:
+        out.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    return out
 
 
 class Converter:

@@ -200,10 +200,10 @@ def run_config_of_checkpoint(
     load_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> RunConfig:
     """The checkpoint's model at TP×PP (and, for an MoE model, EP with expert TP 1)."""
+    from lov15_megatron.convert.converter import parallel_layout
+
     meta = read_model_file(load_dir)
-    parallel = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
-    if ep > 1:
-        parallel.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    parallel = parallel_layout(meta["model_config"]["language"], tp, pp, ep)
     return config_from_dict(
         {
             "model": meta["model_config"],

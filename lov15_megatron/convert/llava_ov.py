@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lov15_megatron.config import RunConfig, config_from_dict
-from lov15_megatron.convert.converter import Converter
+from lov15_megatron.convert.converter import Converter, parallel_layout
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
 from lov15_megatron.convert.registry import language_family, language_family_of_hf
 from lov15_megatron.convert.rice_vit import hf_vision_config, rice_vit_rows, vision_config_from_hf
@@ -48,7 +48,7 @@ class LLaVAOneVisionConverter(Converter):
         return config_from_dict(
             {
                 "model": {"language": asdict(lm), "vision": asdict(vision)},
-                "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+                "parallel": parallel_layout(lm, tp, pp),
                 "data": {"seq_length": min(32, lm.max_position_embeddings)},
                 "runtime": {"device": "cpu"},
             },

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from lov15_megatron.config import LanguageModelConfig, RunConfig, config_from_dict
-from lov15_megatron.convert.converter import Converter
+from lov15_megatron.convert.converter import Converter, parallel_layout
 from lov15_megatron.convert.mapping import (
     Concat,
     ConversionError,
@@ -88,7 +88,7 @@ def run_config_from_hf(
     return config_from_dict(
         {
             "model": {"language": asdict(lm)},
-            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "parallel": parallel_layout(lm, tp, pp),
             "data": {"seq_length": min(32, lm.max_position_embeddings)},
             "runtime": {"device": "cpu"},
         },

@@ -10,7 +10,7 @@ Two classes:
   patch merger on top of it.
 - :class:`LLaVAOneVision1_5_Config` (``model_type`` ``llavaonevision1_5``): the composite config
   with ``vision_config`` (a :class:`RiceViTConfig`), ``text_config`` (a ``transformers``
-  ``Qwen3Config``) and the special token ids.
+  ``Qwen3Config``, or ``Qwen3MoeConfig`` for the mixture-of-experts LM) and the special token ids.
 
 The defaults describe the released 4B model (Rice ViT large + Qwen3-4B).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import PretrainedConfig, Qwen3Config
+from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 #: Qwen3 language-model fields of the released 4B model (Qwen3-4B-Instruct-2507, untied).
@@ -125,7 +125,8 @@ class RiceViTConfig(PretrainedConfig):
 class LLaVAOneVision1_5_Config(PretrainedConfig):
     """Composite LLaVA-OneVision-1.5 configuration (``model_type`` ``llavaonevision1_5``).
 
-    ``text_config`` is a plain ``transformers.Qwen3Config``; ``vision_config`` a
+    ``text_config`` is a plain ``transformers.Qwen3Config`` (or, with ``model_type``
+    ``qwen3_moe``, a ``Qwen3MoeConfig``); ``vision_config`` a
     :class:`RiceViTConfig`. The logits have ``text_config.vocab_size`` entries (151936 for the
     release); there is deliberately no top-level ``vocab_size`` (the release's default of 152064
     disagrees with the text vocabulary).
@@ -134,7 +135,10 @@ class LLaVAOneVision1_5_Config(PretrainedConfig):
     model_type = "llavaonevision1_5"
     sub_configs_defaults = {
         "vision_config": RiceViTConfig,
-        "text_config": SubConfigSpec(Qwen3Config, init_kwargs=dict(QWEN3_4B_TEXT_CONFIG)),
+        # By its model_type: qwen3 (Qwen3Config) or qwen3_moe (Qwen3MoeConfig, the 30B-A3B).
+        "text_config": SubConfigSpec(
+            AutoConfig, model_type="qwen3", init_kwargs=dict(QWEN3_4B_TEXT_CONFIG)
+        ),
     }
     keys_to_ignore_at_inference = ["past_key_values"]
 

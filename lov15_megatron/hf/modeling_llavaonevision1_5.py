@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
+from transformers import GenerationMixin, PreTrainedModel, Qwen3Model, Qwen3MoeModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -294,13 +294,17 @@ class RiceViTModel(RiceViTPreTrainedModel):
 # --------------------------------------------------------------------------------------------
 
 
+#: The language model by ``text_config.model_type`` (dense Qwen3 or Qwen3-MoE).
+TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
+
+
 class LLaVAOneVision1_5_PreTrainedModel(PreTrainedModel):
     """Base class of the composite model (config class, capabilities, initialisation)."""
 
     config: LLaVAOneVision1_5_Config
     config_class = LLaVAOneVision1_5_Config
     base_model_prefix = "model"
-    _no_split_modules = ["RiceViTBlock", "Qwen3DecoderLayer"]
+    _no_split_modules = ["RiceViTBlock", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -319,7 +323,8 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
     """Rice ViT + merger + Qwen3 LM producing next-token logits over the text vocabulary.
 
     Children: ``visual`` (:class:`RiceViTModel`, merger included), ``model``
-    (``transformers.Qwen3Model``) and ``lm_head``. The merger output replaces, in order, the
+    (``transformers.Qwen3Model``, or ``Qwen3MoeModel`` for a ``qwen3_moe`` text config) and
+    ``lm_head``. The merger output replaces, in order, the
     embeddings at every ``image_token_id`` position; positions are plain 1-D.
     """
 
@@ -328,7 +333,7 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
     def __init__(self, config: LLaVAOneVision1_5_Config) -> None:
         super().__init__(config)
         self.visual = RiceViTModel._from_config(config.vision_config)
-        self.model = Qwen3Model._from_config(config.text_config)
+        self.model = TEXT_MODELS[config.text_config.model_type]._from_config(config.text_config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()

@@ -264,4 +264,20 @@ def build_qwen3_model(
         vp_stage=vp_stage,
         true_vocab_size=lm.vocab_size,  # the loss masks the padded logit columns
     )
+    if lm.num_experts is not None:
+        experts_in_own_optimizer(model)
     return model
+
+
+def experts_in_own_optimizer(model: torch.nn.Module) -> None:
+    """Give expert weights their expert-data-parallel gradient buffers and optimizer at EP=1 too.
+
+    Megatron marks expert weights ``allreduce=False`` only under expert parallelism; at EP=1
+    they would share the dense optimizer, and the optimizer checkpoint would change structure
+    between EP=1 and EP>1. Marked here at every EP size (at EP=1 the expert-data-parallel group
+    is the data-parallel group, so the arithmetic is the same), a checkpoint resumes at another
+    EP size.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

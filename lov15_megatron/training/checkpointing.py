@@ -128,6 +128,16 @@ def _rng_sharded_object(data: Any) -> ShardedObject:
 # The distributed optimizer's state is saved per DP shard as it lives in memory ("dp_reshardable",
 # Megatron-LM's default): fully parallel, no gather; a resume may change DP but not TP/PP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# A mixture-of-experts model's optimizer state is stored per parameter (Megatron's reshardable
+# format): the experts' optimizer shards depend on the EP size, and a resume may change it.
+MOE_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _optimizer_metadata(chunks) -> dict:
+    from megatron.core.utils import get_model_config
+
+    moe = get_model_config(chunks[0]).num_moe_experts is not None
+    return MOE_OPTIMIZER_METADATA if moe else OPTIMIZER_METADATA
 
 
 def _init_torch_adam_state(optimizer) -> None:
@@ -149,6 +159,30 @@ def _init_torch_adam_state(optimizer) -> None:
                         exp_avg=torch.zeros_like(p.data),
                         exp_avg_sq=torch.zeros_like(p.data),
                     )
+
+
+def _load_reshardable_optimizer(optimizer, saved: Any) -> None:
+    """``optimizer.load_state_dict`` for the ``fully_reshardable`` format, one part at a time.
+
+    megatron-core 0.16.1 without Apex/TE adds torch Adam's ``step`` to every parameter's state
+    and then copies the saved per-parameter tensors (param, moments: no ``step``) over every
+    state entry, failing on ``step``. The common state is loaded first, ``step`` is taken out
+    for the tensor copy, and the saved step is put back per optimizer.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [saved] if len(chained) == 1 else [v for _, v in sorted(saved.items())]
+    for opt, state in zip(chained, states, strict=True):
+        param_state = state.pop("param_state", None)
+        state.pop("param_state_sharding_type", None)
+        opt.load_state_dict(state)
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for per_param in inner.state.values():
+                per_param.pop("step", None)
+        if param_state is not None:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        state["param_state"] = param_state
+        _restore_torch_adam_step(opt, state)
 
 
 def _restore_torch_adam_step(optimizer, saved: dict) -> None:
@@ -177,7 +211,7 @@ def _training_state_dict(chunks, optimizer, scheduler, progress, is_loading: boo
     return {
         **model_sd,
         "optimizer": optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            model_sd, is_loading=is_loading, metadata=_optimizer_metadata(chunks)
         ),
         "scheduler": scheduler.state_dict(),
         "progress": progress,
@@ -244,7 +278,10 @@ def load_checkpoint(
     state = dist_checkpointing.load(template, str(directory))
     _load_model_state(chunks, state)
     with torch.no_grad():  # fp32 training: the optimizer's main params are the model's leaves
-        optimizer.load_state_dict(state["optimizer"])
+        if _optimizer_metadata(chunks) is MOE_OPTIMIZER_METADATA:
+            _load_reshardable_optimizer(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     _restore_torch_adam_step(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng_state"]
