@@ -1,6 +1,12 @@
 """Convert a random Qwen3-4B-shaped checkpoint HF → Megatron → HF; report time and peak RSS.
 
     python benchmarks/convert_memory.py [--workdir DIR] [--config configs/models/qwen3_4b.yaml]
+        [--num-layers N]
+
+A config with ``model.language.num_experts`` (``configs/models/qwen3_30b_a3b.yaml``) writes a
+``Qwen3MoeForCausalLM`` checkpoint (router and per-expert weights, the released layout) and
+converts it as ``qwen3-moe``; ``--num-layers`` scales the layer count down (width unchanged) to
+fit the disk and memory at hand.
 
 The HF checkpoint is generated tensor by tensor (bf16, 2 GiB shards), so generating it needs no
 more memory than one tensor. Each conversion runs as its own ``tools/convert_checkpoint.py``
@@ -43,15 +49,23 @@ def hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
             p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
             p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
         })  # fmt: skip
+        if lm.num_experts is None:
+            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                           p + "mlp.down_proj.weight": (h, f)})  # fmt: skip
+            continue
+        m = lm.moe_ffn_hidden_size
+        shapes[p + "mlp.gate.weight"] = (lm.num_experts, h)
+        for e in range(lm.num_experts):
+            x = f"{p}mlp.experts.{e}."
+            shapes.update({x + "gate_proj.weight": (m, h), x + "up_proj.weight": (m, h),
+                           x + "down_proj.weight": (h, m)})  # fmt: skip
     return shapes
 
 
 def hf_config(cfg) -> dict:
     lm = cfg.model.language
-    return {
+    out = {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
         "hidden_size": lm.hidden_size, "intermediate_size": lm.ffn_hidden_size,
         "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_attention_heads,
@@ -61,6 +75,15 @@ def hf_config(cfg) -> dict:
         "tie_word_embeddings": not lm.untie_embeddings_and_output_weights,
         "torch_dtype": "bfloat16",
     }  # fmt: skip
+    if lm.num_experts is not None:
+        out.update({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": lm.num_experts, "num_experts_per_tok": lm.moe_router_topk,
+            "moe_intermediate_size": lm.moe_ffn_hidden_size,
+            "norm_topk_prob": lm.moe_norm_topk_prob, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "router_aux_loss_coef": lm.moe_aux_loss_coeff,
+        })  # fmt: skip
+    return out
 
 
 def write_random_checkpoint(cfg, out: Path, shard_bytes: int = 2 * 2**30) -> int:
@@ -107,21 +130,23 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/lov15-convert-bench")
     parser.add_argument("--config", default=str(ROOT / "configs/models/qwen3_4b.yaml"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--num-layers", type=int, help="fewer layers than the config (same width)")
     args = parser.parse_args()
-    cfg = load_config(args.config)
+    layers = [f"model.language.num_layers={args.num_layers}"] if args.num_layers else []
+    cfg = load_config(args.config, layers)
+    model = "qwen3" if cfg.model.language.num_experts is None else "qwen3-moe"
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     start = time.perf_counter()
     size = write_random_checkpoint(cfg, work / "hf")
-    print(
-        json.dumps(
-            {"step": "generate", "bytes": size, "seconds": round(time.perf_counter() - start, 1)}
-        )
-    )
+    tensors = len(hf_tensor_shapes(cfg))
+    seconds = round(time.perf_counter() - start, 1)
+    print(json.dumps({"step": "generate", "layers": cfg.model.language.num_layers,
+                      "tensors": tensors, "bytes": size, "seconds": seconds}))  # fmt: skip
     for step, cli_args in (
-        ("hf-to-mcore", ["hf-to-mcore", "--model", "qwen3", "--hf-dir", str(work / "hf"),
+        ("hf-to-mcore", ["hf-to-mcore", "--model", model, "--hf-dir", str(work / "hf"),
                          "--save-dir", str(work / "mcore")]),
-        ("mcore-to-hf", ["mcore-to-hf", "--model", "qwen3", "--load-dir", str(work / "mcore"),
+        ("mcore-to-hf", ["mcore-to-hf", "--model", model, "--load-dir", str(work / "mcore"),
                          "--save-dir", str(work / "hf_back"), "--hf-template", str(work / "hf")]),
     ):  # fmt: skip
         seconds, rss = run_measured(cli_args)

@@ -95,7 +95,7 @@ def train(cfg: RunConfig) -> TrainResult:
     import torch
 
     from lov15_megatron import checkpoint_dir
-    from lov15_megatron.models.backend import attention_backend
+    from lov15_megatron.models.backend import attention_backend, fp8_config_kwargs
     from lov15_megatron.models.qwen3 import zero_vocab_padding
     from lov15_megatron.runtime import distributed
     from lov15_megatron.runtime.distributed import print_rank_0
@@ -110,6 +110,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.validation import evaluate
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
+    fp8_config_kwargs(cfg)  # so does model.fp8 without Transformer Engine on a GPU
     check_dataset_paths(cfg)
 
     rt = distributed.initialize(cfg)
@@ -205,7 +206,7 @@ def train(cfg: RunConfig) -> TrainResult:
             if moe:
                 result.moe_losses.append(moe)
                 if iteration % cfg.logging.log_interval == 0:
-                    parts = ", ".join(f"{name} {value:.6f}" for name, value in moe.items())
+                    parts = ", ".join(f"{name} {value:.6f}" for name, value in sorted(moe.items()))
                     print_rank_0(f"iteration {iteration}: moe {parts}")
             if validation_due(iteration):
                 validation = evaluate(cfg, model, forward_step, n_micro, iteration)

@@ -416,7 +416,10 @@ def test_layout_that_does_not_fit_the_allocation_fails_before_training(tmp_path)
     [
         (["4b"], "expected STAGE and SIZE"),
         (["stage3", "4b"], "unknown STAGE 'stage3'"),
-        (["stage1_alignment", "70b"], "unknown SIZE '70b'; expected 4b, 8b, tiny or a config"),
+        (
+            ["stage1_alignment", "70b"],
+            "unknown SIZE '70b'; expected 4b, 8b, 14b, 30b_a3b, tiny or a config",
+        ),
         (["stage1_alignment", "nope/x.yaml"], "config nope/x.yaml not found"),
         (["stage1_alignment", "4b", "lr"], "'lr' is not a key.sub=value override"),
     ],

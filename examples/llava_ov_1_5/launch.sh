@@ -6,7 +6,7 @@
 #   launch.sh [--dry-run] STAGE SIZE [key.sub=value ...]
 #
 #   STAGE  stage1_alignment | stage1_5_mid_training | stage2_instruct
-#   SIZE   4b | 8b            -> configs/llava_ov_1_5/SIZE/STAGE.yaml
+#   SIZE   4b | 8b | 14b | 30b_a3b -> configs/llava_ov_1_5/SIZE/STAGE.yaml
 #          tiny               -> configs/tiny/{stage1,stage1_5,stage2}.yaml (the CPU test model)
 #          PATH.yaml          -> that config; checkpoints under its directory's name
 #   key.sub=value             extra config overrides, passed to lov15_megatron.train last
@@ -15,7 +15,7 @@
 #   LOV15_DATA       required: the stage's packed energon dataset (tools/pack_offline.py output)
 #                    or a metadataset YAML
 #   LOV15_CKPT_ROOT  required: checkpoint root; this stage saves to $LOV15_CKPT_ROOT/NAME/STAGE,
-#                    NAME = SIZE (4b, 8b, tiny) or the name of the directory of a config PATH
+#                    NAME = SIZE (4b, 8b, 14b, 30b_a3b, tiny) or the name of the directory of a config PATH
 #   LOV15_PREV_CKPT  the checkpoint this stage starts from (weights only, fresh optimizer).
 #                    Default: $LOV15_CKPT_ROOT/SIZE/stage0 for stage 1 (the converted stage-0
 #                    checkpoint), else the previous stage's directory. Not needed when the
@@ -55,7 +55,7 @@ for arg in "$@"; do
 done
 if [[ ${#ARGS[@]} -lt 2 ]]; then
   usage >&2
-  die "expected STAGE and SIZE (4b, 8b, tiny or a config .yaml), got: ${ARGS[*]:-nothing}"
+  die "expected STAGE and SIZE (4b, 8b, 14b, 30b_a3b, tiny or a config .yaml), got: ${ARGS[*]:-nothing}"
 fi
 STAGE="${ARGS[0]}"
 SIZE="${ARGS[1]}"
@@ -69,14 +69,14 @@ case "$STAGE" in
     "or stage2_instruct" ;;
 esac
 case "$SIZE" in
-  4b | 8b) CONFIG="$REPO/configs/llava_ov_1_5/$SIZE/$STAGE.yaml" NAME="$SIZE" ;;
+  4b | 8b | 14b | 30b_a3b) CONFIG="$REPO/configs/llava_ov_1_5/$SIZE/$STAGE.yaml" NAME="$SIZE" ;;
   tiny) CONFIG="$REPO/configs/tiny/$TINY.yaml" NAME=tiny ;;
   *.yaml | *.yml)
     [[ -f "$SIZE" ]] || die "config $SIZE not found"
     CONFIG="$(cd "$(dirname "$SIZE")" && pwd)/$(basename "$SIZE")"
     NAME="$(basename "$(dirname "$CONFIG")")"
     ;;
-  *) die "unknown SIZE '$SIZE'; expected 4b, 8b, tiny or a config .yaml" ;;
+  *) die "unknown SIZE '$SIZE'; expected 4b, 8b, 14b, 30b_a3b, tiny or a config .yaml" ;;
 esac
 for o in "${OVERRIDES[@]}"; do
   [[ "$o" == *=* ]] || die "'$o' is not a key.sub=value override"

@@ -94,7 +94,7 @@ def fp8_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
     FP8 GEMMs are Transformer Engine's: the run must build the TE spec on a GPU. ``fp8_recipe``
     is Megatron's ``delayed`` (amax history) or ``tensorwise`` (current scaling). Untested
-    until a GPU run checks it (docs/gpu-runs.md).
+    until a GPU run checks it (docs/parallelism-choice.md §7).
     """
     m = cfg.model
     if m.fp8 is None:

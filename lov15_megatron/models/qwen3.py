@@ -149,6 +149,15 @@ def moe_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
             "a mixture-of-experts model on the CPU cannot combine pipeline and context "
             "parallelism (variable-length micro-batches need the GPU's all-to-all dispatcher)"
         )
+    # Under sequence parallelism each TP rank routes its own slice of the tokens; with per-token
+    # loss weighting Megatron-Core (0.16) scales each rank's aux- and z-loss gradients by the
+    # rank's local token count, which makes them 1/TP of the TP=1 run's. Scaling the
+    # coefficients by TP keeps the objective (and the logged loss / coefficient) the same at
+    # every layout (tests/test_qwen3_moe.py: TP=2+SP+EP=2 against EP=1).
+    scale = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    if cfg.train.loss_weighting != "token":
+        scale = 1
+    z_loss = lm.moe_z_loss_coeff
     return {
         "moe_token_dispatcher_type": dispatcher,
         "num_moe_experts": lm.num_experts,
@@ -158,8 +167,8 @@ def moe_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "moe_router_score_function": "softmax",
         "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "aux_loss",
-        "moe_aux_loss_coeff": lm.moe_aux_loss_coeff,
-        "moe_z_loss_coeff": lm.moe_z_loss_coeff,
+        "moe_aux_loss_coeff": lm.moe_aux_loss_coeff * scale,
+        "moe_z_loss_coeff": None if z_loss is None else z_loss * scale,
         "moe_grouped_gemm": use_transformer_engine(cfg),
         "expert_model_parallel_size": p.expert_model_parallel_size,
         "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
