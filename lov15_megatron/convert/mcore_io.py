@@ -204,14 +204,37 @@ class _RegionPlanner(DefaultLoadPlanner):
         pass
 
 
+class _MetadataOnceReader(FileSystemReader):
+    """A ``FileSystemReader`` that parses ``.metadata`` once for many region reads.
+
+    Every ``dcp.load`` asks its reader for the metadata; a fresh reader per parameter re-parses
+    the whole file each time, which made reading grow with (parameters × metadata size): an
+    MoE checkpoint has thousands of expert parameters.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self):
+        if self._metadata is None:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+
 def read_region(
-    path: Path, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype
+    path: Path,
+    key: str,
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    dtype,
+    reader: FileSystemReader | None = None,
 ) -> torch.Tensor:
     """The region ``offsets``/``sizes`` of stored tensor ``key``, assembled from its chunks."""
     out = torch.empty(sizes, dtype=dtype)
     dcp_load(
         {},
-        storage_reader=FileSystemReader(path),
+        storage_reader=reader or FileSystemReader(path),
         planner=_RegionPlanner(key, offsets, out),
         no_dist=True,
     )
@@ -231,6 +254,7 @@ def load_streaming(
         raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint")
     sharded = model.sharded_state_dict()
     params = model.state_dict(keep_vars=True)
+    reader = _MetadataOnceReader(path)
     for name, sh in sharded.items():
         if isinstance(sh, ShardedObject):
             continue
@@ -238,7 +262,7 @@ def load_streaming(
         parts = []
         for piece in _expand(sh, meta):
             index, sizes = _chunk_index(piece)
-            region = read_region(path, piece.key, tuple(index.offset), sizes, meta.dtype)
+            region = read_region(path, piece.key, tuple(index.offset), sizes, meta.dtype, reader)
             parts.append(region.reshape(piece.local_shape))
         tensor = sh.merge_fn(parts) if isinstance(sh, ShardedTensorFactory) else parts[0]
         yield name, tensor.reshape(meta.shape)
