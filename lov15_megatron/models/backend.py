@@ -89,6 +89,24 @@ def moe_without_transformer_engine() -> None:
         moe_utils.te_general_gemm = None
 
 
+def moe_loss_scale_per_token(tp_cp: int) -> int:
+    """Factor for the MoE aux/z-loss coefficients under per-token loss weighting.
+
+    With ``calculate_per_token_loss`` Megatron-Core pre-multiplies each rank's aux and z losses
+    by its token count. Up to 0.16.1 that is the rank's *local* count, which under sequence
+    (and context) parallelism makes the gradients 1/(TP·CP) of the TP=CP=1 run's; later
+    releases multiply by ``tp_cp_group.size()`` as well (0.19.2 does). Where the installed
+    router lacks that factor, the coefficients carry it instead (the logged loss / coefficient
+    is unchanged), so the objective is the same at every layout.
+    """
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    source = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+    return 1 if "tp_cp_group.size()" in source else tp_cp
+
+
 def fp8_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``TransformerConfig`` FP8 fields (``model.fp8``), refused where they cannot run.
 

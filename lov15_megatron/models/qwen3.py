@@ -39,6 +39,7 @@ from lov15_megatron.models.backend import (
     device_config_kwargs,
     fp8_config_kwargs,
     fused_kernels,
+    moe_loss_scale_per_token,
     moe_without_transformer_engine,
     recompute_config_kwargs,
     runs_on_gpu,
@@ -149,14 +150,13 @@ def moe_config_kwargs(cfg: RunConfig) -> dict[str, Any]:
             "a mixture-of-experts model on the CPU cannot combine pipeline and context "
             "parallelism (variable-length micro-batches need the GPU's all-to-all dispatcher)"
         )
-    # Under sequence parallelism each TP rank routes its own slice of the tokens; with per-token
-    # loss weighting Megatron-Core (0.16) scales each rank's aux- and z-loss gradients by the
-    # rank's local token count, which makes them 1/TP of the TP=1 run's. Scaling the
-    # coefficients by TP keeps the objective (and the logged loss / coefficient) the same at
-    # every layout (tests/test_qwen3_moe.py: TP=2+SP+EP=2 against EP=1).
-    scale = p.tensor_model_parallel_size if p.sequence_parallel else 1
-    if cfg.train.loss_weighting != "token":
-        scale = 1
+    # Under sequence (and context) parallelism each rank routes its own slice of the tokens;
+    # megatron-core 0.16.1 then scales the per-token aux/z-loss gradients to 1/(TP·CP) of the
+    # TP=CP=1 run's (fixed in later releases): see moe_loss_scale_per_token. Checked by
+    # tests/test_qwen3_moe.py (TP=2+SP+EP=2 against EP=1) on 0.16.1 and 0.19.2.
+    scale = 1
+    if cfg.train.loss_weighting == "token":
+        scale = moe_loss_scale_per_token(p.tensor_model_parallel_size * p.context_parallel_size)
     z_loss = lm.moe_z_loss_coeff
     return {
         "moe_token_dispatcher_type": dispatcher,
