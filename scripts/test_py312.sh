@@ -2,7 +2,8 @@
 # The second test environment: Python 3.12 with megatron-core 0.19.2 and torch 2.14.1 (what
 # pyproject.toml's markers give Python >= 3.12), in its own virtual environment ./.venv-py312.
 # Runs the compatibility subset (parallel equivalence, conversion, training/resume, VLM,
-# quickstart, runtime and Megatron-Core compatibility tests), or the given pytest arguments:
+# quickstart, runtime and Megatron-Core compatibility tests) with the given pytest options, or
+# the test files the arguments name:
 #   bash scripts/test_py312.sh [pytest args…]
 # PYTHON312=/path/to/python3.12 picks the interpreter (default: python3.12 on PATH, else
 # pyenv's newest 3.12). PyPI's torch 2.14.1 is a CUDA build (about 5.5 GB in the venv; it runs
@@ -57,8 +58,15 @@ print(f"[test-py312] Python {sys.version.split()[0]}, torch {version('torch')}, 
       f"megatron-core {version('megatron-core')}")
 PY
 echo "[test-py312] environment ready in $((SECONDS - t0)) s ($(du -sh "$VENV" | cut -f1))"
-if [[ $# -eq 0 ]]; then
-  set -- "${TESTS[@]}"
+# Like pytest's testpaths: the subset unless an argument names a test file or folder.
+paths=0
+for arg in "$@"; do
+  if [[ -e "${arg%%::*}" ]]; then
+    paths=1
+  fi
+done
+if [[ $paths -eq 0 ]]; then
+  set -- "${TESTS[@]}" "$@"
 fi
 echo "[test-py312] pytest $*"
 python -m pytest "$@"
