@@ -579,6 +579,10 @@ def _bad_cases(src: Sources, tmp: Path) -> dict[str, tuple[list, str]]:
             args(vit, _copy(llm, tmp / "q_type", config=lambda c: _set(c, model_type="llama"))),
             "model_type 'llama' is not 'qwen3'",
         ),
+        "moe lm": (
+            args(vit, _copy(llm, tmp / "q_moe", config=lambda c: _set(c, model_type="qwen3_moe"))),
+            "a Qwen3-MoE language model (model_type 'qwen3_moe') is not supported by make_stage0",
+        ),
         "token ids outside vocab": (
             args(vit, src.llm_tied),  # no tokenizer there: release ids 151655... > vocab 1024
             "image_token_id 151655 (release default",

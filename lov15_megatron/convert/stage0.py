@@ -225,6 +225,12 @@ def vision_config_from_mlcd(mlcd: dict[str, Any], where: Path) -> dict[str, Any]
 
 def text_config_from_qwen3(qwen: dict[str, Any], where: Path) -> dict[str, Any]:
     """The ``text_config`` for a Qwen3 ``config.json`` (dict): its fields, untied."""
+    if qwen.get("model_type") == "qwen3_moe":
+        raise ConversionError(
+            f"{where}: a Qwen3-MoE language model (model_type 'qwen3_moe') is not supported by "
+            "make_stage0 yet; build the LLaVA-OV-1.5 HF directory another way and convert it "
+            "with convert_checkpoint.py hf-to-mcore --model llava-ov-1.5"
+        )
     if qwen.get("model_type") != "qwen3":
         raise ConversionError(
             f"{where}: model_type {qwen.get('model_type')!r} is not 'qwen3' "
