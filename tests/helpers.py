@@ -19,6 +19,17 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CONVERT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory's ``*.safetensors`` files (one or several shards)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
 def ok(*args: str) -> str:
     """``cli`` that must succeed; returns its stdout."""
     out = cli(*args)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, ok
-from safetensors import safe_open
+from helpers import cli, ok, read_safetensors
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 LOGIT_TOL = 1e-4
@@ -34,14 +33,6 @@ def make_hf_qwen3(path: Path, tied: bool, seed: int = 0, **overrides) -> Qwen3Fo
     model.save_pretrained(path)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     return model
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +86,14 @@ def test_round_trip_is_bit_exact(converted, name, tmp_path):
     # a tiny shard limit forces several shards and an index
     ok("mcore-to-hf", "--model", "qwen3", "--load-dir", str(mc_dir), "--save-dir", str(back),
        "--hf-template", str(hf_dir), "--max-shard-gb", "0.00005")  # fmt: skip
-    original, exported = tensors(hf_dir), tensors(back)
+    original, exported = read_safetensors(hf_dir), read_safetensors(back)
     assert (back / "model.safetensors.index.json").exists()
     if name == "tied":  # an existing export is not replaced without --overwrite
         again = ["mcore-to-hf", "--model", "qwen3", "--load-dir", str(mc_dir), "--save-dir",
                  str(back), "--hf-template", str(hf_dir)]  # fmt: skip
         err = _fails(*again)
         assert f"--save-dir {back} exists and is not empty" in err and "--overwrite" in err
-        assert tensors(back).keys() == exported.keys()
+        assert read_safetensors(back).keys() == exported.keys()
         ok(*again, "--overwrite")
     assert sorted(original) == sorted(exported)
     for key, value in original.items():

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGE_PAD, VISION_END, VISION_START, cli, make_hf_vlm, ok
-from safetensors import safe_open
+from helpers import IMAGE_PAD, VISION_END, VISION_START, cli, make_hf_vlm, ok, read_safetensors
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 LOGIT_TOL = 1e-4
@@ -35,14 +34,6 @@ def make_hf_qwen3_moe(path: Path, seed: int = 0) -> None:
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     model.save_pretrained(path)
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +76,7 @@ def test_round_trip_is_bit_exact(converted, tmp_path):
     back = tmp_path / "back"
     ok("mcore-to-hf", "--model", "qwen3-moe", "--load-dir", str(mc_dir), "--save-dir", str(back),
        "--hf-template", str(hf_dir))  # fmt: skip
-    original, exported = tensors(hf_dir), tensors(back)
+    original, exported = read_safetensors(hf_dir), read_safetensors(back)
     assert sorted(original) == sorted(exported)
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in exported
     for key, value in original.items():
@@ -114,7 +105,7 @@ def test_vlm_round_trip_loads_with_remote_code(converted_vlm, tmp_path, isolated
     back = tmp_path / "export"
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(mc_dir), "--save-dir",
        str(back), "--hf-template", str(hf_dir))  # fmt: skip
-    original, exported = tensors(hf_dir), tensors(back)
+    original, exported = read_safetensors(hf_dir), read_safetensors(back)
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     text = json.loads((back / "config.json").read_text())["text_config"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from helpers import read_safetensors
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MLCDVisionConfig, MLCDVisionModel, Qwen3ForCausalLM
 
@@ -155,14 +155,6 @@ def expected_tensor_shapes(config: LLaVAOneVision1_5_Config) -> dict[str, tuple[
             b + "post_attention_layernorm.weight": (t.hidden_size,),
         }
     return shapes
-
-
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGE_PAD, VISION_END, VISION_START, make_hf_vlm, ok, pack_rows, vlm_sample
-from safetensors import safe_open
+from helpers import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    make_hf_vlm,
+    ok,
+    pack_rows,
+    read_safetensors,
+    vlm_sample,
+)
 
 LOGIT_TOL = 1e-4
 
@@ -48,11 +55,7 @@ def test_round_trip_and_remote_code_generate(converted, tmp_path, isolated_hf_mo
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(mc_dir), "--save-dir",
        str(back), "--hf-template", str(hf_dir))  # fmt: skip
 
-    def tensors(d: Path) -> dict[str, torch.Tensor]:
-        with safe_open(d / "model.safetensors", framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-
-    original, exported = tensors(hf_dir), tensors(back)
+    original, exported = read_safetensors(hf_dir), read_safetensors(back)
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     assert (back / "modeling_llavaonevision1_5.py").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import read_safetensors
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -88,14 +88,6 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             param.add_(0.05 * torch.randn(param.shape, generator=gen))
 
 
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
-
-
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     for path in directory.glob("*.safetensors*"):
         path.unlink()
@@ -129,11 +121,11 @@ class Sources:
         randomize_(self.mlcd, seed=1)
         self.vit = root / "vit"  # transformers 5 layout: no prefix
         self.mlcd.save_pretrained(self.vit)
-        assert "pre_layrnorm.weight" in read_tensors(self.vit)
+        assert "pre_layrnorm.weight" in read_safetensors(self.vit)
         # transformers 4.x / released layout: every name under ``vision_model.``
         self.vit_legacy = root / "vit_legacy"
         shutil.copytree(self.vit, self.vit_legacy)
-        prefixed = {f"vision_model.{k}": v for k, v in read_tensors(self.vit).items()}
+        prefixed = {f"vision_model.{k}": v for k, v in read_safetensors(self.vit).items()}
         write_tensors(self.vit_legacy, prefixed)
 
         self.llm_untied = root / "qwen_untied"
@@ -141,7 +133,7 @@ class Sources:
         save_tokenizer(self.llm_untied)
         self.llm_tied = root / "qwen_tied"
         self.qwen_tied = make_qwen(self.llm_tied, tied=True, seed=3)
-        assert "lm_head.weight" not in read_tensors(self.llm_tied)  # tied: not stored
+        assert "lm_head.weight" not in read_safetensors(self.llm_tied)  # tied: not stored
         self.tokenizer = root / "tokenizer"
         save_tokenizer(self.tokenizer)
 
@@ -295,7 +287,7 @@ def test_layout_config_and_files(built, which) -> None:
     assert "post_layernorm dropped" in stderr  # progress / description on stderr
     assert not out.with_name(out.name + ".tmp").exists()
 
-    tensors = read_tensors(out)
+    tensors = read_safetensors(out)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == spec_shapes(MLCD, TEXT)
     assert len(tensors) == 60
     sharded = (out / "model.safetensors.index.json").exists()
@@ -389,7 +381,7 @@ def test_untied_output_trains_lm_head_separately(built) -> None:
 
 
 def test_merger_init_deterministic(built, tmp_path) -> None:
-    outs = {k: read_tensors(built["out"][k]) for k in ("untied", "tied")}
+    outs = {k: read_safetensors(built["out"][k]) for k in ("untied", "tied")}
     merger = {k: v for k, v in outs["untied"].items() if ".merger." in k}
     assert len(merger) == 6
     for key, tensor in merger.items():  # same seed, same shapes, two runs -> same merger
@@ -428,10 +420,10 @@ def test_bfloat16_output(built, tmp_path) -> None:
         seed=SEED,
         progress=False,
     )
-    tensors = read_tensors(summary.output)
+    tensors = read_safetensors(summary.output)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert json.loads((summary.output / "config.json").read_text())["dtype"] == "bfloat16"
-    ref = read_tensors(built["out"]["tied"])
+    ref = read_safetensors(built["out"]["tied"])
     for key, tensor in tensors.items():
         assert torch.equal(tensor, ref[key].to(torch.bfloat16)), key
     assert summary.tokenizer_files == [
@@ -489,7 +481,7 @@ def test_bad_input_subprocess(built) -> None:
 def _copy(src: Path, dst: Path, *, tensors=None, config=None) -> Path:
     shutil.copytree(src, dst)
     if tensors is not None:
-        write_tensors(dst, tensors(read_tensors(src)))
+        write_tensors(dst, tensors(read_safetensors(src)))
     if config is not None:
         path = dst / "config.json"
         path.write_text(json.dumps(config(json.loads(path.read_text()))))
