@@ -121,7 +121,10 @@ def train(cfg: RunConfig) -> TrainResult:
         f"DP={rt.data_parallel}"
     )
     vlm = cfg.model.vision is not None
-    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, model_provider(cfg)))
+    from lov15_megatron.convert.registry import converter_for_config
+
+    registered = converter_for_config(cfg)  # the model this config describes (one lookup)
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, registered.build_model))
     optimizer = setup.build_optimizer(cfg, model)
     scheduler = setup.build_scheduler(cfg, optimizer)
 
@@ -143,10 +146,8 @@ def train(cfg: RunConfig) -> TrainResult:
         print_rank_0(f"loaded weights from {cfg.checkpoint.pretrained} (fresh optimizer)")
 
     data = build_train_data(cfg, len(model), start, data_state)
-    from lov15_megatron.convert.registry import converter_for_config
-
     source = cfg.checkpoint.pretrained or resume_dir
-    model_file = checkpoint_dir.describe_model(cfg, source, converter_for_config(cfg).name)
+    model_file = checkpoint_dir.describe_model(cfg, source, registered.name)
     n_micro = setup.num_microbatches(cfg)
     forward_step = vlm_forward_step if vlm else language_forward_step
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
