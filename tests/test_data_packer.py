@@ -41,7 +41,7 @@ def _expected_samples(root: Path) -> dict[str, tuple[list[dict], list[bytes]]]:
         messages = [
             {"role": role[t["from"]], "content": t["value"]} for t in record["conversations"]
         ]
-        expected[f"{src / 'llava.json'}:record {index}"] = (
+        expected[f"{src / 'llava.json'}:record {index} (id {record['id']})"] = (
             messages,
             [(src / name).read_bytes() for name in images],
         )

@@ -6,7 +6,9 @@
         [--phase all|measure|plan|write|finalise [--task-index I --num-tasks N]]
 
 ``SRC``: LLaVA / messages-images JSON or JSONL (``PATH::IMAGE_ROOT`` sets its image folder),
-WebDataset ``.tar`` shards, parquet with image bytes, or folders of these. ``TOK``: a Hugging Face
+WebDataset ``.tar`` shards (ours, and the release's image, mix and packed caption shards),
+parquet with image bytes (Mid-Training-85M, Instruct-Data), or folders of these; videos are
+skipped and counted. ``TOK``: a Hugging Face
 tokenizer directory, or ``qwen-offline``. ``--phase`` runs one phase; measure and write split
 their work over ``--num-tasks`` tasks (defaults: the Slurm array's ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``). Every phase and task resumes where it stopped when re-run with the

@@ -10,6 +10,8 @@ IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 NO_LOSS_TOKENS = "no_loss_tokens"
 TOO_LONG = "too_long"
+#: A video sample (mix ``media: "video"``, a ``video`` field, video members): not trained on.
+VIDEO_NOT_SUPPORTED = "video_not_supported"
 
 REASONS = (
     MALFORMED_RECORD,
@@ -19,7 +21,11 @@ REASONS = (
     SPECIAL_TOKEN_IN_TEXT,
     NO_LOSS_TOKENS,
     TOO_LONG,
+    VIDEO_NOT_SUPPORTED,
 )
+#: Reasons that are not bad input (valid data we do not train on): counted as skips even when
+#: the packer runs with ``--on-error fail``.
+ALWAYS_SKIPPED = (VIDEO_NOT_SUPPORTED,)
 
 
 class BadSample(ValueError):

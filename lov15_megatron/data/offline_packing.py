@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .chat import check_kind
-from .errors import BadSample
+from .errors import ALWAYS_SKIPPED, BadSample
 from .image_processing import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -62,6 +62,7 @@ from .sample_store import (
     skip_summary,
     write_unit,
 )
+from .source_counts import PACKED, SourceCounts, merge_source_counts
 from .sources import (
     Source,
     WorkUnit,
@@ -279,10 +280,13 @@ def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
     config: PackConfig = _WORKER["config"]
     samples: list[MeasuredSample] = []
     skips: list[tuple[int, int, str, str]] = []
+    counts = SourceCounts()
     for item in read_unit(unit):
         if isinstance(item, BadSample):
             skip = (item.source, item.record, item.reason, item.describe())  # type: ignore[attr-defined]
+            name: str = item.source_name  # type: ignore[attr-defined]
         else:
+            name = item.source_name
             try:
                 samples.append(
                     measure_sample(
@@ -294,12 +298,15 @@ def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
                         config.verify_images,
                     )
                 )
+                counts.add(name, PACKED)
                 continue
             except BadSample as error:
                 skip = (item.source, item.record, error.reason, error.describe())
-        if config.on_error == "fail":
+        if config.on_error == "fail" and skip[2] not in ALWAYS_SKIPPED:
             return len(samples), 1, skip[3]
         skips.append(skip)
+        counts.add(name, skip[2])
+    counts.save(_WORKER["measure_dir"], index)  # before the table, which marks the unit done
     write_unit(_WORKER["measure_dir"], index, samples, skips)
     return len(samples), len(skips), None
 
@@ -366,7 +373,10 @@ def plan(config: PackConfig, progress: bool = True) -> dict[str, Any]:
         config.one_sample_per_pack,
     )
     result.info.update(
-        samples_in=len(table) + skipped, samples_skipped=reasons, skipped_examples=examples
+        samples_in=len(table) + skipped,
+        samples_skipped=reasons,
+        skipped_examples=examples,
+        samples_per_source=merge_source_counts(run.measure_dir, num_units),
     )
     save_plan(result, run.plan_dir)
     _record_task(run, "plan", Task(), started, samples=len(table))
@@ -503,6 +513,7 @@ def build_report(
         "samples_packed": info["samples"],
         "samples_skipped": info["samples_skipped"],
         "skipped_examples": info["skipped_examples"],
+        "samples_per_source": info["samples_per_source"],
         "packs": info["packs"],
         "packs_lower_bound": info["packs_lower_bound"],
         "shards": info["shards"],
@@ -578,6 +589,7 @@ def run_phase(config: PackConfig, phase: str, task: Task, progress: bool = True)
 
 def format_summary(report: dict[str, Any], output: str) -> str:
     skipped = sum(report["samples_skipped"].values())
+    per_source = report["samples_per_source"]
     balance = report["vision_balance"]
     spread = f"ViT cost max/mean {balance['without']['vit_cost_max_over_mean']:.3f}"
     if balance["with"]:
@@ -592,6 +604,9 @@ def format_summary(report: dict[str, Any], output: str) -> str:
         f"{report['padding_compression'] or float('inf'):.2f}x  "
         f"(lower bound {report['packs_lower_bound']} packs)  {spread}",
         f"  skipped {skipped}: {report['samples_skipped'] or '{}'}",
+        f"  sources {len(per_source)} (packed/in): "
+        + ", ".join(f"{name} {c['packed']}/{c['in']}" for name, c in list(per_source.items())[:8])
+        + (" …" if len(per_source) > 8 else ""),
         "  wall time (task-seconds) "
         + "  ".join(f"{k} {v:.1f}" for k, v in report["wall_time_s"].items())
         + f"  peak RSS {peak['max'] / 2**20:.0f} MiB ({peak['per_sample']:.0f} B/sample)",

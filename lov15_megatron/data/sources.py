@@ -1,19 +1,25 @@
-"""Raw-sample readers for the input layouts users have (docs/data-reference.md §1).
+"""Raw-sample readers for the input layouts users have (docs/data-reference.md §1,
+docs/data-packing.md *Input layouts*). What a record itself holds is read by :mod:`.records`.
 
-Layouts (detected by file extension; a directory means every supported file below it, sorted):
+File layouts (detected by file extension; a directory means every supported file below it,
+sorted):
 
-- ``.json`` (an array) / ``.jsonl``: LLaVA records ``{"id", "image": path | [paths],
-  "conversations": [{"from": "human"|"gpt", "value"}]}``, "messages/images" records
-  ``{"messages": [{"role", "content"}], "images": [paths]}`` (content may be a string or a list
-  of ``{"type": "text"|"image"}`` parts), or caption records ``{"image", "caption"}``; image paths
-  are relative to the source's image root (default: the JSON file's folder);
-- ``.tar``: WebDataset shards, one ``json`` member (any record layout above) plus image members
-  per key; images are taken in natural order of their member names;
-- ``.parquet``: rows with an ``image``/``images`` column (bytes, or ``{"bytes", "path"}`` structs)
-  and ``caption`` or ``conversations``/``messages`` (list or JSON string) columns.
+- ``.json`` (an array) / ``.jsonl``: one record per element / line, image paths relative to the
+  source's image root (default: the JSON file's folder);
+- ``.tar``: WebDataset shards, members ``KEY.PART`` grouped by key (the basename up to its first
+  dot, so ``KEY.0_a.b.jpg`` is part ``0_a.b.jpg`` of ``KEY``): a ``json`` member plus image
+  members, taken in natural order of their names, or the members a release mix record names;
+  a release packed caption record (``KEY.img{i}.jpg``) gives one sample per image;
+- ``.parquet``: rows with an ``image``/``images`` column (bytes, ``{"bytes", "path"}`` structs, or
+  null) and ``caption`` or ``conversations``/``messages`` (list or JSON string) columns: the
+  Mid-Training-85M and Instruct-Data sets as published.
 
-Every sample gets a stable position ``(source, record)`` and an ``origin`` naming the file and
-record; every problem is a :class:`BadSample` carrying that origin.
+Every sample gets a stable position ``(source, record)``, an ``origin`` naming the file, the
+record and the record's published ``id``, and a source name for the report (the record's
+``data_source``, else the first folder below the ``--input`` folder, else that folder's or the
+given file's name); every problem is a :class:`BadSample` carrying that origin. A packed caption
+record's pairs take consecutive record numbers; its ``loc`` adds the pair's index to the tar
+position (:data:`TAR_LOC_STRIDE`).
 """
 
 from __future__ import annotations
@@ -28,23 +34,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat import IMAGE_PLACEHOLDER, Message
-from .errors import CORRUPT_IMAGE, MALFORMED_RECORD, MISSING_IMAGE, BadSample
+from .chat import Message
+from .errors import CORRUPT_IMAGE, MALFORMED_RECORD, MISSING_IMAGE, VIDEO_NOT_SUPPORTED, BadSample
+from .records import (
+    caption_pairs,
+    is_packed_captions,
+    is_release_mix,
+    parse_record,
+    record_id,
+    record_source_name,
+)
 
 JSON_SUFFIXES = (".json", ".jsonl")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+VIDEO_EXTENSIONS = ("mp4", "avi", "mov", "mkv", "webm", "flv", "wmv", "m4v")
 FORMATS = ("json", "jsonl", "tar", "parquet")
-ROLE_ALIASES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
-
-#: The turn lists a record may hold, each with its role and content keys.
-_TURN_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
+#: A tar sample's ``loc`` is its first member's header offset × this + the index of the sample
+#: in its record (a packed caption record's pair; 0 otherwise): at most this many pairs.
+TAR_LOC_STRIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,10 @@ class RawSample:
     images: list[ImageRef]
     image_data: list[bytes] | None = field(default=None, repr=False)
     #: Where :func:`read_sample` finds the record again: jsonl byte offset of its line, tar
-    #: header offset of its first member, else -1 (json / parquet: by record index).
+    #: position (:data:`TAR_LOC_STRIDE`), else -1 (json / parquet: by record index).
     loc: int = -1
+    #: The data set it belongs to, for the report's per-source counts.
+    source_name: str = ""
 
     @property
     def uid(self) -> str:
@@ -115,6 +124,8 @@ class Source:
     path: str
     fmt: str
     image_root: str
+    #: Its samples' source name unless a record names its own (``data_source``).
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,65 +140,6 @@ class WorkUnit:
     offset: int = 0  # jsonl: byte offset of the first line
     end: int = 0  # jsonl: byte offset after the last line
     row_group: int = -1
-
-
-# ----------------------------------------------------------------------------- record parsing
-
-
-def _content_to_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif kind == "image":
-                parts.append(IMAGE_PLACEHOLDER)
-            else:
-                raise BadSample(MALFORMED_RECORD, f"unknown content part {part!r}", where)
-        return "".join(parts)
-    raise BadSample(MALFORMED_RECORD, f"content is {type(content).__name__}", where)
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def parse_record(record: Any, where: str) -> tuple[list[Message], list[Any]]:
-    """``(messages, image entries)`` of a LLaVA, messages/images or caption record."""
-    if not isinstance(record, dict):
-        raise BadSample(
-            MALFORMED_RECORD, f"record is {type(record).__name__}, not an object", where
-        )
-    images = _as_list(record.get("images", record.get("image")))
-    try:
-        layout = next((k for k in _TURN_KEYS if k in record), None)
-        if layout is not None:  # LLaVA "conversations" or OpenAI-style "messages"
-            role, content = _TURN_KEYS[layout]
-            turns = record[layout]
-            if isinstance(turns, str):
-                turns = json.loads(turns)
-            messages = [
-                Message(ROLE_ALIASES[turn[role]], _content_to_text(turn[content], where))
-                for turn in turns
-            ]
-        elif "caption" in record:
-            caption = record["caption"]
-            prompt = record.get("prompt") or ""
-            if not isinstance(caption, str) or not isinstance(prompt, str):
-                raise BadSample(MALFORMED_RECORD, "caption/prompt must be strings", where)
-            messages = [Message("user", prompt), Message("assistant", caption)]
-        else:
-            raise BadSample(
-                MALFORMED_RECORD, "no 'conversations', 'messages' or 'caption' field", where
-            )
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise BadSample(MALFORMED_RECORD, f"bad turn structure: {error!r}", where) from error
-    return messages, images
 
 
 # ----------------------------------------------------------------------------- sources
@@ -212,8 +164,18 @@ def discover_sources(inputs: Sequence[str], image_root: str | None = None) -> li
             raise FileNotFoundError(f"--input {spec}: no such file or directory")
         for file in files:
             file_root = root or image_root or str(file.parent)
-            sources.append(Source(len(sources), str(file), _format_of(file), file_root))
+            name = _source_name(path, file)
+            sources.append(Source(len(sources), str(file), _format_of(file), file_root, name))
     return sources
+
+
+def _source_name(given: Path, file: Path) -> str:
+    """The first folder below a given folder (``Instruct/ai2d/train-….parquet``: ``ai2d``),
+    else the given folder's name, else the given file's name."""
+    if given == file:
+        return file.name
+    folders = file.relative_to(given).parts[:-1]
+    return folders[0] if folders else given.name
 
 
 def _format_of(path: Path) -> str:
@@ -305,11 +267,20 @@ def read_unit(unit: WorkUnit) -> Iterator[RawSample | BadSample]:
         yield from _read_parquet_group(unit.source, unit.row_group)
 
 
-def _bad(error: BadSample, source: Source, record: int, where: str) -> BadSample:
+def _bad(
+    error: BadSample, source: Source, record: int, where: str, name: str | None = None
+) -> BadSample:
     located = error.at(where)
     located.record = record  # type: ignore[attr-defined]
     located.source = source.index  # type: ignore[attr-defined]
+    located.source_name = name or source.name  # type: ignore[attr-defined]
     return located
+
+
+def _with_id(where: str, record: Any) -> str:
+    """``where`` plus the record's published id, which a user can look the sample up by."""
+    published = record_id(record)
+    return where if published is None else f"{where} (id {published})"
 
 
 def _read_json_unit(unit: WorkUnit) -> Iterator[RawSample | BadSample]:
@@ -337,13 +308,14 @@ def _json_sample(source: Source, record_index: int, raw: Any, loc: int) -> RawSa
     """One JSON(L) record (a parsed object, or a JSONL line's bytes) as a sample."""
     root = Path(source.image_root)
     where = f"{source.path}:record {record_index}"
+    record, name = raw, None
     try:
-        record = raw
         if source.fmt == "jsonl":
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as error:
                 raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
+        where, name = _with_id(where, record), record_source_name(record)
         messages, entries = parse_record(record, where)
         images = []
         for entry in entries:
@@ -354,8 +326,16 @@ def _json_sample(source: Source, record_index: int, raw: Any, loc: int) -> RawSa
                 raise BadSample(MISSING_IMAGE, f"image file {path} not found")
             images.append(ImageRef(str(path)))
     except BadSample as error:
-        return _bad(error, source, record_index, where)
-    return RawSample(source.index, record_index, where, messages, images, loc=loc)
+        return _bad(error, source, record_index, where, name)
+    return RawSample(
+        source.index,
+        record_index,
+        where,
+        messages,
+        images,
+        loc=loc,
+        source_name=name or source.name,
+    )
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -367,20 +347,39 @@ def _read_tar(source: Source) -> Iterator[RawSample | BadSample]:
         archive = tarfile.open(source.path, "r:")
     except (OSError, tarfile.TarError) as error:
         raise ValueError(f"{source.path}: not a readable tar: {error}") from error
-    groups: list[tuple[str, dict[str, tarfile.TarInfo], int]] = []
+    groups: list[_TarGroup] = []
     with archive:
         try:
             for member in archive:
                 key, part = _tar_key(member)
                 if key is None:
                     continue
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, {}, member.offset))
-                groups[-1][1][part] = member
+                if not groups or groups[-1].key != key:
+                    groups.append(_TarGroup(key, member.offset))
+                groups[-1].parts[part] = member
         except tarfile.TarError as error:
             raise ValueError(f"{source.path}: corrupt tar: {error}") from error
-        for record_index, (key, parts, offset) in enumerate(groups):
-            yield _tar_sample(archive, source, record_index, key, parts, offset)
+        record = 0
+        for group in groups:
+            items = _tar_items(archive, source, record, group)
+            yield from items
+            record += len(items)
+
+
+@dataclass
+class _TarGroup:
+    """The members of one WebDataset key, by part name; ``offset``: its first header's."""
+
+    key: str
+    offset: int
+    parts: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+
+    def member(self, name: str) -> tarfile.TarInfo | None:
+        """The part ``name`` (WebDataset readers lower-case suffixes: a case-blind match)."""
+        if name in self.parts:
+            return self.parts[name]
+        lower = name.lower()
+        return next((info for part, info in self.parts.items() if part.lower() == lower), None)
 
 
 def _tar_key(member: tarfile.TarInfo) -> tuple[str | None, str]:
@@ -391,58 +390,120 @@ def _tar_key(member: tarfile.TarInfo) -> tuple[str | None, str]:
     stem, dot, part = base.partition(".")
     if not dot:
         return None, ""
-    return (f"{directory}/{stem}" if directory else stem), part.lower()
+    return (f"{directory}/{stem}" if directory else stem), part
 
 
-def _tar_sample(
-    archive: tarfile.TarFile,
-    source: Source,
-    record_index: int,
-    key: str,
-    parts: dict[str, tarfile.TarInfo],
-    loc: int,
-) -> RawSample | BadSample:
-    where = f"{source.path}:{key} (tar sample {record_index})"
+def _extension(part: str) -> str:
+    return part.rsplit(".", 1)[-1].lower()
+
+
+def _tar_images(
+    archive: tarfile.TarFile, source: Source, group: _TarGroup, names: list[str]
+) -> tuple[list[ImageRef], list[bytes]]:
+    images, data = [], []
+    for name in names:
+        member = group.member(name)
+        if member is None:
+            raise BadSample(
+                MISSING_IMAGE, f"no member {group.key}.{name} (parts {sorted(group.parts)})"
+            )
+        images.append(ImageRef(source.path, offset=member.offset_data, size=member.size))
+        stream = archive.extractfile(member)
+        data.append(stream.read() if stream else b"")
+    return images, data
+
+
+def _tar_items(
+    archive: tarfile.TarFile, source: Source, first: int, group: _TarGroup
+) -> list[RawSample | BadSample]:
+    """The samples of one tar key, numbered from record ``first``: one, or one per pair of a
+    packed caption record."""
+    where, name = f"{source.path}:{group.key} (tar sample {first})", None
     try:
-        if "json" not in parts:
-            raise BadSample(MALFORMED_RECORD, f"no json member, parts {sorted(parts)}")
-        json_file = archive.extractfile(parts["json"])
+        json_member = group.member("json")
+        if json_member is None:
+            raise BadSample(MALFORMED_RECORD, f"no json member, parts {sorted(group.parts)}")
+        json_file = archive.extractfile(json_member)
         try:
             record = json.loads(json_file.read() if json_file else b"")
         except json.JSONDecodeError as error:
             raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
-        messages, _ = parse_record(record, where)
-        image_parts = sorted(
-            (name for name in parts if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
-            key=_natural_key,
-        )
-        images, data = [], []
-        for name in image_parts:
-            member = parts[name]
-            images.append(ImageRef(source.path, offset=member.offset_data, size=member.size))
-            stream = archive.extractfile(member)
-            data.append(stream.read() if stream else b"")
+        where, name = _with_id(where, record), record_source_name(record)
+        if is_packed_captions(record):
+            return _caption_items(archive, source, first, group, record, where)
+        videos = sorted(part for part in group.parts if _extension(part) in VIDEO_EXTENSIONS)
+        if videos:
+            raise BadSample(VIDEO_NOT_SUPPORTED, f"video members {videos}")
+        messages, names = parse_record(record, where)
+        if not is_release_mix(record):  # all image members, in natural order
+            names = [part for part in group.parts if _extension(part) in IMAGE_EXTENSIONS]
+            names.sort(key=_natural_key)
+        images, data = _tar_images(archive, source, group, names)
     except BadSample as error:
-        return _bad(error, source, record_index, where)
-    return RawSample(source.index, record_index, where, messages, images, data, loc=loc)
+        return [_bad(error, source, first, where, name)]
+    sample = RawSample(
+        source.index,
+        first,
+        where,
+        messages,
+        images,
+        data,
+        loc=group.offset * TAR_LOC_STRIDE,
+        source_name=name or source.name,
+    )
+    return [sample]
+
+
+def _caption_items(
+    archive: tarfile.TarFile,
+    source: Source,
+    first: int,
+    group: _TarGroup,
+    record: dict[str, Any],
+    where: str,
+) -> list[RawSample | BadSample]:
+    """A packed caption record's pairs, each a sample of member ``img{i}.jpg``."""
+    pairs = caption_pairs(record, where)
+    if len(pairs) > TAR_LOC_STRIDE:
+        raise BadSample(MALFORMED_RECORD, f"{len(pairs)} captions > {TAR_LOC_STRIDE}")
+    items: list[RawSample | BadSample] = []
+    for index, (prompt, caption, path) in enumerate(pairs):
+        part = f"img{index}.jpg"
+        image = f", image {path}" if path else ""
+        origin = f"{source.path}:{group.key}.{part} (tar sample {first + index}{image})"
+        try:
+            images, data = _tar_images(archive, source, group, [part])
+        except BadSample as error:
+            items.append(_bad(error, source, first + index, origin))
+            continue
+        messages = [Message("user", prompt), Message("assistant", caption)]
+        loc = group.offset * TAR_LOC_STRIDE + index
+        items.append(
+            RawSample(source.index, first + index, origin, messages, images, data, loc, source.name)
+        )
+    return items
 
 
 def _reread_tar_sample(source: Source, record_index: int, loc: int) -> RawSample | BadSample:
+    offset, index = divmod(loc, TAR_LOC_STRIDE)
     with open(source.path, "rb") as stream:
-        stream.seek(loc)
+        stream.seek(offset)
         with tarfile.open(fileobj=stream, mode="r:") as archive:
-            key, parts = None, {}
+            group = None
             for member in archive:
-                member_key, part = _tar_key(member)
-                if member_key is None:
+                key, part = _tar_key(member)
+                if key is None:
                     continue
-                if key is not None and member_key != key:
+                if group is not None and key != group.key:
                     break
-                key = member_key
-                parts[part] = member
-            if key is None:
-                raise ValueError(f"{source.path}@{loc}: no tar sample there (file changed?)")
-            return _tar_sample(archive, source, record_index, key, parts, loc)
+                group = group or _TarGroup(key, offset)
+                group.parts[part] = member
+            items = (
+                [] if group is None else _tar_items(archive, source, record_index - index, group)
+            )
+            if index >= len(items):
+                raise ValueError(f"{source.path}@{offset}: no tar sample there (file changed?)")
+            return items[index]
 
 
 def _parquet_cell_image(cell: Any, index: int) -> bytes:
@@ -475,32 +536,25 @@ def _parquet_sample(source: Source, row_group: int, offset: int) -> RawSample | 
     rows, image_column = _parquet_rows(source.path, row_group)
     row = rows[offset]
     record_index = _parquet_group_starts(source.path)[row_group] + offset
-    where = f"{source.path}:row {record_index} (id {row.get('id', '?')})"
+    where = _with_id(f"{source.path}:row {record_index}", row)
+    name = record_source_name(row) or source.name
     try:
         text_record = {k: v for k, v in row.items() if k not in ("image", "images")}
         messages, _ = parse_record(text_record, where)
         cell = row.get(image_column) if image_column else None
+        if cell == {"bytes": None, "path": None}:
+            cell = None  # a null image struct, as a text-only row may hold
         images, data = [], []
-        if isinstance(cell, list):
-            for index in range(len(cell)):
-                images.append(
-                    ImageRef(
-                        source.path,
-                        row_group=row_group,
-                        row=offset,
-                        column=image_column,
-                        index=index,
-                    )
-                )
-                data.append(_parquet_cell_image(cell, index))
-        elif cell is not None:
-            images.append(
-                ImageRef(source.path, row_group=row_group, row=offset, column=image_column)
+        indices = range(len(cell)) if isinstance(cell, list) else [] if cell is None else [-1]
+        for index in indices:
+            ref = ImageRef(
+                source.path, row_group=row_group, row=offset, column=image_column, index=index
             )
-            data.append(_parquet_cell_image(cell, -1))
+            images.append(ref)
+            data.append(_parquet_cell_image(cell, index))
     except BadSample as error:
-        return _bad(error, source, record_index, where)
-    return RawSample(source.index, record_index, where, messages, images, data)
+        return _bad(error, source, record_index, where, name)
+    return RawSample(source.index, record_index, where, messages, images, data, source_name=name)
 
 
 def read_sample(source: Source, record: int, loc: int) -> RawSample:

@@ -1,0 +1,61 @@
+"""Per-source sample counts for ``pack_report.json`` (``samples_per_source``).
+
+A sample's source name is the data set it came from (:attr:`.sources.RawSample.source_name`:
+the record's ``data_source``, else the folder or file it was read from). The measure phase
+stores, per work unit, ``measure/u0000042.sources.json`` = ``{name: {"packed": n, reason: n}}``
+(written before the unit's table, so a finished unit always has it); the plan phase merges them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .sample_store import atomic_write
+
+#: The count of a source's usable samples (all of them are packed); other keys are reasons.
+PACKED = "packed"
+
+
+def unit_counts_path(directory: Path, unit: int) -> Path:
+    return directory / f"u{unit:07d}.sources.json"
+
+
+class SourceCounts:
+    """Counts of one work unit: usable samples and skips by reason, per source name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Counter[str]] = {}
+
+    def add(self, name: str, outcome: str) -> None:
+        """One sample of source ``name``: :data:`PACKED` or the reason it was skipped."""
+        self.counts.setdefault(name, Counter())[outcome] += 1
+
+    def save(self, directory: Path, unit: int) -> None:
+        data = {name: dict(sorted(c.items())) for name, c in sorted(self.counts.items())}
+        text = json.dumps(data, sort_keys=True).encode()
+        atomic_write(unit_counts_path(directory, unit), lambda stream: stream.write(text))
+
+
+def merge_source_counts(directory: Path, num_units: int) -> dict[str, dict[str, Any]]:
+    """``{name: {"in", "packed", "skipped": {reason: n}}}`` over all units, sorted by name."""
+    totals: dict[str, Counter[str]] = {}
+    for unit in range(num_units):
+        path = unit_counts_path(directory, unit)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing (the unit was measured by an older version); remove the "
+                "partial output and run again"
+            )
+        for name, counts in json.loads(path.read_text()).items():
+            totals.setdefault(name, Counter()).update(counts)
+    return {
+        name: {
+            "in": sum(counts.values()),
+            PACKED: counts[PACKED],
+            "skipped": {r: n for r, n in sorted(counts.items()) if r != PACKED},
+        }
+        for name, counts in sorted(totals.items())
+    }
