@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import read_safetensors
 from safetensors.torch import save_file
+from tolerances import assert_close_fp32
 from transformers import AutoModelForCausalLM, MLCDVisionConfig, MLCDVisionModel, Qwen3ForCausalLM
 
 from lov15_megatron.hf import (
@@ -47,6 +48,11 @@ TEXT = {
 IMAGE, VIDEO, V_START, V_END = 1000, 1001, 1002, 1003
 # images as (h, w) in patches of 14 px: different sizes and aspect ratios
 GRIDS = [(4, 6), (2, 2), (6, 4)]
+# Longest reductions (docs/tolerances.md): the ViT's patch embedding (3·14·14 inputs; its MLP
+# 128, sequences ≤ 24), the merger's 4·64, the LM's MLP (96; sequences ≤ 13).
+VIT_LEN, MERGER_LEN = 3 * PATCH * PATCH, 4 * VISION["hidden_size"]
+TEXT_LEN = TEXT["intermediate_size"]
+FULL_LEN = max(VIT_LEN, MERGER_LEN, TEXT_LEN)
 
 
 def tiny_config() -> LLaVAOneVision1_5_Config:
@@ -264,7 +270,7 @@ def test_vit_matches_mlcd_single_image(mlcd_and_rice) -> None:
     ref = mlcd_features(mlcd, img)
     assert ours.shape == (24, 64)
     assert ref.abs().max() > 0.5  # a real signal, not all zeros
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert_close_fp32(ours, ref, VIT_LEN)
 
 
 @torch.no_grad()
@@ -282,8 +288,8 @@ def test_vit_packed_images_equal_each_alone(mlcd_and_rice) -> None:
     for i, (h, w) in enumerate(GRIDS):
         img = image(h, w, seed=20 + i)
         alone = rice.get_vision_features(patchify(img), torch.tensor([[1, h, w]]))
-        torch.testing.assert_close(packed[offset : offset + h * w], alone, atol=1e-6, rtol=0)
-        torch.testing.assert_close(alone, mlcd_features(mlcd, img), atol=1e-5, rtol=0)
+        assert_close_fp32(packed[offset : offset + h * w], alone, VIT_LEN)
+        assert_close_fp32(alone, mlcd_features(mlcd, img), VIT_LEN)
         offset += h * w
 
 
@@ -306,9 +312,7 @@ def test_merger_concatenates_2x2_blocks(model) -> None:
             for k in range(4)
         ]
         hidden = F.gelu(torch.cat(normed) @ m.mlp[0].weight.T + m.mlp[0].bias, approximate="none")
-        torch.testing.assert_close(
-            merged[b], hidden @ m.mlp[2].weight.T + m.mlp[2].bias, atol=1e-6, rtol=0
-        )
+        assert_close_fp32(merged[b], hidden @ m.mlp[2].weight.T + m.mlp[2].bias, MERGER_LEN)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +346,7 @@ def test_text_only_matches_qwen3(model) -> None:
     ids = torch.randint(0, 900, (2, 11), generator=torch.Generator().manual_seed(3))
     ours = model(input_ids=ids).logits
     assert ours.shape == (2, 11, 1024)
-    torch.testing.assert_close(ours, qwen(input_ids=ids).logits, atol=1e-6, rtol=0)
+    assert_close_fp32(ours, qwen(input_ids=ids).logits, TEXT_LEN)
     gen_kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(ids, **gen_kwargs), qwen.generate(ids, **gen_kwargs))
 
@@ -365,7 +369,7 @@ def test_images_scattered_in_order(model) -> None:
                 next_feature += 1
     assert next_feature == features.shape[0] == sum(h * w // 4 for h, w in GRIDS)
     expected = qwen_reference(model)(inputs_embeds=embeds).logits
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    assert_close_fp32(logits, expected, FULL_LEN)
     # and the images matter
     text_only = qwen_reference(model)(input_ids=ids).logits
     assert (logits - text_only).abs().max() > 1e-3

@@ -13,8 +13,10 @@ launch runs, in turn:
    dict (replicated tensors stored once, split ones in two halves), save at TP=2;
 3. TP=1: load the TP=2 checkpoint into a freshly initialised model and compare with HF.
 
-fp32 tolerance: max abs diff < 1e-5 (measured ≤ 5e-6 on outputs up to |5|; the HF model's own
-fp32-vs-fp64 difference is 4e-6 here, see ``docs/rice-vit.md``).
+fp32 tolerance: ``fp32_abs_tol`` of ``tests/tolerances.py`` for the longest reduction, the patch
+embedding's 588 inputs: 2.3e-5 relative to the largest output, 1.2e-4 on outputs up to |5|
+(measured ≤ 5e-6; the HF model's own fp32-vs-fp64 difference is 4e-6 here, see
+``docs/rice-vit.md``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import math
 
 import pytest
 import torch
+from tolerances import fp32_abs_tol
 
 from lov15_megatron.runtime.launch import run_ranks
 
-TOL = 1e-5
 PATCH, CHANNELS, MERGE = 14, 3, 2
+# The longest reduction (docs/tolerances.md): the patch embedding's 3·14·14 inputs (the MLP's is
+# 128, the merger's 4·64, the longest image 24 patches).
+REDUCTION_LEN = CHANNELS * PATCH * PATCH
 VISION = {
     "num_layers": 2,
     "hidden_size": 64,
@@ -87,7 +92,7 @@ def make_hf_vit(seed: int = 0):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
             elif name.startswith("class_"):  # the class token and its rotary angles
                 p.normal_(0.0, 1.0)
-            else:  # keeps activations O(1), so that fp32 rounding stays comparable to TOL
+            else:  # keeps activations O(1), so that fp32 rounding stays within the tolerance
                 p.normal_(0.0, 0.08)
     return model
 
@@ -231,7 +236,8 @@ def test_matches_hf_reference(results, stage):
         for what in ("features", "merged"):
             diff = _max_diff(rank[stage][what], reference[what])
             print(f"{stage} {what}: max |ref| {reference[what].abs().max():.3g}, diff {diff:.3g}")
-            assert diff < TOL, f"{stage} {what}: max abs diff {diff:.3g}"
+            tol = fp32_abs_tol(REDUCTION_LEN, reference[what].abs().max().item())
+            assert diff < tol, f"{stage} {what}: max abs diff {diff:.3g} (tolerance {tol:.3g})"
     assert math.isfinite(reference["merged"].abs().max().item())
 
 

@@ -5,6 +5,8 @@ their own constants.
 
     fp32_rel_tol(K)              one forward (or backward) whose longest reduction has K terms
     fp32_abs_tol(K, scale)       the same for values up to ``scale`` in magnitude
+    assert_close_fp32(got, reference, K)   two tensors, ``fp32_abs_tol`` at the reference's scale
+    within_fp32(max_abs, max_rel, K)       the same from a max abs and a max relative difference
     log_sum_exp_len(V)           what a V-word vocabulary's cross entropy counts as K
     training_rel_tol(step, K)    a loss (or aux loss) after ``step`` optimizer updates
     grad_norm_rel_tol(step, K)   a grad norm after ``step`` optimizer updates
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import torch
 
 UNIT_ROUNDOFF = 2.0**-24  # fp32: round-to-nearest relative error of one operation
 # A K-term sum taken in another order changes by sqrt(K)·u relative, typically (a random walk of
@@ -45,6 +49,21 @@ def fp32_rel_tol(reduction_len: int) -> float:
 def fp32_abs_tol(reduction_len: int, scale: float) -> float:
     """Absolute tolerance for values of magnitude up to ``scale`` (e.g. max |logit|)."""
     return fp32_rel_tol(reduction_len) * max(abs(scale), 1.0)
+
+
+def assert_close_fp32(got: torch.Tensor, reference: torch.Tensor, reduction_len: int) -> None:
+    """``got`` equals ``reference`` (same shape) within ``fp32_abs_tol`` at the reference's
+    largest magnitude: one fp32 forward against another implementation of it."""
+    atol = fp32_abs_tol(reduction_len, float(reference.abs().max()) if reference.numel() else 0.0)
+    torch.testing.assert_close(got, reference, rtol=0.0, atol=atol)
+
+
+def within_fp32(max_abs_diff: float, max_rel_diff: float, reduction_len: int) -> bool:
+    """Whether a comparison reported as max |a − b| and max |a − b| / max |b| (``verify``'s
+    metrics) is within ``fp32_abs_tol(reduction_len, max |b|)``: with the floor of 1 on the
+    scale, that is the absolute or the relative difference below ``fp32_rel_tol``."""
+    tol = fp32_rel_tol(reduction_len)
+    return max_abs_diff < tol or max_rel_diff < tol
 
 
 def log_sum_exp_len(vocab: int) -> int:
