@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import image_bytes, pack, read_packs
+from data_fixtures import image_bytes, pack, packed_tree, read_packs
 
 from lov15_megatron.data.errors import BadSample
 from lov15_megatron.data.sources import (
@@ -395,7 +395,7 @@ def test_bad_rows_and_videos_are_named_and_counted(tmp_path):
     """Each bad record is one skip naming its file, record and id; videos have their own
     reason; a packed caption record's good pairs survive a missing image member."""
     turns = [
-        [{"content": None, "from": "human", "role": None, "value": "<image>\nOk?"}],
+        [{"content": "<image>\nOk?", "from": "human", "role": "user", "value": "<image>\nOk?"}],
         [{"content": None, "from": None, "role": None, "value": "no speaker"}],
         [{"content": "Hi", "from": "gpt", "role": "user", "value": "Hi"}],  # pairs disagree
     ]
@@ -445,6 +445,10 @@ def test_bad_rows_and_videos_are_named_and_counted(tmp_path):
         f"{tmp_path / 'caps.tar'}:ps_0.img0.jpg (tar sample 0, image a)",
         f"{tmp_path / 'caps.tar'}:ps_2.img0.jpg (tar sample 3, image e)",
     ]
+    assert [(m.role, m.content) for m in samples[0].messages] == [  # both pairs, agreeing
+        ("user", "<image>\nOk?"),
+        ("assistant", "Fine."),
+    ]
     assert [(m.role, m.content) for m in samples[2].messages] == [
         ("user", ""),
         ("assistant", "Three."),
@@ -469,8 +473,9 @@ def test_bad_rows_and_videos_are_named_and_counted(tmp_path):
 
 
 def test_packer_end_to_end_on_every_published_layout(layouts, tmp_path):
-    """All layouts in one run of the packer: the report's counts per source and reason, every
-    sample once with its messages, images and origin, and the shards through Energon's loader."""
+    """All layouts in one run of the packer (``--on-error fail``: the video is still only
+    counted): the report's counts per source and reason, every sample once with its messages,
+    images and origin, the shards through Energon's loader, the same bytes with 2 workers."""
     from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
     from lov15_megatron.data.tokenizer import load_tokenizer
 
@@ -525,3 +530,5 @@ def test_packer_end_to_end_on_every_published_layout(layouts, tmp_path):
         if len(loaded) >= len(expected):
             break
     assert sorted(loaded) == sorted(expected)
+    pack(inputs, tmp_path / "w2", seq_len=512, max_packs_per_shard=4, workers=2)
+    assert packed_tree(tmp_path / "w2") == packed_tree(tmp_path / "out")

@@ -63,13 +63,19 @@ def _content_to_text(content: Any, where: str) -> str:
     raise BadSample(MALFORMED_RECORD, f"content is {type(content).__name__}", where)
 
 
-def _one_of(turn: dict[str, Any], names: tuple[str, str], index: int, where: str) -> Any:
-    """The non-null value of ``names`` in ``turn``; both set must agree."""
+def _one_of(
+    turn: dict[str, Any], names: tuple[str, str], index: int, where: str, same: dict[str, str]
+) -> Any:
+    """The non-null value of ``names`` in ``turn``; if both are set they must agree (after
+    mapping through ``same``, e.g. ``gpt`` = ``assistant``)."""
     values = [turn[name] for name in names if turn.get(name) is not None]
     if not values:
         raise BadSample(MALFORMED_RECORD, f"turn {index} has no {' or '.join(names)}", where)
-    if len(values) == 2 and values[0] != values[1]:
-        raise BadSample(MALFORMED_RECORD, f"turn {index}: {names[0]!r} and {names[1]!r} differ")
+    canonical = [same.get(v, v) if isinstance(v, str) else v for v in values]
+    if len(values) == 2 and canonical[0] != canonical[1]:
+        raise BadSample(
+            MALFORMED_RECORD, f"turn {index}: {names[0]!r} and {names[1]!r} differ", where
+        )
     return values[0]
 
 
@@ -86,10 +92,10 @@ def parse_turns(turns: Any, where: str) -> list[Message]:
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadSample(MALFORMED_RECORD, f"turn {index} is {type(turn).__name__}", where)
-        role = _one_of(turn, ("role", "from"), index, where)
+        role = _one_of(turn, ("role", "from"), index, where, ROLE_ALIASES)
         if role not in ROLE_ALIASES:
             raise BadSample(MALFORMED_RECORD, f"turn {index}: unknown role {role!r}", where)
-        content = _one_of(turn, ("content", "value"), index, where)
+        content = _one_of(turn, ("content", "value"), index, where, {})
         messages.append(Message(ROLE_ALIASES[role], _content_to_text(content, where)))
     return messages
 
