@@ -1,10 +1,11 @@
 """Activation recomputation of the whole model (Rice ViT + merger + Qwen3) through Megatron's knobs.
 
 From identical weights and one packed micro-batch (several images, uneven sub-samples), every
-recompute setting must give the gradients of the run without it (fp32, rel 1e-6) and hold fewer
-activation bytes for the backward pass. Activation memory is measured exactly, as the bytes of the
-distinct tensors autograd saves during the forward pass (``saved_tensors_hooks``), which is what
-recomputation trades for compute; peak RSS at real widths is in ``benchmarks/attention_memory.py``.
+recompute setting must give the gradients of the run without it (fp32, within 2.3e-5 relative:
+``tests/tolerances.py``) and hold fewer activation bytes for the backward pass. Activation memory
+is measured exactly, as the bytes of the distinct tensors autograd saves during the forward pass
+(``saved_tensors_hooks``), which is what recomputation trades for compute; peak RSS at real
+widths is in ``benchmarks/attention_memory.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from helpers import pack_rows, vlm_sample
+from tolerances import fp32_rel_tol
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -98,7 +100,8 @@ def test_recompute_gives_equal_gradients_and_holds_less():
     assert out["full_lm_only"]["vit"] == (None, None, None)
     assert out["selective"]["lm"][0] == "selective" == out["selective"]["vit"][0]
     for name, r in out.items():
-        assert r["grad_rel"] < 1e-6, (name, r)
+        # Longest reduction: the ViT's patch embedding (3·14·14 inputs; docs/tolerances.md).
+        assert r["grad_rel"] < fp32_rel_tol(3 * 14 * 14), (name, r)
         if name != "none":
             assert r["saved_bytes"] < none, (name, r["saved_bytes"], none)
     # Recomputing the ViT as well saves more than the LM alone; full saves more than selective.
