@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import fp32_abs_tol
 
 from lov15_megatron.runtime import cpu_backend
 from lov15_megatron.runtime.launch import RankFailure, run_ranks
@@ -177,7 +178,9 @@ def test_loss_hook_and_sequence_parallel_switch_hold_at_tp2_sp(ranks):
     for r in ranks:
         hook = r["loss_hook"]
         assert hook["loss_scale"] > 1.0, hook  # real cross-entropy values over 256 tokens
-        assert hook["picked_vs_full"] < 1e-5, (MCORE, hook)
+        # per-token cross entropy: logits over hidden 64, the 256-word vocabulary's log-sum-exp
+        # counting as 9 terms (docs/tolerances.md)
+        assert hook["picked_vs_full"] < fp32_abs_tol(64, hook["loss_scale"]), (MCORE, hook)
         assert hook["outside_mask"] == 0.0, (MCORE, hook)
         assert hook["output_layer_sequence_parallel_after"], (MCORE, hook)
 

@@ -7,18 +7,19 @@ per token (also where router rows are duplicated, so that logits tie exactly) an
 output; (2) trains the EP=1 reference with the load-balancing and z losses on, from initial
 weights it saves. One 2-rank launch then trains from those weights at EP=2 (DP=2) and at
 TP=2×EP=2 (expert TP 1), and saves at EP=2 after 3 steps and resumes that checkpoint at EP=1.
-Every step's loss, grad norm and aux losses must agree with the reference to a relative 1e-5
-(measured: EP=2 ≤ 1.1e-7, TP=2×EP=2 grad norm 4.8e-6, the rest ≤ 2.3e-7; the resumed losses
-≤ 4.3e-8; docs/parallelism-choice.md §6).
+Every step's loss, grad norm and aux losses must agree with the reference within the fp32
+reduction-order bounds of ``tests/tolerances.py`` (docs/tolerances.md; measured: EP=2 ≤ 1.1e-7,
+TP=2×EP=2 grad norm 4.8e-6 here and 1.3e-5 on another CPU, the rest ≤ 2.3e-7; the resumed
+losses ≤ 4.3e-8; docs/parallelism-choice.md §6).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import math
 
 import pytest
+from tolerances import assert_close_training, fp32_abs_tol
 
 from lov15_megatron.runtime.launch import run_ranks
 
@@ -39,7 +40,9 @@ LAYOUTS = {
         "parallel.sequence_parallel=true",  # Megatron requires SP for MoE under TP
     ],
 }
-REL_TOL = 1e-5
+# The longest reduction: the 256 tokens a weight gradient sums over (global batch 8 × 32), also
+# the vocabulary's 256 entries.
+REDUCTION_LEN = 256
 
 
 def _run(overrides: list[str]) -> dict:
@@ -156,25 +159,32 @@ def runs(tmp_path_factory):
 def test_router_and_block_match_transformers(runs, case):
     check = runs[0]["checks"][case]
     assert check["same_experts"], check
-    assert check["max_weight_diff"] < 1e-6, check
-    assert check["max_output_diff"] < 1e-5 * max(check["output_scale"], 1.0), check
+    # The router's logits reduce over hidden 64, the experts over 64 and 32: fp32_abs_tol(64, ·)
+    assert check["max_weight_diff"] < fp32_abs_tol(64, 1.0), check  # probabilities ≤ 1
+    assert check["max_output_diff"] < fp32_abs_tol(64, check["output_scale"]), check
     if case == "ties":
         assert check["ties_at_cut"] > 0, "the tie case must put tied experts at the top-k cut"
-
-
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=REL_TOL)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_parallel_training_matches_ep1(runs, layout):
     reference, got = runs[0]["ep1"], runs[1][layout]
     assert len(got["losses"]) == STEPS
-    for step in range(STEPS):
-        assert _close(reference["losses"][step], got["losses"][step]), (layout, step)
-        assert _close(reference["grad_norms"][step], got["grad_norms"][step]), (layout, step)
-        for name, value in reference["moe"][step].items():
-            assert _close(value, got["moe"][step][name]), (layout, step, name)
+    assert_close_training(reference["losses"], got["losses"], REDUCTION_LEN, f"{layout} loss")
+    assert_close_training(
+        reference["grad_norms"],
+        got["grad_norms"],
+        REDUCTION_LEN,
+        f"{layout} grad norm",
+        grad_norm=True,
+    )
+    for name in reference["moe"][0]:
+        assert_close_training(
+            [step[name] for step in reference["moe"]],
+            [step[name] for step in got["moe"]],
+            REDUCTION_LEN,
+            f"{layout} {name}",
+        )
 
 
 def test_aux_losses_are_logged_and_move(runs):
@@ -196,7 +206,17 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1(runs):
     assert "resumed from" in resumed["log"] and f"at iteration {SAVE_AT}" in resumed["log"]
     # The first three steps are the EP=2 run's own; the rest continue at EP=1.
     assert saved["losses"] == parallel["ep2"]["losses"][:SAVE_AT]
-    for step, loss in enumerate(saved["losses"] + resumed["losses"]):
-        assert _close(reference["losses"][step], loss), step
-    for step, norm in enumerate(resumed["grad_norms"], start=SAVE_AT):
-        assert _close(reference["grad_norms"][step], norm), step
+    assert_close_training(
+        reference["losses"],
+        saved["losses"] + resumed["losses"],
+        REDUCTION_LEN,
+        "ep2 → ep1 resumed loss",
+    )
+    assert_close_training(
+        reference["grad_norms"][SAVE_AT:],
+        resumed["grad_norms"],
+        REDUCTION_LEN,
+        "ep2 → ep1 resumed grad norm",
+        first_step=SAVE_AT,
+        grad_norm=True,
+    )
