@@ -21,11 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_close_training, log_sum_exp_len
 
 from lov15_megatron.runtime.launch import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 256
+# Longest reduction of the tiny model's step: the Qwen vocabulary's cross entropy
+# (log_sum_exp_len(151936) = 1068) over the 512 tokens a weight gradient sums over (2 × 256).
+REDUCTION_LEN = max(log_sum_exp_len(151936), 2 * SEQ)
 
 
 def _run(*args: str) -> str:
@@ -360,10 +364,9 @@ def test_parallel_layouts_match_single_rank(setup_dirs):
     for name in layouts:
         got = per_rank[0][name]
         assert got["losses"] == per_rank[1][name]["losses"], name  # the global loss everywhere
-        for x, y in zip(ref["losses"], got["losses"], strict=True):
-            assert math.isclose(x, y, rel_tol=1e-5), (name, x, y)
-        for x, y in zip(ref["grad_norms"], got["grad_norms"], strict=True):
-            assert math.isclose(x, y, rel_tol=1e-5), (name, "grad norm", x, y)
+        assert_close_training(ref["losses"], got["losses"], REDUCTION_LEN, f"{name} loss")
+        assert_close_training(ref["grad_norms"], got["grad_norms"], REDUCTION_LEN,
+                              f"{name} grad norm", grad_norm=True)  # fmt: skip
 
 
 def test_sigterm_stage_chain_and_export(setup_dirs, tmp_path, isolated_hf_modules):
