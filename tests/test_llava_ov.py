@@ -25,6 +25,7 @@ from helpers import (
     read_safetensors,
     vlm_sample,
 )
+from tolerances import grad_norm_rel_tol, log_sum_exp_len, training_rel_tol
 
 LOGIT_TOL = 1e-4
 
@@ -221,6 +222,9 @@ def test_packing_micro_batch_errors_and_freezing(converted):
 
 
 STEPS = 4
+# Longest reduction of a training step (docs/tolerances.md): the Qwen vocabulary's cross entropy,
+# which counts as log_sum_exp_len(151936) = 1068 terms (more than the 256 tokens of a step).
+TRAIN_LEN = log_sum_exp_len(151936)
 LAYOUTS = {
     "tp2": ["parallel.tensor_model_parallel_size=2"],
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
@@ -277,5 +281,5 @@ def test_parallel_training_matches_single_rank(converted):
         for step, ((loss_a, norm_a), (loss_b, norm_b)) in enumerate(
             zip(reference, got, strict=True)
         ):
-            assert math.isclose(loss_a, loss_b, rel_tol=1e-5), (name, step, loss_a, loss_b)
-            assert math.isclose(norm_a, norm_b, rel_tol=1e-4), (name, step, norm_a, norm_b)
+            assert math.isclose(loss_a, loss_b, rel_tol=training_rel_tol(step, TRAIN_LEN)), name
+            assert math.isclose(norm_a, norm_b, rel_tol=grad_norm_rel_tol(step, TRAIN_LEN)), name
