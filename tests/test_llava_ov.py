@@ -6,6 +6,9 @@
 * Inside ranks: packed rows (several sub-samples, micro-batch 2) give the same per-token logits
   and losses as each sub-sample alone; TP=2 / PP=2 training steps reproduce the single-rank
   losses and grad norms; frozen groups stay bit-identical; bad inputs raise clear errors.
+* Text-only packs (a whole step without images, DP ranks / micro-batches / CP ranks without
+  images) train at DP=2 (both optimizers), PP=2 and CP=2 as on one rank, and give every tower
+  parameter a zero gradient, also straight from the real task encoder.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from helpers import (
     read_safetensors,
     vlm_sample,
 )
-from tolerances import grad_norm_rel_tol, log_sum_exp_len, training_rel_tol
+from tolerances import (
+    assert_close_training,
+    grad_norm_rel_tol,
+    log_sum_exp_len,
+    training_rel_tol,
+)
 
 LOGIT_TOL = 1e-4
 
@@ -241,10 +249,34 @@ def _train_batches(dp_rank: int, per_rank: int):
             yield pack_rows([[vlm_sample(100 + i, grids), vlm_sample(200 + i, [(2, 2)])]], 64)
 
 
+# Which of the 4 rows of each step's global batch hold an image (the others are text-only
+# packs): a step with no image anywhere; at DP=2 one rank with images and one without; a single
+# image on one rank; one image per rank. At DP=1 and under PP (micro-batch 1) the same split
+# falls between micro-batches.
+IMAGE_ROWS = [(), (0, 1), (2,), (0, 3)]
+
+
+def _mixed_batches(dp_rank: int, per_rank: int):
+    """Text-only packs, alone and mixed with packs that hold an image, DP rank r taking rows
+    [r·per_rank, …) of each step as in ``_train_batches``."""
+    for step in range(STEPS):
+        for j in range(per_rank):
+            i = dp_rank * per_rank + j
+            seed = 300 + 4 * step + i
+            row = [vlm_sample(seed, [], text_len=20), vlm_sample(seed + 50, [], text_len=13)]
+            if i in IMAGE_ROWS[step]:
+                row[1] = vlm_sample(seed + 50, [(4, 4)] if i % 2 else [(2, 6)])
+            yield pack_rows([row], 64)
+
+
+BATCHES = {"images": _train_batches, "mixed": _mixed_batches}
+
+
 def train_runs(
-    load_dir: str, layouts: dict[str, list[str]]
+    load_dir: str, layouts: dict[str, list[str]], data: str = "images"
 ) -> dict[str, list[tuple[float, float]]]:
-    """Train each layout from the converted checkpoint on the same packed batches."""
+    """Train each layout from the converted checkpoint on the same packed batches
+    (``data`` names the generator in ``BATCHES``)."""
     from megatron.core import parallel_state
 
     from lov15_megatron.training import setup
@@ -258,10 +290,10 @@ def train_runs(
         optimizer = setup.build_optimizer(cfg, model)
         scheduler = setup.build_scheduler(cfg, optimizer)
         dp = parallel_state.get_data_parallel_world_size()
-        data = _train_batches(parallel_state.get_data_parallel_rank(), 4 // dp)
+        batches = BATCHES[data](parallel_state.get_data_parallel_rank(), 4 // dp)
         n_micro = setup.num_microbatches(cfg)
         steps = [
-            train_step(cfg, data, model, optimizer, scheduler, n_micro, vlm_forward_step)
+            train_step(cfg, batches, model, optimizer, scheduler, n_micro, vlm_forward_step)
             for _ in range(STEPS)
         ]
         results[name] = [(r.loss, r.grad_norm) for r in steps]
@@ -283,3 +315,108 @@ def test_parallel_training_matches_single_rank(converted):
         ):
             assert math.isclose(loss_a, loss_b, rel_tol=training_rel_tol(step, TRAIN_LEN)), name
             assert math.isclose(norm_a, norm_b, rel_tol=grad_norm_rel_tol(step, TRAIN_LEN)), name
+
+
+def text_only_pack_checks(load_dir: str) -> dict:
+    """One rank: a micro-batch of two text-only packs (written by hand in the packer's format)
+    through the real task encoder, then the model's forward and backward."""
+    from lov15_megatron.data.energon_dataset import PackedVLMSample
+    from lov15_megatron.data.task_encoder import VLMTaskEncoder
+    from lov15_megatron.data.tokenizer import load_tokenizer
+    from lov15_megatron.models.packed_seq import thd_model_inputs
+    from lov15_megatron.training.data import BATCH_KEYS
+
+    def record(n: int, question: str, answer: str) -> dict:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"id": f"code_feedback_{n}", "messages": messages, "images": []}
+
+    packs = [
+        [record(0, "Fix: print 'hi'", "print('hi')"), record(1, "What is 2+2?", "4")],
+        [record(2, "Reverse a list in Python.", "Use xs[::-1] or xs.reverse().")],
+    ]
+    encoder = VLMTaskEncoder(load_tokenizer("qwen-offline"))
+    encoded = [
+        encoder.encode_sample(
+            PackedVLMSample(
+                __key__=f"{i:09d}",
+                __restore_key__=(),
+                __subflavors__={"kind": "instruct"},
+                samples=p,
+                images={},
+            )
+        )
+        for i, p in enumerate(packs)
+    ]
+    vlm_batch = encoder.batch(encoded)
+    batch = {k: getattr(vlm_batch, k) for k in BATCH_KEYS}
+    out = {k: tuple(batch[k].shape) for k in ("input_ids", "pixel_values", "image_grid_thw")}
+    out["segments"] = batch["cu_seqlens"].numel() - 1
+
+    (model,) = _build(_cfg(load_dir, []), load_dir)
+    model.train()
+    inputs = thd_model_inputs(batch, image_token_id=IMAGE_PAD)
+    keys = ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "packed_seq_params",
+            "labels", "loss_mask")  # fmt: skip
+    losses = model(**{k: inputs[k] for k in keys})
+    loss = (losses * inputs["loss_mask"]).sum() / inputs["loss_mask"].sum()
+    params = dict(model.named_parameters())
+    # allow_unused=False: every parameter must get a gradient (zeros for the towers), not None.
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    towers = [g for name, g in grads.items() if name.startswith("vision_")]
+    out["loss"] = float(loss)
+    out["tower_grads"] = len(towers)
+    out["tower_grad_max"] = max(float(g.abs().max()) for g in towers)
+    out["language_grad_norm"] = float(
+        torch.stack([g.norm() for n, g in grads.items() if n.startswith("language_")]).norm()
+    )
+    return out
+
+
+def text_only_reference(load_dir: str, references: dict[str, list[str]]) -> dict:
+    """The single-rank launch of the text-only test: the task-encoder check, then the runs."""
+    return {
+        "pack": text_only_pack_checks(load_dir),
+        "runs": train_runs(load_dir, references, "mixed"),
+    }
+
+
+# With only the vision tower and merger trainable the grad norm is theirs alone: in the full
+# model they change it by ~3e-5 relative, far below its tolerance (~1e-2 after an update).
+TOWERS = "train.trainable=[vision,merger]"
+TEXT_ONLY_REFERENCES = {"all": [], "towers": [TOWERS]}
+TEXT_ONLY_LAYOUTS = {
+    "dp2_distopt": ["parallel.use_distributed_optimizer=true"],
+    "dp2_distopt_towers": ["parallel.use_distributed_optimizer=true", TOWERS],
+    "dp2_towers": ["parallel.use_distributed_optimizer=false", TOWERS],
+    "pp2_towers": ["parallel.pipeline_model_parallel_size=2", TOWERS],
+    "cp2_towers": ["parallel.context_parallel_size=2", TOWERS],
+}
+
+
+def test_text_only_and_mixed_packs_match_single_rank(converted):
+    """Packs without any image, alone (a whole step) and mixed with image packs so that some DP
+    ranks, micro-batches and CP ranks see no image, train at every layout as on one rank."""
+    from lov15_megatron.runtime.launch import run_ranks
+
+    _, mc_dir = converted
+    (single,) = run_ranks(1, text_only_reference, str(mc_dir), TEXT_ONLY_REFERENCES)
+    pack = single["pack"]
+    assert pack["pixel_values"] == (0, 588) and pack["image_grid_thw"] == (0, 3), pack
+    assert pack["input_ids"][0] == 2 and pack["segments"] == 4, pack  # 3 samples + 1 tail
+    assert math.isfinite(pack["loss"]) and pack["language_grad_norm"] > 0, pack
+    assert pack["tower_grads"] > 0 and pack["tower_grad_max"] == 0.0, pack
+
+    runs = single["runs"]
+    assert all(
+        math.isfinite(loss) and math.isfinite(norm) for r in runs.values() for loss, norm in r
+    )
+    # Step 0 holds no image anywhere: the towers' gradient is exactly zero; the others have one.
+    assert runs["towers"][0][1] == 0.0 and all(norm > 0 for _, norm in runs["towers"][1:]), runs
+
+    per_rank = run_ranks(2, train_runs, str(mc_dir), TEXT_ONLY_LAYOUTS, "mixed")
+    assert per_rank[0] == per_rank[1]
+    for name, got in per_rank[0].items():
+        ref = runs["towers" if name.endswith("_towers") else "all"]
+        losses, norms = [r[0] for r in ref], [r[1] for r in ref]
+        assert_close_training(losses, [g[0] for g in got], TRAIN_LEN, f"{name} loss")
+        assert_close_training(norms, [g[1] for g in got], TRAIN_LEN, f"{name} norm", grad_norm=True)

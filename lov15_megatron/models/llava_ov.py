@@ -14,6 +14,10 @@ restarting per sub-sample (Megatron's ``rope`` with ``cu_seqlens``).
 micro-batch, cut for this context-parallel rank; ``image_feature_index`` then says which merged
 image feature lands on each of the rank's ``<|image_pad|>`` tokens.
 
+A micro-batch without images (text-only packs: empty ``pixel_values``) skips the towers; in
+training their parameters still get zero gradients, so every parallel layout treats it like any
+other (``docs/packed-sequences.md``, "Packs without images").
+
 The module names follow Megatron's ``LLaVAModel`` (``vision_model``, ``vision_projection``,
 ``language_model``) and the freeze groups are ``vision``, ``merger`` and ``language``.
 """
@@ -134,8 +138,12 @@ class LLaVAOneVisionModel(MegatronModule):
         elif n_slots:
             raise ValueError(f"{n_slots} <|image_pad|> tokens but no pixel_values")
         elif self.training:
-            # Text-only micro-batch: touch every vision/merger parameter with a zero so that
-            # their gradients exist (zeros) and DDP's grad-ready hooks fire for every bucket.
+            # No image in this micro-batch: the towers do not run, but every trainable tower
+            # parameter still gets a gradient, exactly zero, through this 0·Σp term. Megatron
+            # DDP with overlap_grad_reduce starts a bucket's reduction only once each of its
+            # parameters has reported a gradient (as often as in the first step): without one
+            # the bucket is never reduced and DDP's bookkeeping asserts. Zero is also exactly
+            # what a rank without images adds to the DP reduction of the towers' gradients.
             encoder = [*self.vision_model.parameters(), *self.vision_projection.parameters()]
             dummy = sum(p.sum() for p in encoder if p.requires_grad)
             if isinstance(dummy, torch.Tensor):
