@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(b)
     b.add_argument("--load-dir", required=True)
     b.add_argument("--save-dir", required=True)
-    b.add_argument("--hf-template", help="HF directory to take config fields and tokenizer from")
+    b.add_argument("--hf-template", help="HF directory to take config fields, tokenizer and "
+                   "expert layout (one by one or fused) from")  # fmt: skip
     b.add_argument("--max-shard-gb", type=float, default=2.0)
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     b.add_argument("--min-pixels", type=int, help="processor image budget (default: template's)")

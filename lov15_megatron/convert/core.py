@@ -30,11 +30,13 @@ from tqdm import tqdm
 from lov15_megatron import checkpoint_dir
 from lov15_megatron.checkpoint_dir import MODEL_FILE, model_file_text, resolve
 from lov15_megatron.config import RunConfig, config_from_dict, config_to_dict
+from lov15_megatron.convert.hf_experts import FusedExpertWriter, has_fused_experts
 from lov15_megatron.convert.hf_io import (
     HFCheckpointReader,
     HFCheckpointWriter,
     check_tied_lm_head,
     copy_tokenizer_files,
+    weight_files,
 )
 from lov15_megatron.convert.mapping import ConversionError
 from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming, save_streaming
@@ -227,7 +229,9 @@ def mcore_to_hf(
 ) -> ConversionSummary:
     """Convert a converter/training torch_dist checkpoint back into an HF directory.
 
-    The template's tokenizer/processor/generation files are copied unchanged; a converter with
+    The export stores experts the way the template's weights do (one by one, or fused as
+    transformers ≥ 5 holds them; one by one without a template or weights). The template's
+    tokenizer/processor/generation files are copied unchanged; a converter with
     ``write_extra`` (LLaVA-OV-1.5) then adds its code and any missing file, and rewrites the
     processor's image settings when a training run recorded them in ``lov15_model.json`` or
     ``image`` (a dict of ``min_pixels``/``max_pixels``/``max_image_side``) overrides some.
@@ -246,16 +250,20 @@ def mcore_to_hf(
             raise ConversionError(f"--hf-template {template_dir} has no config.json")
         template_config = json.loads((template_dir / "config.json").read_text())
     writer = HFCheckpointWriter(save_dir, max_shard_bytes)
+    add, experts = writer.add, None
+    if template_dir is not None and _template_has_fused_experts(template_dir):
+        experts = FusedExpertWriter(writer.add, cfg.model.language.num_experts or 0)
+        add = experts.add
     try:
         progress = tqdm(desc="mcore-to-hf", unit="tensor", mininterval=1.0)
-        count = 0
         for name, tensor in load_streaming(model, load_dir):
             row, hf_names = table.resolve(name)
             for hf_name, hf_tensor in zip(hf_names, row.transform.to_hf(tensor), strict=True):
-                writer.add(hf_name, hf_tensor)
-                count += 1
+                add(hf_name, hf_tensor)
             progress.update(1)
         progress.close()
+        if experts is not None:
+            experts.finish()
         hf_config = converter.hf_config(cfg, template_config)
         dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
         hf_config[dtype_key] = dtype_name(torch_dtype)
@@ -268,5 +276,11 @@ def mcore_to_hf(
         writer.abort()
         raise
     return ConversionSummary(
-        "mcore-to-hf", str(out), count, writer.total_bytes, time.perf_counter() - start
+        "mcore-to-hf", str(out), writer.count, writer.total_bytes, time.perf_counter() - start
     )
+
+
+def _template_has_fused_experts(template: Path) -> bool:
+    """Whether the template's weights (if it has any) store experts fused: the export then
+    writes them so too (``convert/hf_experts.py``)."""
+    return has_fused_experts(weight_files(template) or ())

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lov15_megatron.convert.hf_experts import fused_expert_views, view_shape
 from lov15_megatron.convert.mapping import ConversionError
 from lov15_megatron.hf.export import (
     CHAT_TEMPLATE_FILE,
@@ -77,8 +78,25 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
+def weight_files(directory: Path) -> dict[str, Path] | None:
+    """Stored tensor name → its safetensors file, or ``None`` when there are no weights."""
+    if (directory / INDEX).exists():
+        weight_map = _read_json(directory / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{directory / INDEX}: no 'weight_map' mapping")
+        return {name: directory / f for name, f in weight_map.items()}
+    if (directory / SINGLE).exists():
+        with _open(directory / SINGLE) as f:
+            return {name: directory / SINGLE for name in f.keys()}
+    return None
+
+
 class HFCheckpointReader:
-    """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory."""
+    """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory.
+
+    Fused expert tensors (``…mlp.experts.gate_up_proj``/``down_proj``, ``convert/hf_experts.py``)
+    are handed out as their per-expert pieces, under the per-expert names.
+    """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
@@ -88,19 +106,16 @@ class HFCheckpointReader:
         if not config_path.exists():
             raise ConversionError(f"{config_path} is missing")
         self.config: dict = _read_json(config_path)
-        if (self.dir / INDEX).exists():
-            weight_map = _read_json(self.dir / INDEX).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{self.dir / INDEX}: no 'weight_map' mapping")
-            self._file_of = {name: self.dir / f for name, f in weight_map.items()}
-        elif (self.dir / SINGLE).exists():
-            with _open(self.dir / SINGLE) as f:
-                self._file_of = {name: self.dir / SINGLE for name in f.keys()}
-        else:
+        files = weight_files(self.dir)
+        if files is None:
             raise ConversionError(f"no {SINGLE} or {INDEX} in {self.dir}")
+        self._file_of = files
+        self._views = fused_expert_views(files, self._stored_shape)
+        fused = {stored for stored, _ in self._views.values()}
+        self._names = (set(files) - fused) | set(self._views)
 
     def names(self) -> set[str]:
-        return set(self._file_of)
+        return self._names
 
     def _path(self, name: str) -> Path:
         if name not in self._file_of:
@@ -111,16 +126,25 @@ class HFCheckpointReader:
         return path
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._path(name)
+        stored, index = self._views.get(name, (name, None))
+        path = self._path(stored)
         with _open(path) as f:
             try:
-                return f.get_tensor(name).clone()
+                if index is None:
+                    return f.get_tensor(stored).clone()
+                return f.get_slice(stored)[index].contiguous()
             except (SafetensorError, OSError) as e:
-                raise ConversionError(f"{path}: cannot read tensor {name!r} ({e})") from None
+                raise ConversionError(f"{path}: cannot read tensor {stored!r} ({e})") from None
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         with _open(self._path(name)) as f:
             return tuple(f.get_slice(name).get_shape())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._views:
+            stored, index = self._views[name]
+            return view_shape(self._stored_shape(stored), index)
+        return self._stored_shape(name)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's tensors (from the first one)."""
@@ -145,6 +169,7 @@ class HFCheckpointWriter:
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
+        self.count = 0  # tensors written
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -153,6 +178,7 @@ class HFCheckpointWriter:
         self._pending[name] = tensor.contiguous()
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
+        self.count += 1
 
     def _flush(self) -> None:
         index = len(self._shards)

@@ -97,12 +97,18 @@ def language_family(lm: LanguageModelConfig):
 
 
 def language_family_of_hf(text_config: dict) -> object:
-    """The LM family of an HF (text) ``config.json`` by its ``model_type``."""
-    model_type = text_config.get("model_type", "qwen3")
+    """The LM family of an HF (text) ``config.json`` by its ``model_type`` (the release's
+    ``LLaVAOneVision1_5_text`` is qwen3, or qwen3-moe when it has experts)."""
+    from lov15_megatron.hf.configuration_llavaonevision1_5 import (
+        RELEASE_TEXT_MODEL_TYPE,
+        text_model_type,
+    )
+
+    model_type = text_model_type(text_config)
     for family in _language_families():
         if family.hf_model_type == model_type:
             return family
-    known = ", ".join(f.hf_model_type for f in _language_families())
+    known = ", ".join([*(f.hf_model_type for f in _language_families()), RELEASE_TEXT_MODEL_TYPE])
     raise ConversionError(
         f"config.json: language model_type {model_type!r} is not registered (known: {known})"
     )

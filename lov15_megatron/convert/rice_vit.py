@@ -20,6 +20,7 @@ from typing import Any
 
 from lov15_megatron.config import RunConfig, VisionModelConfig
 from lov15_megatron.convert.mapping import ConversionError, GroupedQKV, ParamMapping
+from lov15_megatron.hf.configuration_llavaonevision1_5 import RELEASE_VISION_ROPE_THETA
 
 # HF ``vision_config`` field → our VisionModelConfig field.
 _HF_VISION_FIELDS = {
@@ -49,8 +50,13 @@ def vision_config_from_hf(hf: dict[str, Any]) -> VisionModelConfig:
             f"config.json vision_config: temporal_patch_size={hf['temporal_patch_size']} "
             "is not supported (LLaVA-OneVision-1.5 uses 1)"
         )
+    if hf.get("hidden_size", hf["embed_dim"]) != hf["embed_dim"]:
+        raise ConversionError(
+            f"config.json vision_config: hidden_size {hf['hidden_size']} differs from embed_dim "
+            f"{hf['embed_dim']} (the release's Rice ViT is hidden_size wide, ours embed_dim)"
+        )
     values = {ours: hf[theirs] for theirs, ours in _HF_VISION_FIELDS.items()}
-    values["rope_theta"] = float(hf.get("rope_theta", 10000.0))
+    values["rope_theta"] = float(hf.get("rope_theta", RELEASE_VISION_ROPE_THETA))
     return VisionModelConfig(**values)
 
 

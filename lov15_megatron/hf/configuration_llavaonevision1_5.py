@@ -52,6 +52,28 @@ QWEN3_8B_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
+#: ``text_config.model_type`` in the release's checkpoints (its own text-config class, written
+#: by its merge script and by its 30B-A3B code); the fields are Qwen3's, plus the expert fields
+#: for the mixture-of-experts LM.
+RELEASE_TEXT_MODEL_TYPE = "LLaVAOneVision1_5_text"
+
+#: The Rice ViT's rotary base in the release: a constant of its code, so its ``vision_config``
+#: has no ``rope_theta`` field; an absent field means this value.
+RELEASE_VISION_ROPE_THETA = 10000.0
+
+
+def text_model_type(text_config: dict[str, Any]) -> str:
+    """The ``transformers`` model_type of a ``text_config`` dict: ``qwen3``, ``qwen3_moe``, or
+    the release's ``LLaVAOneVision1_5_text`` resolved by its fields (``qwen3_moe`` when it has
+    experts, ``num_experts`` > 0 as in the release's decoder, else ``qwen3``). A dict without
+    a model_type is ``qwen3``."""
+    model_type = text_config.get("model_type") or "qwen3"
+    if model_type != RELEASE_TEXT_MODEL_TYPE:
+        return model_type
+    experts = text_config.get("num_experts") or text_config.get("num_local_experts")
+    return "qwen3_moe" if experts else "qwen3"
+
+
 @strict
 class RiceViTConfig(PretrainedConfig):
     """Rice ViT vision tower (+ 2x2 patch merger) configuration.
@@ -84,7 +106,7 @@ class RiceViTConfig(PretrainedConfig):
     temporal_patch_size: int = 1
     layer_norm_eps: float = 1e-5
     text_hidden_size: int | None = None
-    rope_theta: float = 10000.0
+    rope_theta: float = RELEASE_VISION_ROPE_THETA
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -126,10 +148,11 @@ class LLaVAOneVision1_5_Config(PretrainedConfig):
     """Composite LLaVA-OneVision-1.5 configuration (``model_type`` ``llavaonevision1_5``).
 
     ``text_config`` is a plain ``transformers.Qwen3Config`` (or, with ``model_type``
-    ``qwen3_moe``, a ``Qwen3MoeConfig``); ``vision_config`` a
-    :class:`RiceViTConfig`. The logits have ``text_config.vocab_size`` entries (151936 for the
-    release); there is deliberately no top-level ``vocab_size`` (the release's default of 152064
-    disagrees with the text vocabulary).
+    ``qwen3_moe``, a ``Qwen3MoeConfig``; the release's ``LLaVAOneVision1_5_text`` is read as
+    either, see :func:`text_model_type`); ``vision_config`` a :class:`RiceViTConfig`. The logits
+    have ``text_config.vocab_size`` entries (151936 for the release); we write no top-level
+    ``vocab_size`` (the release's default of 152064 disagrees with the text vocabulary; a
+    released ``config.json`` that has it keeps it, and nothing reads it).
     """
 
     model_type = "llavaonevision1_5"
@@ -152,7 +175,7 @@ class LLaVAOneVision1_5_Config(PretrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         if isinstance(self.text_config, dict):
-            self.text_config = {"model_type": "qwen3", **self.text_config}
+            self.text_config = {**self.text_config, "model_type": text_model_type(self.text_config)}
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
@@ -183,6 +206,9 @@ class LLaVAOneVision1_5_Config(PretrainedConfig):
 __all__ = [
     "QWEN3_4B_TEXT_CONFIG",
     "QWEN3_8B_TEXT_CONFIG",
+    "RELEASE_TEXT_MODEL_TYPE",
+    "RELEASE_VISION_ROPE_THETA",
     "LLaVAOneVision1_5_Config",
     "RiceViTConfig",
+    "text_model_type",
 ]
