@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, ok, read_safetensors
+from helpers import ok, read_safetensors
 from safetensors.torch import save_file
 
 LOGIT_TOL = 1e-4  # docs/conversion.md: fp32 logit parity bound (max abs difference)
@@ -353,7 +353,7 @@ def test_moe_fused_layout_converts_and_exports_as_the_template(moe, tmp_path):
     assert all(torch.equal(exported[k], fused[k]) for k in fused)
 
 
-def test_release_text_model_type_resolution_and_errors(tmp_path):
+def test_release_text_model_type_resolution_and_errors(tmp_path, capsys):
     from lov15_megatron.hf.configuration_llavaonevision1_5 import text_model_type
 
     dense_text = released_config()["text_config"]
@@ -378,8 +378,11 @@ def test_release_text_model_type_resolution_and_errors(tmp_path):
     config = released_config(experts=True)
     del config["text_config"]["moe_intermediate_size"]
     (bad / "config.json").write_text(json.dumps(config))
-    out = cli("hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(bad),
-              "--save-dir", str(tmp_path / "mc"))  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    assert "moe_intermediate_size" in out.stderr and "Traceback" not in out.stderr
+    from lov15_megatron.convert.cli import main  # in process: the CLI's own error path
+
+    code = main(["hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(bad),
+                 "--save-dir", str(tmp_path / "mc")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "moe_intermediate_size" in err
     assert not (tmp_path / "mc").exists()
