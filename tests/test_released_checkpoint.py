@@ -10,7 +10,7 @@ the MoE LM's experts one by one as ``mlp.experts.E.{gate,up,down}_proj`` with th
 ``mlp.gate``). Tiny widths, random fp32.
 
 Checked through the real CLI: ``hf-to-mcore`` converts; ``verify`` at TP 2 and at PP 2 matches
-our HF model within the fp32 bound of docs/conversion.md; ``mcore-to-hf --hf-template`` gives
+our HF model within the fp32 bound of docs/tolerances.md; ``mcore-to-hf --hf-template`` gives
 the input tensors bit for bit and a config that our remote code loads with identical logits.
 """
 
@@ -23,8 +23,11 @@ import pytest
 import torch
 from helpers import ok, read_safetensors
 from safetensors.torch import save_file
+from tolerances import within_fp32
 
-LOGIT_TOL = 1e-4  # docs/conversion.md: fp32 logit parity bound (max abs difference)
+# The longest reduction of the forward is the ViT patch embedding: 3·14·14 = 588 inputs
+# (docs/tolerances.md).
+REDUCTION_LEN = 588
 TEXT_VOCAB = 151936  # the release's text vocabulary (the image token ids are inside it)
 RELEASE_TOP_VOCAB = 152064  # the release's top-level default, which no weight uses
 
@@ -244,7 +247,7 @@ def test_verify_logit_parity(dense, tp, pp):
     hf, mc, _ = dense
     result = _verify(hf, mc, tp, pp)
     assert result["shape"][-1] == TEXT_VOCAB
-    assert result["max_abs_diff"] < LOGIT_TOL, result
+    assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], REDUCTION_LEN), result
     assert result["top1_agreement"] == 1.0, result
 
 
