@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import os
 import types
 import typing
@@ -33,11 +32,15 @@ class ConfigError(ValueError):
     """An invalid configuration: unknown key, wrong type or value, or inconsistent fields."""
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}  # per dataclass: resolving annotations is slow
+
+
 def _hints(cls: type) -> dict[str, Any]:
     """Resolved annotations of the init fields of dataclass ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    return _HINTS[cls]
 
 
 def _is_union(tp: Any) -> bool:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.mapping import ConversionError
+
+if TYPE_CHECKING:  # imported on first use at run time (see ModelEntry.converter)
+    from lov15_megatron.convert.converter import Converter
+    from lov15_megatron.convert.qwen3 import Qwen3Family
 
 
 @dataclass(frozen=True)
@@ -24,9 +29,14 @@ class ModelEntry:
     converter: str  # "module:Class" (imported on first use: the CLI's --help stays fast)
     accepts: Callable[[RunConfig], bool]  # whether a run config describes this model
 
-    def load(self):
-        module, cls = self.converter.split(":")
-        return getattr(importlib.import_module(module), cls)()
+    def load(self) -> Converter:
+        return _instantiate(self.converter)
+
+
+def _instantiate(path: str) -> Any:
+    """A new instance of the class that ``path`` ("module:Class") names."""
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def _language_only(experts: bool) -> Callable[[RunConfig], bool]:
@@ -61,14 +71,14 @@ REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 MODELS = tuple(REGISTRY)
 
 
-def get_converter(name: str):
+def get_converter(name: str) -> Converter:
     """The converter registered as ``name`` (ConversionError listing the known names)."""
     if name not in REGISTRY:
         raise ConversionError(f"unknown --model {name!r}; registered models: {', '.join(MODELS)}")
     return REGISTRY[name].load()
 
 
-def converter_for_config(cfg: RunConfig):
+def converter_for_config(cfg: RunConfig) -> Converter:
     """The converter of the model a run config describes (the trainer's model provider)."""
     matches = [e for e in _ENTRIES if e.accepts(cfg)]
     if len(matches) != 1:
@@ -82,21 +92,18 @@ LANGUAGE_FAMILIES = (
 )
 
 
-def _language_families() -> list:
-    out = []
-    for path in LANGUAGE_FAMILIES:
-        module, cls = path.split(":")
-        out.append(getattr(importlib.import_module(module), cls)())
-    return out
+def _language_families() -> list[Qwen3Family]:
+    """One instance of each language-model family (Qwen3Family is the base class of them all)."""
+    return [_instantiate(path) for path in LANGUAGE_FAMILIES]
 
 
-def language_family(lm: LanguageModelConfig):
+def language_family(lm: LanguageModelConfig) -> Qwen3Family:
     """The LM family of a run config's ``model.language`` (exactly one matches)."""
     (family,) = [f for f in _language_families() if f.matches(lm)]
     return family
 
 
-def language_family_of_hf(text_config: dict) -> object:
+def language_family_of_hf(text_config: dict[str, Any]) -> Qwen3Family:
     """The LM family of an HF (text) ``config.json`` by its ``model_type`` (the release's
     ``LLaVAOneVision1_5_text`` is qwen3, or qwen3-moe when it has experts)."""
     from lov15_megatron.hf.configuration_llavaonevision1_5 import (
