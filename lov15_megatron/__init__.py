@@ -1,6 +1,18 @@
 """lov15-megatron: LLaVA-OneVision-1.5 pretraining on Megatron-Core."""
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
+
+# Megatron-Core warns at import time, once per module, that Transformer Engine / Apex are absent
+# and it falls back to its PyTorch implementations. On CPU (tests, the quickstart, the tools) that
+# fallback is the intended path, and the warnings would precede every command's own output, even
+# a one-line error. Only these known messages are silenced; every other warning still shows.
+# This runs before any module of the package imports megatron.
+for _message in (
+    r"Transformer Engine and Apex are not installed\. Falling back to ",
+    r"Apex is not installed\. Falling back to Torch Norm",
+):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning, module="megatron")
 
 
 def _version() -> str:
