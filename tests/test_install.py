@@ -62,8 +62,13 @@ def installed(tmp_path_factory) -> Path:
         if (ROOT / rel).is_file():
             (source / rel).parent.mkdir(parents=True, exist_ok=True)
             (source / rel).write_bytes((ROOT / rel).read_bytes())
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-          "--quiet", "-w", str(base / "dist"), str(source)], cwd=base)  # fmt: skip
+    # Not --quiet: the build backend's own output is what the install shows a user, and it must
+    # carry no warning (e.g. configs/ subfolders "absent from the `packages` configuration", or a
+    # deprecated project.license table).
+    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-v", "-w", str(base / "dist"), str(source)], cwd=base)  # fmt: skip
+    warnings = [line for line in (build.stdout + build.stderr).splitlines() if "Warning" in line]
+    assert warnings == [], warnings
     (wheel,) = (base / "dist").glob("lov15_megatron-*.whl")
 
     venv = base / "venv"
