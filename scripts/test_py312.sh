@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The second test environment: Python 3.12 with megatron-core 0.19.2 and torch 2.14.1 (what
 # pyproject.toml's markers give Python >= 3.12), in its own virtual environment ./.venv-py312.
-# Runs the compatibility subset (parallel equivalence, conversion, training/resume, MoE,
-# quickstart, runtime and Megatron-Core compatibility tests) with the given pytest options, or
-# the test files the arguments name:
+# Runs the compatibility subset (the tests marked `compat` in tests/: parallel equivalence,
+# conversion, training/resume, MoE, quickstart, runtime and Megatron-Core compatibility) with the
+# given pytest options, or the test files the arguments name:
 #   bash scripts/test_py312.sh [pytest args…]
 # PYTHON312=/path/to/python3.12 picks the interpreter (default: python3.12 on PATH, else
 # pyenv's newest 3.12). PyPI's torch 2.14.1 is a CUDA build (about 5.5 GB in the venv; it runs
@@ -13,17 +13,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv-py312"
-# The subset: what differs between the Megatron-Core releases (the CPU backend, the private touch
-# points, the distributed optimizer and grad sync, dist checkpoints, the MoE router), each once.
-# The pinned suite keeps the rest (bad-input messages, the other resume/signal cases, HF parity).
-TESTS=(tests/test_runtime.py tests/test_mcore_compat.py
-       tests/test_parallel_training.py                       # LM TP/PP/CP/DP = 1 rank
-       "tests/test_convert_qwen3.py::test_logit_parity_with_transformers"
-       "tests/test_convert_qwen3.py::test_round_trip_is_bit_exact"
-       "tests/test_training.py::test_learns_resumes_exactly_and_freezes"   # VLM train + resume
-       "tests/test_training.py::test_parallel_layouts_match_single_rank"   # VLM TP/PP/CP
-       tests/test_qwen3_moe.py                               # EP = 1 rank, EP2 -> EP1 resume
-       tests/test_quickstart.py)
+# The subset is the `compat` marker (pyproject.toml [tool.pytest.ini_options]): what differs
+# between the Megatron-Core releases (the CPU backend, the private touch points, the distributed
+# optimizer and grad sync, dist checkpoints, the MoE router), each once. The pinned suite keeps
+# the rest (bad-input messages, the other resume/signal cases, HF parity).
 
 find_python312() {
   local candidate pyenv_312=()
@@ -74,7 +67,7 @@ for arg in "$@"; do
   fi
 done
 if [[ $paths -eq 0 ]]; then
-  set -- "${TESTS[@]}" "$@"
+  set -- -m compat "$@"
 fi
 echo "[test-py312] pytest $*"
 python -m pytest "$@"

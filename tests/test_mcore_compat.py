@@ -23,6 +23,8 @@ from tolerances import fp32_abs_tol
 from lov15_megatron.runtime import cpu_backend
 from lov15_megatron.runtime.launch import RankFailure, run_ranks
 
+pytestmark = pytest.mark.compat  # scripts/test_py312.sh runs this file
+
 MCORE = cpu_backend.megatron_core_version()
 CONFIG = "configs/tiny_gpt.yaml"
 COMMON = ["runtime.device=cpu", "train.global_batch_size=4", "train.micro_batch_size=2",

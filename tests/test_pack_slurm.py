@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import build_mixed_sources, pack, packed_tree
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = Path(os.environ.get("LOV15_SLURM_DIR", "/tmp/lov15-slurm"))

@@ -20,6 +20,8 @@ from tolerances import assert_close_training
 
 from lov15_megatron.runtime.launch import run_ranks
 
+pytestmark = pytest.mark.compat  # scripts/test_py312.sh runs this file
+
 CONFIG = "configs/tiny_gpt.yaml"
 STEPS = 8
 COMMON = [f"train.train_iters={STEPS}", "runtime.device=cpu", "train.global_batch_size=8",

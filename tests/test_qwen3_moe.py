@@ -23,6 +23,8 @@ from tolerances import assert_close_training, fp32_abs_tol
 
 from lov15_megatron.runtime.launch import run_ranks
 
+pytestmark = pytest.mark.compat  # scripts/test_py312.sh runs this file
+
 CONFIG = "configs/tiny_gpt.yaml"
 STEPS, SAVE_AT = 6, 3
 MOE = ["model.language.num_experts=8", "model.language.moe_ffn_hidden_size=32",

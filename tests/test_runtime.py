@@ -11,6 +11,8 @@ import torch
 from lov15_megatron.config import ConfigError, load_config
 from lov15_megatron.runtime.launch import RankFailure, run_ranks
 
+pytestmark = pytest.mark.compat  # scripts/test_py312.sh runs this file
+
 
 def _in_fresh_python(code: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
