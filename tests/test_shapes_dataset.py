@@ -307,18 +307,41 @@ def test_cli_prints_summary_and_refuses_to_clobber(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
-def test_eval_scenes_avoid_training_scenes_in_a_crowded_scene_space(tmp_path, monkeypatch):
-    # 1 size x 1 background x 1 shape: 60 scenes, most of them drawn for training.
+def test_one_shape_per_image_in_a_crowded_scene_space(tmp_path, monkeypatch):
+    # max_shapes=1 (the quickstart's images), 1 size x 1 background: 3 shapes x 4 colours x
+    # 5 positions = 60 scenes, most of them drawn for training; the held-out ones stay unseen.
     monkeypatch.setattr(sd, "IMAGE_SIZES", ((56, 56),))
     monkeypatch.setattr(sd, "BACKGROUNDS", {"white": (255, 255, 255)})
-    monkeypatch.setattr(sd, "MAX_SHAPES", 1)
-    summary = sd.generate_shapes_dataset(tmp_path / "d", n_caption=30, n_instruct=30, n_eval=12)
+    summary = sd.generate_shapes_dataset(
+        tmp_path / "d", n_caption=30, n_instruct=30, n_eval=12, max_shapes=1
+    )
+    meta = json.loads((tmp_path / "d" / sd.METADATA_NAME).read_text())
+    assert meta["max_shapes"] == 1 and meta["scene_space"] == 60
+    # No count question: with one shape its answer would always be "1".
+    assert list(meta["question_types"]) == ["shape", "colour", "position", "background"]
+    assert summary["max_shapes"] == 1 and "count" not in summary["chance"]
     train = {hashlib.sha256(data).digest() for data in _training_images(tmp_path / "d")}
-    held_out = [Path(item["image"]).read_bytes() for item in sd.load_eval(summary["eval"]["path"])]
+    items = sd.load_eval(summary["eval"]["path"])
+    held_out = [Path(item["image"]).read_bytes() for item in items]
     assert len(train) < 60 - 12
     assert not train & {hashlib.sha256(data).digest() for data in held_out}
+    assert [item["type"] for item in items[:4]] == list(meta["question_types"])
+    for item in items:
+        with Image.open(item["image"]) as image:
+            seen = _perceive(image)
+        assert len(seen["shapes"]) == 1
+        assert item["answer"] == _answer_from_pixels(item["question"], seen)
+    for record in json.loads((tmp_path / "d" / "instruct" / "instruct.json").read_text()):
+        with Image.open(tmp_path / "d" / "instruct" / record["images"][0]) as image:
+            assert len(_perceive(image)["shapes"]) == 1
+        questions = [m["content"] for m in record["messages"][::2]]
+        assert "How many shapes are there?" not in "".join(questions)
     with pytest.raises(ValueError, match="scene space"):
-        sd.generate_shapes_dataset(tmp_path / "full", n_caption=30, n_instruct=30, n_eval=61)
+        sd.generate_shapes_dataset(
+            tmp_path / "full", n_caption=30, n_instruct=30, n_eval=61, max_shapes=1
+        )
+    with pytest.raises(ValueError, match="max_shapes"):
+        sd.generate_shapes_dataset(tmp_path / "none", max_shapes=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

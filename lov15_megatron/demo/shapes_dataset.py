@@ -1,9 +1,10 @@
 """A procedurally generated vision-language data set that a tiny VLM can learn on CPU in minutes.
 
-Every image is a plain background with 1–3 shapes (circle, square, triangle) of distinct
-colours at distinct coarse positions (top, left, center, right, bottom), drawn with PIL without
-anti-aliasing at one of four small native sizes whose sides are multiples of 28 (4–12 LM image
-tokens with patch 14 and a 2×2 merge). The text is regular and tiny-vocabulary:
+Every image is a plain background with 1–3 shapes (circle, square, triangle; at most
+``max_shapes``) of distinct colours at distinct coarse positions (top, left, center, right,
+bottom), drawn with PIL without anti-aliasing at one of four small native sizes whose sides are
+multiples of 28 (4–12 LM image tokens with patch 14 and a 2×2 merge). The text is regular and
+tiny-vocabulary:
 
 - ``caption`` (stages 1 / 1.5): ``"two shapes: a red circle on the left and a blue square at the
   top, white background"``, in two raw layouts the packer reads: LLaVA JSON with an image folder
@@ -147,26 +148,35 @@ def _ask_background(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return "What colour is the background?", scene.background
 
 
-#: The question types of ``instruct`` and ``eval``; answers are one lower-case word.
-QUESTION_TYPES: dict[str, QuestionType] = {
-    q.name: q
-    for q in (
-        QuestionType(
-            "count",
-            "How many shapes are there?",
-            tuple(str(n) for n in range(1, MAX_SHAPES + 1)),
-            _ask_count,
-        ),
-        QuestionType(
-            "shape", "What shape is {on the left|at the top|in the center|…}?", SHAPES, _ask_shape
-        ),
-        QuestionType("colour", "What colour is the {shape}?", tuple(COLOURS), _ask_colour),
-        QuestionType("position", "Where is the {shape}?", POSITIONS, _ask_position),
-        QuestionType(
-            "background", "What colour is the background?", tuple(BACKGROUNDS), _ask_background
-        ),
+def question_types(max_shapes: int = MAX_SHAPES) -> dict[str, QuestionType]:
+    """The question types of ``instruct`` and ``eval`` for scenes of 1..``max_shapes`` shapes.
+
+    Answers are one lower-case word. With one shape per image there is no count question (its
+    answer would always be "1").
+    """
+    count = QuestionType(
+        "count",
+        "How many shapes are there?",
+        tuple(str(n) for n in range(1, max_shapes + 1)),
+        _ask_count,
     )
-}
+    return {
+        q.name: q for q in (count, *_IMAGE_QUESTION_TYPES) if q.name != "count" or max_shapes > 1
+    }
+
+
+_IMAGE_QUESTION_TYPES: tuple[QuestionType, ...] = (
+    QuestionType(
+        "shape", "What shape is {on the left|at the top|in the center|…}?", SHAPES, _ask_shape
+    ),
+    QuestionType("colour", "What colour is the {shape}?", tuple(COLOURS), _ask_colour),
+    QuestionType("position", "Where is the {shape}?", POSITIONS, _ask_position),
+    QuestionType(
+        "background", "What colour is the background?", tuple(BACKGROUNDS), _ask_background
+    ),
+)
+#: The question types of the default scenes (1..MAX_SHAPES shapes).
+QUESTION_TYPES: dict[str, QuestionType] = question_types()
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -216,9 +226,11 @@ def caption_of(scene: Scene) -> str:
     return f"{listed}, {scene.background} background"
 
 
-def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
-    """A uniformly drawn scene: distinct shape types, colours and positions."""
-    count = num_shapes if num_shapes is not None else rng.randint(1, MAX_SHAPES)
+def random_scene(
+    rng: random.Random, num_shapes: int | None = None, max_shapes: int = MAX_SHAPES
+) -> Scene:
+    """A uniformly drawn scene of 1..``max_shapes`` distinct shape types, colours, positions."""
+    count = num_shapes if num_shapes is not None else rng.randint(1, max_shapes)
     width, height = rng.choice(IMAGE_SIZES)
     background = rng.choice(tuple(BACKGROUNDS))
     shapes = rng.sample(SHAPES, count)
@@ -231,13 +243,13 @@ def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
     return Scene(width, height, background, tuple(specs))
 
 
-def scene_space_size() -> int:
-    """Number of distinct scenes (sizes × backgrounds × shape sets)."""
+def scene_space_size(max_shapes: int = MAX_SHAPES) -> int:
+    """Number of distinct scenes of 1..``max_shapes`` shapes (sizes × backgrounds × shape sets)."""
     from math import comb, perm
 
     per_layout = sum(
         comb(len(SHAPES), n) * perm(len(COLOURS), n) * perm(len(POSITIONS), n)
-        for n in range(1, MAX_SHAPES + 1)
+        for n in range(1, max_shapes + 1)
     )
     return len(IMAGE_SIZES) * len(BACKGROUNDS) * per_layout
 
@@ -258,11 +270,15 @@ class _Image:
 
 
 def _make_images(
-    rng: random.Random, prefix: str, count: int, avoid: set[Scene] | None = None
+    rng: random.Random,
+    prefix: str,
+    count: int,
+    max_shapes: int,
+    avoid: set[Scene] | None = None,
 ) -> list[_Image]:
     images = []
     for index in range(count):
-        scene = random_scene(rng)
+        scene = random_scene(rng, max_shapes=max_shapes)
         if avoid is not None:
             attempts = 0
             while scene in avoid:
@@ -270,7 +286,7 @@ def _make_images(
                 if attempts > 10_000:
                     raise ValueError(
                         "cannot draw held-out scenes: the training sets cover the scene space "
-                        f"({scene_space_size()} scenes); use fewer training samples"
+                        f"({scene_space_size(max_shapes)} scenes); use fewer training samples"
                     )
                 scene = random_scene(rng, len(scene.shapes))
             avoid.add(scene)
@@ -300,12 +316,12 @@ def _write_images(root: Path, images: Sequence[_Image]) -> None:
         _write(root / image.name, image.data)
 
 
-def _caption_split(root: Path, rng: random.Random, count: int) -> dict[str, Any]:
+def _caption_split(root: Path, rng: random.Random, count: int, max_shapes: int) -> dict[str, Any]:
     """Half LLaVA JSON (stage-1 style, with a prompt), half parquet (mid-training style)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = _make_images(rng, "c", count)
+    images = _make_images(rng, "c", count, max_shapes)
     n_llava = (count + 1) // 2
     llava = [
         {
@@ -350,13 +366,14 @@ def _caption_split(root: Path, rng: random.Random, count: int) -> dict[str, Any]
     }
 
 
-def _instruct_split(root: Path, rng: random.Random, count: int) -> dict[str, Any]:
+def _instruct_split(root: Path, rng: random.Random, count: int, max_shapes: int) -> dict[str, Any]:
     """'messages/images' JSON; 2–4 one-word QA turns of distinct types per image."""
-    images = _make_images(rng, "i", count)
+    images = _make_images(rng, "i", count, max_shapes)
+    types = tuple(question_types(max_shapes))
     records = []
     turns = Counter[str]()
     for index, image in enumerate(images):
-        kinds = rng.sample(tuple(QUESTION_TYPES), rng.randint(2, 4))
+        kinds = rng.sample(types, rng.randint(2, min(4, len(types))))
         messages = []
         for turn, kind in enumerate(kinds):
             question, answer = ask(image.scene, kind, rng)
@@ -379,10 +396,13 @@ def _instruct_split(root: Path, rng: random.Random, count: int) -> dict[str, Any
     }
 
 
-def _eval_split(root: Path, rng: random.Random, count: int, seen: set[Scene]) -> dict[str, Any]:
+def _eval_split(
+    root: Path, rng: random.Random, count: int, max_shapes: int, seen: set[Scene]
+) -> dict[str, Any]:
     """One question per held-out image, question types in rotation."""
-    images = _make_images(rng, "e", count, avoid=seen)
-    kinds = tuple(QUESTION_TYPES)
+    images = _make_images(rng, "e", count, max_shapes, avoid=seen)
+    types = question_types(max_shapes)
+    kinds = tuple(types)
     lines = []
     per_type = Counter[str]()
     answers: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
@@ -397,13 +417,13 @@ def _eval_split(root: Path, rng: random.Random, count: int, seen: set[Scene]) ->
             "question": question,
             "answer": answer,
             "type": kind,
-            "chance": round(QUESTION_TYPES[kind].chance, 6),
+            "chance": round(types[kind].chance, 6),
             "scene": image.scene.to_json(),
         }
         lines.append(json.dumps(record, ensure_ascii=False))
     _write_images(root, images)
     _write(root / "eval.jsonl", "\n".join(lines) + ("\n" if lines else ""))
-    chance = sum(QUESTION_TYPES[kinds[i % len(kinds)]].chance for i in range(count))
+    chance = sum(types[kinds[i % len(kinds)]].chance for i in range(count))
     majority = sum(counter.most_common(1)[0][1] for counter in answers.values() if counter)
     return {
         "path": "eval/eval.jsonl",
@@ -414,14 +434,15 @@ def _eval_split(root: Path, rng: random.Random, count: int, seen: set[Scene]) ->
     }
 
 
-def _metadata(seed: int, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _metadata(seed: int, max_shapes: int, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": "lov15-shapes",
         "format_version": FORMAT_VERSION,
         "seed": seed,
+        "max_shapes": max_shapes,
         "image_sizes": [f"{w}x{h}" for w, h in IMAGE_SIZES],
         "image_tokens": {f"{w}x{h}": (w // 28) * (h // 28) for w, h in IMAGE_SIZES},
-        "scene_space": scene_space_size(),
+        "scene_space": scene_space_size(max_shapes),
         "caption_prompt": CAPTION_PROMPT,
         "question_types": {
             q.name: {
@@ -429,7 +450,7 @@ def _metadata(seed: int, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "answers": list(q.answers),
                 "chance": round(q.chance, 6),
             }
-            for q in QUESTION_TYPES.values()
+            for q in question_types(max_shapes).values()
         },
         "splits": splits,
     }
@@ -446,6 +467,7 @@ def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "root": str(root),
         "metadata": str(root / METADATA_NAME),
         "seed": meta["seed"],
+        "max_shapes": meta["max_shapes"],
         "caption": {
             "sources": [str(root / p) for p in splits["caption"]["sources"]],
             "count": splits["caption"]["samples"],
@@ -475,6 +497,7 @@ def generate_shapes_dataset(
     n_instruct: int = 600,
     n_eval: int = 60,
     overwrite: bool = False,
+    max_shapes: int = MAX_SHAPES,
 ) -> dict[str, Any]:
     """Generate the data set into ``out_dir`` (atomically: a temp folder renamed at the end).
 
@@ -489,12 +512,15 @@ def generate_shapes_dataset(
     Returns a summary: ``root``, ``metadata``, ``seed``, ``caption``/``instruct`` (``sources``:
     absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``), ``eval``
     (``path``, ``count``, ``chance_accuracy``, ``majority_answer_accuracy``), ``chance`` (per
-    question type) and ``bytes``. Raises :class:`FileExistsError` if ``out_dir`` exists and
-    ``overwrite`` is false.
+    question type) and ``bytes``. Every image has 1..``max_shapes`` shapes (at most
+    :data:`MAX_SHAPES`). Raises :class:`FileExistsError` if ``out_dir`` exists and ``overwrite``
+    is false.
     """
     if n_caption < 2 or n_instruct < 1 or n_eval < 0:
         # Two caption samples at least: one per layout (LLaVA JSON and parquet).
         raise ValueError("need n_caption >= 2, n_instruct >= 1 and n_eval >= 0")
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"need 1 <= max_shapes <= {MAX_SHAPES}, got {max_shapes}")
     root = Path(out_dir).expanduser().resolve()
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True / --overwrite to replace it)")
@@ -502,14 +528,17 @@ def generate_shapes_dataset(
     temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
     try:
         caption = _caption_split(
-            temp / "caption", random.Random(f"shapes-{seed}-caption"), n_caption
+            temp / "caption", random.Random(f"shapes-{seed}-caption"), n_caption, max_shapes
         )
         instruct = _instruct_split(
-            temp / "instruct", random.Random(f"shapes-{seed}-instruct"), n_instruct
+            temp / "instruct", random.Random(f"shapes-{seed}-instruct"), n_instruct, max_shapes
         )
         seen = set(caption.pop("scenes")) | set(instruct.pop("scenes"))
-        evaluation = _eval_split(temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, seen)
-        meta = _metadata(seed, {"caption": caption, "instruct": instruct, "eval": evaluation})
+        evaluation = _eval_split(
+            temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, max_shapes, seen
+        )
+        splits = {"caption": caption, "instruct": instruct, "eval": evaluation}
+        meta = _metadata(seed, max_shapes, splits)
         _write(temp / METADATA_NAME, _dump(meta))
         os.chmod(temp, 0o755)  # mkdtemp makes it 0700
         if root.exists():
