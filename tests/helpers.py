@@ -37,6 +37,21 @@ def ok(*args: str) -> str:
     return out.stdout
 
 
+def verify_layouts(
+    model: str, hf: Path, mc: Path, layouts: list[tuple[int, ...]]
+) -> dict[tuple[int, ...], dict]:
+    """``verify --layouts`` through the CLI (one launch of ranks for all): each layout's JSON
+    line, keyed by the layout as given ((tp, pp) or (tp, pp, ep))."""
+    import json
+
+    spelled = ["x".join(map(str, layout)) for layout in layouts]
+    out = ok("verify", "--model", model, "--hf-dir", str(hf), "--load-dir", str(mc),
+             "--layouts", *spelled)  # fmt: skip
+    lines = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == len(layouts), out
+    return dict(zip(layouts, lines, strict=True))
+
+
 # --------------------------------------------------------------------------------------------
 # Packed vision-language micro-batches in the task encoder's layout
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, ok, read_safetensors
+from helpers import cli, ok, read_safetensors, verify_layouts
 from tolerances import assert_close_fp32, within_fp32
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -58,10 +58,21 @@ def _verify(hf: Path, mc: Path, tp: int, pp: int, *extra: str) -> dict:
     return json.loads(line)
 
 
-@pytest.mark.parametrize("name,tp,pp", [("untied", 1, 1), ("untied", 1, 2), ("untied", 2, 2)])
-def test_logit_parity_with_transformers(converted, name, tp, pp):
+VERIFY_LAYOUTS = [(1, 1), (1, 2), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def verified(converted):
+    """``verify`` of the untied model at every layout in one launch of ranks."""
     _, models = converted
-    result = _verify(*models[name], tp, pp)
+    return {"untied": verify_layouts("qwen3", *models["untied"], VERIFY_LAYOUTS)}
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("name,tp,pp", [("untied", tp, pp) for tp, pp in VERIFY_LAYOUTS])
+def test_logit_parity_with_transformers(verified, name, tp, pp):
+    result = verified[name][tp, pp]
+    assert (result["tp"], result["pp"]) == (tp, pp)
     assert result["shape"] == [2, 16, 250]
     assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], REDUCTION_LEN), result
     assert result["top1_agreement"] == 1.0, result
@@ -82,6 +93,7 @@ def test_verify_tied_tp2_with_user_inputs_and_dump(converted, tmp_path):
     assert result["top1_agreement"] == 1.0
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["untied", "tied"])
 def test_round_trip_is_bit_exact(converted, name, tmp_path):
     _, models = converted
@@ -137,7 +149,7 @@ def _conversion_errors(cases: dict[str, tuple[str, str]]) -> dict[str, str]:
     return errors
 
 
-def test_bad_inputs_are_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     from lov15_megatron.runtime.launch import run_ranks
@@ -205,3 +217,17 @@ def test_bad_inputs_are_named(tmp_path):
     err = _fails("verify", "--model", "qwen3", "--hf-dir", str(tmp_path / "truncated"),
                  "--load-dir", str(tmp_path / "mc"))  # fmt: skip
     assert "not a readable safetensors file" in err
+    # --layouts: a bad spelling, and --dump-logits with several layouts (in process: main)
+    from lov15_megatron.convert.cli import main
+
+    verify = ["verify", "--model", "qwen3", "--hf-dir", str(hf), "--load-dir", str(tmp_path / "mc")]
+    capsys.readouterr()  # what came before (progress bars)
+    for extra, message in [
+        (["--layouts", "2x1", "2by1"], "--layouts: layout '2by1': expected TPxPP or TPxPPxEP"),
+        (["--layouts", "1x1", "2x1", "--dump-logits", str(tmp_path / "l.pt")],
+         "--dump-logits takes one layout, got 2"),
+    ]:  # fmt: skip
+        assert main([*verify, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "l.pt").exists()

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGE_PAD, VISION_END, VISION_START, cli, make_hf_vlm, ok, read_safetensors
+from helpers import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    cli,
+    make_hf_vlm,
+    ok,
+    read_safetensors,
+    verify_layouts,
+)
 from tolerances import within_fp32
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -66,9 +75,18 @@ def _verify(model: str, hf: Path, mc: Path, tp: int, pp: int, ep: int) -> dict:
 
 
 # TP 2 × EP 2 (expert TP 1) runs on 2 ranks; PP 2 on 2 ranks (TP 1 × PP 1: docs/conversion.md)
-@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 2), (1, 2, 1)])
-def test_logit_parity_with_transformers(converted, tp, pp, ep):
-    result = _verify("qwen3-moe", *converted, tp, pp, ep)
+VERIFY_LAYOUTS = [(2, 1, 2), (1, 2, 1)]
+
+
+@pytest.fixture(scope="module")
+def verified(converted):
+    """``verify`` at both layouts in one launch of ranks."""
+    return verify_layouts("qwen3-moe", *converted, VERIFY_LAYOUTS)
+
+
+@pytest.mark.parametrize("tp,pp,ep", VERIFY_LAYOUTS)
+def test_logit_parity_with_transformers(verified, tp, pp, ep):
+    result = verified[tp, pp, ep]
     assert result["shape"] == [2, 16, 250] and (result["tp"], result["pp"], result["ep"]) == (
         tp, pp, ep)  # fmt: skip
     assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], LM_REDUCTION_LEN), result

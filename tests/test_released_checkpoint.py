@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ok, read_safetensors
+from helpers import ok, read_safetensors, verify_layouts
 from safetensors.torch import save_file
 from tolerances import within_fp32
 
@@ -225,12 +225,6 @@ def moe(tmp_path_factory):
     return _convert(tmp_path_factory.mktemp("released_moe"), experts=True)
 
 
-def _verify(hf: Path, mc: Path, tp: int, pp: int) -> dict:
-    out = ok("verify", "--model", "llava-ov-1.5", "--hf-dir", str(hf), "--load-dir", str(mc),
-             "--tp", str(tp), "--pp", str(pp))  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def test_released_config_reads_as_qwen3_with_text_vocab(dense):
     _, mc, _ = dense
     model = json.loads((mc / "lov15_model.json").read_text())["model_config"]
@@ -242,10 +236,20 @@ def test_released_config_reads_as_qwen3_with_text_vocab(dense):
     assert vision["hidden_size"] == VISION["width"]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_verify_logit_parity(dense, tp, pp):
+VERIFY_LAYOUTS = [(2, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def verified(dense):
+    """``verify`` at both layouts in one launch of ranks."""
     hf, mc, _ = dense
-    result = _verify(hf, mc, tp, pp)
+    return verify_layouts("llava-ov-1.5", hf, mc, VERIFY_LAYOUTS)
+
+
+@pytest.mark.parametrize("tp,pp", VERIFY_LAYOUTS)
+def test_verify_logit_parity(verified, tp, pp):
+    result = verified[tp, pp]
+    assert (result["tp"], result["pp"]) == (tp, pp)
     assert result["shape"][-1] == TEXT_VOCAB
     assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], REDUCTION_LEN), result
     assert result["top1_agreement"] == 1.0, result

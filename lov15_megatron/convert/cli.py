@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE; expert TP 1)")
+    c.add_argument("--layouts", nargs="+", metavar="TPxPP[xEP]",
+                   help="several layouts in one launch (instead of --tp/--pp/--ep): one JSON "
+                   "line each")  # fmt: skip
     c.add_argument("--inputs", help="torch file with a dict holding input_ids [batch, seq]")
     c.add_argument("--dump-logits", help="write the Megatron logits (HF vocab) to this file")
     return p
@@ -89,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
             get_converter(args.model)  # raises: the unknown name and the registered ones
         if args.command == "verify":
-            from lov15_megatron.convert.verify import verify
+            from lov15_megatron.convert.verify import parse_layout, verify_layouts
 
-            result = verify(args.model, args.hf_dir, args.load_dir, args.tp, args.pp,
-                            args.inputs, args.dump_logits, args.ep)  # fmt: skip
-            print(json.dumps(result))
+            try:
+                layouts = [parse_layout(text) for text in args.layouts or []]
+            except ValueError as e:
+                raise ConfigError(f"--layouts: {e}") from None
+            for result in verify_layouts(args.model, args.hf_dir, args.load_dir,
+                                         layouts or [(args.tp, args.pp, args.ep)], args.inputs,
+                                         args.dump_logits):  # fmt: skip
+                print(json.dumps(result))
             return 0
         from lov15_megatron.convert import core
         from lov15_megatron.convert.registry import get_converter

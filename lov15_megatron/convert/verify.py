@@ -24,11 +24,15 @@ def _forward_step(data_iterator, model):
     return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach()})
 
 
-def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, ep: int, inputs: dict):
+def megatron_logits(
+    model_name: str, load_dir: str, tp: int, pp: int, ep: int, inputs: dict, world: int = 0
+):
     """Runs in each rank: load the checkpoint at TP×PP×EP; return full-vocab logits (or None).
 
     Under expert parallelism the data-parallel ranks all run the same inputs (their tokens
-    still travel to the experts of other ranks through the all-to-all dispatcher).
+    still travel to the experts of other ranks through the all-to-all dispatcher); so do the
+    data-parallel replicas of a layout run in a larger launch (``world`` ranks; 0: the layout's
+    own :func:`world_size`).
 
     ``inputs`` holds ``input_ids`` and, for the VLM, ``pixel_values`` and ``image_grid_thw``.
     """
@@ -47,7 +51,7 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, ep: int, i
     input_ids = inputs["input_ids"]
     batch, seq = input_ids.shape
     raw["data"]["seq_length"] = seq
-    dp = world_size(tp, pp, ep) // (tp * pp)
+    dp = (world or world_size(tp, pp, ep)) // (tp * pp)
     raw["train"].update(micro_batch_size=batch, global_batch_size=batch * dp)
     raw["runtime"]["device"] = "auto"
     cfg = config_from_dict(raw)
@@ -77,6 +81,25 @@ def megatron_logits(model_name: str, load_dir: str, tp: int, pp: int, ep: int, i
     return logits[..., : cfg.model.language.vocab_size].float().cpu()
 
 
+Layout = tuple[int, int, int]  # (tp, pp, ep)
+
+
+def layouts_logits(
+    model_name: str, load_dir: str, layouts: list[Layout], inputs: dict, world: int
+) -> list:
+    """Runs in each rank: :func:`megatron_logits` for each layout, one after the other."""
+    return [megatron_logits(model_name, load_dir, *layout, inputs, world) for layout in layouts]
+
+
+def parse_layout(text: str) -> Layout:
+    """``TPxPP`` or ``TPxPPxEP`` (e.g. ``2x1``, ``2x1x2``) -> (tp, pp, ep)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"layout {text!r}: expected TPxPP or TPxPPxEP with positive integers")
+    tp, pp, *ep = map(int, parts)
+    return tp, pp, ep[0] if ep else 1
+
+
 def world_size(tp: int, pp: int, ep: int) -> int:
     """Ranks for a TP×PP×EP check: EP (expert TP 1) is carved out of TP × DP."""
     return tp * pp * (ep // math.gcd(ep, tp))
@@ -102,28 +125,56 @@ def verify(
     ep: int = 1,
 ) -> dict:
     """Run both models on the same inputs; returns the metrics (and dumps logits if asked)."""
-    from lov15_megatron.config import validate_world_size
+    (result,) = verify_layouts(model_name, hf_dir, load_dir, [(tp, pp, ep)], inputs, dump_logits)
+    return result
+
+
+def verify_layouts(
+    model_name: str,
+    hf_dir: str | os.PathLike,
+    load_dir: str | os.PathLike,
+    layouts: list[Layout],
+    inputs: str | os.PathLike | None = None,
+    dump_logits: str | os.PathLike | None = None,
+) -> list[dict]:
+    """:func:`verify` at several (tp, pp, ep) layouts in one launch of ranks (as many as the
+    largest layout needs; a smaller layout runs data-parallel replicas) and one HF forward.
+    One metrics dict per layout, in order; ``dump_logits`` takes a single layout."""
+    from lov15_megatron.config import ConfigError, validate_world_size
     from lov15_megatron.convert.core import run_config_of_checkpoint
     from lov15_megatron.convert.hf_io import HFCheckpointReader
     from lov15_megatron.convert.registry import get_converter
     from lov15_megatron.runtime.launch import run_ranks
 
+    if not layouts:
+        raise ConfigError("verify: no layout given")
+    if dump_logits and len(layouts) > 1:
+        raise ConfigError(f"verify: --dump-logits takes one layout, got {len(layouts)}")
     converter = get_converter(model_name)
     HFCheckpointReader(hf_dir)  # a missing or unreadable HF directory is named here
-    # The layout must fit the model (heads, layers) before any rank starts: a ConfigError.
-    world = world_size(tp, pp, ep)
-    validate_world_size(run_config_of_checkpoint(load_dir, tp, pp, ep), world)
+    # Each layout must fit the model (heads, layers) before any rank starts: a ConfigError.
+    world = max(world_size(*layout) for layout in layouts)
+    for tp, pp, ep in layouts:
+        validate_world_size(run_config_of_checkpoint(load_dir, tp, pp, ep), world_size(tp, pp, ep))
+        if world % world_size(tp, pp, ep):
+            raise ConfigError(
+                f"verify: layout {tp}x{pp}x{ep} needs {world_size(tp, pp, ep)} ranks, which do "
+                f"not divide the {world} ranks of the largest layout; verify it separately"
+            )
     cfg = run_config_of_checkpoint(load_dir)
     data = torch.load(inputs) if inputs else converter.default_inputs(cfg)
-    results = run_ranks(world, megatron_logits, model_name, str(load_dir), tp, pp, ep, data)
-    mcore = next(r for r in results if r is not None)
+    per_rank = run_ranks(world, layouts_logits, model_name, str(load_dir), layouts, data, world)
     hf_model = converter.hf_model_class().from_pretrained(str(hf_dir), dtype=torch.float32)
     hf_model.eval()
     with torch.no_grad():
         hf = hf_model(**data).logits.float()
-    if dump_logits:
-        Path(dump_logits).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(mcore, dump_logits)
-    metrics = compare(mcore, hf)
-    layout = {"tp": tp, "pp": pp, "ep": ep}
-    return {"model": model_name, **layout, "shape": list(mcore.shape), **metrics}
+    results = []
+    for i, (tp, pp, ep) in enumerate(layouts):
+        mcore = next(r[i] for r in per_rank if r[i] is not None)
+        if dump_logits:
+            Path(dump_logits).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(mcore, dump_logits)
+        metrics = compare(mcore, hf)
+        layout = {"tp": tp, "pp": pp, "ep": ep}
+        results.append({"model": model_name, **layout, "shape": list(mcore.shape), **metrics})
+    return results
