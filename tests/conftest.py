@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,33 @@ def isolated_hf_modules(tmp_path, monkeypatch):
     ]:
         monkeypatch.delitem(sys.modules, name)
     return cache
+
+
+def _convert_in_rank(model: str, hf_dir: str, save_dir: str) -> str:
+    """Runs in one rank: ``hf-to-mcore`` as the CLI does it, without the CLI's own process."""
+    from lov15_megatron.convert import core
+    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.runtime import distributed
+
+    distributed.initialize(core.converter_runtime_config())
+    try:
+        return core.hf_to_mcore(get_converter(model), hf_dir, save_dir).line()
+    finally:
+        distributed.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny random LLaVA-OV-1.5 (``helpers.make_hf_vlm``, seed 0) and its Megatron
+    checkpoint, built once per session; ``(hf_dir, mcore_dir)``, read-only for tests (copy
+    before writing). The CLI's own ``hf-to-mcore`` is tested in test_convert_qwen3.py and
+    test_released_checkpoint.py."""
+    from helpers import make_hf_vlm
+
+    from lov15_megatron.runtime.launch import run_ranks
+
+    root = tmp_path_factory.mktemp("tiny_vlm")
+    make_hf_vlm(root / "hf")
+    (line,) = run_ranks(1, _convert_in_rank, "llava-ov-1.5", str(root / "hf"), str(root / "mcore"))
+    assert "hf-to-mcore: wrote" in line, line
+    return root / "hf", root / "mcore"

@@ -1,11 +1,12 @@
 """LLaVA-OneVision-1.5 on Megatron-Core, checked against the independent HF-side model.
 
-* Conversion through the real CLI: HF → Megatron, logits equal the HF model (three images of
-  different sizes plus text; fp32, max abs diff < 1e-4) at TP=1, TP=2 and PP=2; Megatron → HF is
-  bit-exact; the export loads with ``trust_remote_code`` and ``generate()`` runs.
+* The session's tiny VLM (conftest ``tiny_vlm``, converted once) through the real CLI: logits
+  equal the HF model (three images of different sizes plus text; fp32, max abs diff < 1e-4) at
+  TP=1, TP=2 and PP=2 (one ``verify --layouts`` launch); Megatron → HF is bit-exact; the export
+  loads with ``trust_remote_code`` and ``generate()`` runs.
 * Inside ranks: packed rows (several sub-samples, micro-batch 2) give the same per-token logits
-  and losses as each sub-sample alone; TP=2 / PP=2 training steps reproduce the single-rank
-  losses and grad norms; frozen groups stay bit-identical; bad inputs raise clear errors.
+  and losses as each sub-sample alone; frozen groups stay bit-identical; bad inputs raise clear
+  errors; image packs train at DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py).
 * Text-only packs (a whole step without images, DP ranks / micro-batches / CP ranks without
   images) train at DP=2 (both optimizers), PP=2 and CP=2 as on one rank, and give every tower
   parameter a zero gradient, also straight from the real task encoder.
@@ -13,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -22,10 +22,10 @@ from helpers import (
     IMAGE_PAD,
     VISION_END,
     VISION_START,
-    make_hf_vlm,
     ok,
     pack_rows,
     read_safetensors,
+    verify_layouts,
     vlm_sample,
 )
 from tolerances import (
@@ -39,20 +39,23 @@ LOGIT_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm")
-    make_hf_vlm(root / "hf")
-    ok("hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(root / "hf"),
-       "--save-dir", str(root / "mcore"))  # fmt: skip
-    return root / "hf", root / "mcore"
+def converted(tiny_vlm):
+    return tiny_vlm
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_logit_parity_with_hf_model(converted, tp, pp):
-    hf_dir, mc_dir = converted
-    line = ok("verify", "--model", "llava-ov-1.5", "--hf-dir", str(hf_dir), "--load-dir",
-              str(mc_dir), "--tp", str(tp), "--pp", str(pp)).strip().splitlines()[-1]  # fmt: skip
-    result = json.loads(line)
+VERIFY_LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def verified(converted):
+    """``verify`` at every layout in one launch of ranks."""
+    return verify_layouts("llava-ov-1.5", *converted, VERIFY_LAYOUTS)
+
+
+@pytest.mark.parametrize("tp,pp", VERIFY_LAYOUTS)
+def test_logit_parity_with_hf_model(verified, tp, pp):
+    result = verified[tp, pp]
+    assert (result["tp"], result["pp"]) == (tp, pp)
     assert result["shape"][-1] == 151936
     assert result["max_abs_diff"] < LOGIT_TOL, result
     assert result["top1_agreement"] == 1.0, result
@@ -213,11 +216,43 @@ def packed_checks(load_dir: str) -> dict:
     return out
 
 
-def test_packing_micro_batch_errors_and_freezing(converted):
+def single_rank_checks(load_dir: str) -> dict:
+    """The module's one single-rank launch: the packing checks, then the references of the
+    parallel runs (image packs; the text-only checks and runs)."""
+    return {
+        "packed": packed_checks(load_dir),
+        "images": train_runs(load_dir, {"single": []})["single"],
+        **text_only_reference(load_dir, TEXT_ONLY_REFERENCES),
+    }
+
+
+def two_rank_runs(load_dir: str) -> dict:
+    """The module's one two-rank launch: image packs, then text-only and mixed packs."""
+    return {
+        "images": train_runs(load_dir, IMAGE_LAYOUTS),
+        "mixed": train_runs(load_dir, TEXT_ONLY_LAYOUTS, "mixed"),
+    }
+
+
+@pytest.fixture(scope="module")
+def single_rank(converted) -> dict:
     from lov15_megatron.runtime.launch import run_ranks
 
     _, mc_dir = converted
-    (out,) = run_ranks(1, packed_checks, str(mc_dir))
+    (out,) = run_ranks(1, single_rank_checks, str(mc_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(converted) -> list[dict]:
+    from lov15_megatron.runtime.launch import run_ranks
+
+    _, mc_dir = converted
+    return run_ranks(2, two_rank_runs, str(mc_dir))
+
+
+def test_packing_micro_batch_errors_and_freezing(single_rank):
+    out = single_rank["packed"]
     assert out["subsamples_checked"] == 7
     assert out["logit_diff"] < 1e-4 and out["loss_diff"] < 1e-4, out
     assert out["picked_loss_diff"] < 1e-5 and out["picked_grad_rel"] < 1e-5, out
@@ -233,11 +268,9 @@ STEPS = 4
 # Longest reduction of a training step (docs/tolerances.md): the Qwen vocabulary's cross entropy,
 # which counts as log_sum_exp_len(151936) = 1068 terms (more than the 256 tokens of a step).
 TRAIN_LEN = log_sum_exp_len(151936)
-LAYOUTS = {
-    "tp2": ["parallel.tensor_model_parallel_size=2"],
-    "pp2": ["parallel.pipeline_model_parallel_size=2"],
-    "dp2": [],
-}
+# Image packs at DP 2; at TP 2, PP 2 and CP 2 they are test_training.py's question (real shards,
+# whose data order depends on the DP size: that is why DP is asked here, on fixed batches).
+IMAGE_LAYOUTS: dict[str, list[str]] = {"dp2": []}
 
 
 def _train_batches(dp_rank: int, per_rank: int):
@@ -258,7 +291,7 @@ IMAGE_ROWS = [(), (0, 1), (2,), (0, 3)]
 
 def _mixed_batches(dp_rank: int, per_rank: int):
     """Text-only packs, alone and mixed with packs that hold an image, DP rank r taking rows
-    [r·per_rank, …) of each step as in ``_train_batches``."""
+    [r·per_rank, …) of each step."""
     for step in range(STEPS):
         for j in range(per_rank):
             i = dp_rank * per_rank + j
@@ -300,13 +333,9 @@ def train_runs(
     return results
 
 
-def test_parallel_training_matches_single_rank(converted):
-    from lov15_megatron.runtime.launch import run_ranks
-
-    _, mc_dir = converted
-    (reference,) = run_ranks(1, train_runs, str(mc_dir), {"single": []})
-    reference = reference["single"]
-    per_rank = run_ranks(2, train_runs, str(mc_dir), LAYOUTS)
+def test_parallel_training_matches_single_rank(single_rank, two_ranks):
+    reference = single_rank["images"]
+    per_rank = [ranks["images"] for ranks in two_ranks]
     assert per_rank[0] == per_rank[1]
     assert all(math.isfinite(loss) for loss, _ in reference)
     for name, got in per_rank[0].items():
@@ -393,13 +422,10 @@ TEXT_ONLY_LAYOUTS = {
 }
 
 
-def test_text_only_and_mixed_packs_match_single_rank(converted):
+def test_text_only_and_mixed_packs_match_single_rank(single_rank, two_ranks):
     """Packs without any image, alone (a whole step) and mixed with image packs so that some DP
     ranks, micro-batches and CP ranks see no image, train at every layout as on one rank."""
-    from lov15_megatron.runtime.launch import run_ranks
-
-    _, mc_dir = converted
-    (single,) = run_ranks(1, text_only_reference, str(mc_dir), TEXT_ONLY_REFERENCES)
+    single = single_rank
     pack = single["pack"]
     assert pack["pixel_values"] == (0, 588) and pack["image_grid_thw"] == (0, 3), pack
     assert pack["input_ids"][0] == 2 and pack["segments"] == 4, pack  # 3 samples + 1 tail
@@ -413,7 +439,7 @@ def test_text_only_and_mixed_packs_match_single_rank(converted):
     # Step 0 holds no image anywhere: the towers' gradient is exactly zero; the others have one.
     assert runs["towers"][0][1] == 0.0 and all(norm > 0 for _, norm in runs["towers"][1:]), runs
 
-    per_rank = run_ranks(2, train_runs, str(mc_dir), TEXT_ONLY_LAYOUTS, "mixed")
+    per_rank = [ranks["mixed"] for ranks in two_ranks]
     assert per_rank[0] == per_rank[1]
     for name, got in per_rank[0].items():
         ref = runs["towers" if name.endswith("_towers") else "all"]
