@@ -29,7 +29,18 @@ def test_quickstart_small_pipeline(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "[7/7] summary" in run.stdout and "accuracy" in run.stdout
+    # A finished-looking run: nothing on stderr (no library warnings, no progress bars) and the
+    # console shows each stage's progress (its last step at least), not only the log files.
+    assert run.stderr == "", run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    for stage in summary["stages"]:
+        last = stage["last_iteration"]
+        progress = [
+            line
+            for line in run.stdout.splitlines()
+            if line.strip().startswith(f"iter {last}/{last} loss=")
+        ]
+        assert len(progress) == 1 and "grad_norm=" in progress[0] and "tokens/s=" in progress[0]
 
     assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage1_5", "stage2"]
     for stage in summary["stages"]:
@@ -48,6 +59,10 @@ def test_quickstart_small_pipeline(tmp_path):
     answers = summary["answers"]
     assert len(answers) == 60 and all(a["predicted"] for a in answers)
     assert summary["accuracy"] > summary["chance_accuracy"], summary["accuracy_per_type"]
+    assert f"against always-majority {summary['majority_answer_accuracy']:.2f}" in run.stdout
+    for name, entry in summary["accuracy_per_type"].items():  # the blind baseline, per type
+        asked = [a["answer"] for a in answers if a["type"] == name]
+        assert entry["majority"] == max(map(asked.count, asked)) / len(asked)
     background = [a for a in answers if a["type"] == "background"]
     assert len({a["answer"] for a in background}) == 3  # white, gray and black all asked
     assert sum(a["correct"] for a in background) >= 0.8 * len(background), background

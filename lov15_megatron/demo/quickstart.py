@@ -11,11 +11,14 @@ process, each found through the installed package):
 3. pack the caption and instruct sets with ``lov15-pack-offline``;
 4. convert stage-0 to Megatron with ``lov15-convert-checkpoint hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
-   ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint;
+   ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint; the
+   trainer's progress lines (loss, lr, grad norm, tokens/s per log interval) show on the console,
+   its whole output is in ``OUT/<stage>.log``;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
    ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
 7. print a summary: per stage steps, first/last loss, tokens/s and checkpoint; packing fill;
-   the answers next to the expected ones and the accuracy against chance.
+   the answers next to the expected ones, and the accuracy per question type and overall beside
+   the always-majority baseline (always the most frequent held-out answer) and chance.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -44,14 +48,28 @@ STEPS = ("data", "stage0", "pack", "convert", "train", "evaluate")
 ANSWERS_SHOWN = 15  # held-out answers printed (all are in summary.json)
 
 
-def run(*cmd: str, log: Path | None = None) -> str:
+#: Lines of the trainer's output echoed to the console while a stage runs (rank 0 prints them
+#: once per ``logging.log_interval``: loss, lr, grad norm, tokens/s; the validation loss).
+PROGRESS_PREFIXES = ("iter ", "validation iter ")
+
+
+def run(*cmd: str, log: Path | None = None, progress: bool = False) -> str:
+    """Run a step; its whole output goes to ``log``, its progress lines also to the console."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if progress and line.startswith(PROGRESS_PREFIXES):
+            print(f"      {line.rstrip()}", flush=True)
+    output = "".join(lines)
     if log is not None:
-        log.write_text(out.stdout + out.stderr)
-    if out.returncode:
-        raise SystemExit(f"step failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
-    return out.stdout
+        log.write_text(output)
+    if proc.wait():
+        raise SystemExit(f"step failed: {' '.join(cmd)}\n{output[-4000:]}")
+    return output
 
 
 def tool(module: str, *args: str) -> str:
@@ -62,9 +80,11 @@ def tool(module: str, *args: str) -> str:
 def make_sources(out: Path) -> tuple[Path, Path]:
     """Tiny random MLCD-layout ViT and Qwen3 (tied, offline Qwen vocabulary) checkpoints."""
     from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
+    from transformers.utils.logging import disable_progress_bar
 
     from lov15_megatron.data.tokenizer import load_tokenizer
 
+    disable_progress_bar()  # no "Writing model shards" bars between the quickstart's lines
     torch.manual_seed(0)
     vit = MLCDVisionModel(MLCDVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -84,7 +104,8 @@ def make_sources(out: Path) -> tuple[Path, Path]:
 def stage(out: Path, name: str, config: str, overrides: list[str]) -> dict:
     log = out / f"{name}.log"
     run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "lov15_megatron.train", "--config", config, *overrides, log=log)  # fmt: skip
+        "-m", "lov15_megatron.train", "--config", config, *overrides, log=log,
+        progress=True)  # fmt: skip
     summary = json.loads(
         (Path(overrides_value(overrides, "checkpoint.save")) / "train_summary.json").read_text()
     )
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     results = report["answers"]
     summary = {
         "stages": stages, "packing": fill, "accuracy": report["accuracy"],
-        "accuracy_per_type": report["accuracy_per_type"],
+        "accuracy_per_type": with_majority(report["accuracy_per_type"], results),
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
         "answers": results, "seconds": time.perf_counter() - start,
@@ -202,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return 0
+
+
+def with_majority(per_type: dict, answers: list[dict]) -> dict:
+    """Add to each question type ``majority``: the accuracy of always answering that type's most
+    frequent held-out answer (the best an image-blind model could do on these questions)."""
+    result = {}
+    for name, entry in per_type.items():
+        counts = Counter(a["answer"] for a in answers if a.get("type") == name)
+        result[name] = {**entry, "majority": max(counts.values()) / sum(counts.values())}
+    return result
 
 
 def print_summary(s: dict, out: Path) -> None:
@@ -221,13 +252,14 @@ def print_summary(s: dict, out: Path) -> None:
     for r in shown:
         mark = "ok " if r["correct"] else "   "
         print(f"    {mark}{r['question']!r:45s} -> {r['predicted']!r} / {r['answer']!r}")
-    print("  accuracy per question type (chance):")
+    print("  accuracy per question type (always-majority baseline, chance):")
     for name, t in s["accuracy_per_type"].items():
         print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
-              f"({t['chance']:.2f})")  # fmt: skip
+              f"(majority {t['majority']:.2f}, chance {t['chance']:.2f})")  # fmt: skip
     print(
-        f"  accuracy {s['accuracy']:.2f} (chance {s['chance_accuracy']:.2f}, always-majority "
-        f"{s['majority_answer_accuracy']:.2f}); total {s['seconds']:.0f}s; outputs in {out}"
+        f"  accuracy {s['accuracy']:.2f} against always-majority "
+        f"{s['majority_answer_accuracy']:.2f} (chance {s['chance_accuracy']:.2f}); "
+        f"total {s['seconds']:.0f}s; outputs in {out}"
     )
 
 
