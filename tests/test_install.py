@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # builds and installs a wheel into a fresh environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# The whole pipeline end to end; scripts/test_py312.sh runs it on the second environment too.
+pytestmark = [pytest.mark.compat, pytest.mark.e2e]
+
 
 def test_quickstart_small_pipeline(tmp_path):
     out = tmp_path / "qs"
