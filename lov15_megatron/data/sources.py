@@ -414,10 +414,11 @@ def _tar_images(
 
 
 def _tar_items(
-    archive: tarfile.TarFile, source: Source, first: int, group: _TarGroup
+    archive: tarfile.TarFile, source: Source, first: int, group: _TarGroup, pair: int | None = None
 ) -> list[RawSample | BadSample]:
     """The samples of one tar key, numbered from record ``first``: one, or one per pair of a
-    packed caption record."""
+    packed caption record; with ``pair``, only that pair's sample (re-reading one sample reads
+    only its own image)."""
     where, name = f"{source.path}:{group.key} (tar sample {first})", None
     try:
         json_member = group.member("json")
@@ -430,7 +431,7 @@ def _tar_items(
             raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
         where, name = _with_id(where, record), record_source_name(record)
         if is_packed_captions(record):
-            return _caption_items(archive, source, first, group, record, where)
+            return _caption_items(archive, source, first, group, record, where, name, pair)
         videos = sorted(part for part in group.parts if _extension(part) in VIDEO_EXTENSIONS)
         if videos:
             raise BadSample(VIDEO_NOT_SUPPORTED, f"video members {videos}")
@@ -461,25 +462,31 @@ def _caption_items(
     group: _TarGroup,
     record: dict[str, Any],
     where: str,
+    name: str | None,
+    pair: int | None,
 ) -> list[RawSample | BadSample]:
-    """A packed caption record's pairs, each a sample of member ``img{i}.jpg``."""
+    """A packed caption record's pairs (or only pair ``pair``), each a sample of member
+    ``img{i}.jpg``, of source ``name`` (the record's ``data_source``) or the file's."""
     pairs = caption_pairs(record, where)
     if len(pairs) > TAR_LOC_STRIDE:
         raise BadSample(MALFORMED_RECORD, f"{len(pairs)} captions > {TAR_LOC_STRIDE}")
+    name = name or source.name
+    chosen = range(len(pairs)) if pair is None else range(pair, min(pair + 1, len(pairs)))
     items: list[RawSample | BadSample] = []
-    for index, (prompt, caption, path) in enumerate(pairs):
+    for index in chosen:
+        prompt, caption, path = pairs[index]
         part = f"img{index}.jpg"
         image = f", image {path}" if path else ""
         origin = f"{source.path}:{group.key}.{part} (tar sample {first + index}{image})"
         try:
             images, data = _tar_images(archive, source, group, [part])
         except BadSample as error:
-            items.append(_bad(error, source, first + index, origin))
+            items.append(_bad(error, source, first + index, origin, name))
             continue
         messages = [Message("user", prompt), Message("assistant", caption)]
         loc = group.offset * TAR_LOC_STRIDE + index
         items.append(
-            RawSample(source.index, first + index, origin, messages, images, data, loc, source.name)
+            RawSample(source.index, first + index, origin, messages, images, data, loc, name)
         )
     return items
 
@@ -499,11 +506,15 @@ def _reread_tar_sample(source: Source, record_index: int, loc: int) -> RawSample
                 group = group or _TarGroup(key, offset)
                 group.parts[part] = member
             items = (
-                [] if group is None else _tar_items(archive, source, record_index - index, group)
+                []
+                if group is None
+                else _tar_items(archive, source, record_index - index, group, pair=index)
             )
-            if index >= len(items):
+            # A packed caption record gives the one pair asked for; any other record gives its
+            # one sample, which only pair 0 may name.
+            if len(items) != 1 or (index and items[0].record != record_index):
                 raise ValueError(f"{source.path}@{offset}: no tar sample there (file changed?)")
-            return items[index]
+            return items[0]
 
 
 def _parquet_cell_image(cell: Any, index: int) -> bytes:
