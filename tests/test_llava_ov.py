@@ -1,9 +1,9 @@
 """LLaVA-OneVision-1.5 on Megatron-Core, checked against the independent HF-side model.
 
 * The session's tiny VLM (conftest ``tiny_vlm``, converted once) through the real CLI: logits
-  equal the HF model (three images of different sizes plus text; fp32, max abs diff < 1e-4) at
-  TP=1, TP=2 and PP=2 (one ``verify --layouts`` launch); Megatron → HF is bit-exact; the export
-  loads with ``trust_remote_code`` and ``generate()`` runs.
+  equal the HF model (three images of different sizes plus text; fp32, within the bound of
+  docs/tolerances.md) at TP=1, TP=2 and PP=2 (one ``verify --layouts`` launch); Megatron → HF
+  is bit-exact; the export loads with ``trust_remote_code`` and ``generate()`` runs.
 * Inside ranks: packed rows (several sub-samples, micro-batch 2) give the same per-token logits
   and losses as each sub-sample alone; frozen groups stay bit-identical; bad inputs raise clear
   errors; image packs train at DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py).
@@ -30,12 +30,16 @@ from helpers import (
 )
 from tolerances import (
     assert_close_training,
+    fp32_abs_tol,
     grad_norm_rel_tol,
     log_sum_exp_len,
     training_rel_tol,
+    within_fp32,
 )
 
-LOGIT_TOL = 1e-4
+# The longest reduction of a forward: the ViT patch embedding, 3·14·14 = 588 inputs
+# (docs/tolerances.md).
+REDUCTION_LEN = 588
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def test_logit_parity_with_hf_model(verified, tp, pp):
     result = verified[tp, pp]
     assert (result["tp"], result["pp"]) == (tp, pp)
     assert result["shape"][-1] == 151936
-    assert result["max_abs_diff"] < LOGIT_TOL, result
+    assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], REDUCTION_LEN), result
     assert result["top1_agreement"] == 1.0, result
 
 
@@ -141,7 +145,7 @@ def packed_checks(load_dir: str) -> dict:
         losses = token_losses(logits.clone(), batch["labels"], vocab)
         return logits, losses * batch["loss_mask"]
 
-    out: dict = {"logit_diff": 0.0, "loss_diff": 0.0}
+    out: dict = {"logit_diff": 0.0, "loss_diff": 0.0, "logit_scale": 0.0}
     k = 0
     alone = [run(pack_rows([[s]], len(s["input_ids"]))) for s in subs]
     for layout in ([[subs[0], subs[1], subs[2]]], [[subs[0], subs[1]], [subs[2], subs[3]]]):
@@ -153,6 +157,7 @@ def packed_checks(load_dir: str) -> dict:
                 ref_logits, ref_losses = alone[subs.index(s)]
                 got = packed_logits[r, offset : offset + n]
                 out["logit_diff"] = max(out["logit_diff"], float((got - ref_logits[0]).abs().max()))
+                out["logit_scale"] = max(out["logit_scale"], float(ref_logits.abs().max()))
                 diff = (packed_losses[r, offset : offset + n] - ref_losses[0]).abs().max()
                 out["loss_diff"] = max(out["loss_diff"], float(diff))
                 offset += n
@@ -254,7 +259,8 @@ def two_ranks(converted) -> list[dict]:
 def test_packing_micro_batch_errors_and_freezing(single_rank):
     out = single_rank["packed"]
     assert out["subsamples_checked"] == 7
-    assert out["logit_diff"] < 1e-4 and out["loss_diff"] < 1e-4, out
+    assert out["logit_diff"] < fp32_abs_tol(REDUCTION_LEN, out["logit_scale"]), out
+    assert out["loss_diff"] < 1e-4, out
     assert out["picked_loss_diff"] < 1e-5 and out["picked_grad_rel"] < 1e-5, out
     assert out["picked_outside_mask"] == 0.0 and out["zero_mask_losses"] == 0.0, out
     assert 0 < out["mask_tokens"] < out["tokens"], out
