@@ -266,6 +266,10 @@ def test_eval_answers_match_pixels_and_images_are_held_out(dataset):
     assert len(eval_pixels) == len(items)  # and no eval image is repeated
     chance = sum(item["chance"] for item in items) / len(items)
     assert summary["eval"]["chance_accuracy"] == pytest.approx(chance, abs=1e-5)
+    for kind, majority in summary["eval"]["majority_answer_accuracy_per_type"].items():
+        asked = [item["answer"] for item in items if item["type"] == kind]
+        assert majority == max(map(asked.count, asked)) / len(asked)
+    assert set(summary["eval"]["majority_answer_accuracy_per_type"]) == {i["type"] for i in items}
 
 
 def _pack(inputs: list[str], output: Path, kind: str) -> subprocess.Popen:

@@ -431,6 +431,12 @@ def _eval_split(
         "questions_per_type": {kind: per_type[kind] for kind in kinds},
         "chance_accuracy": round(chance / count, 6) if count else None,
         "majority_answer_accuracy": round(majority / count, 6) if count else None,
+        # Per type: always answering that type's most frequent held-out answer.
+        "majority_answer_accuracy_per_type": {
+            kind: counter.most_common(1)[0][1] / per_type[kind]
+            for kind, counter in answers.items()
+            if counter
+        },
     }
 
 
@@ -483,6 +489,9 @@ def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "count": splits["eval"]["questions"],
             "chance_accuracy": splits["eval"]["chance_accuracy"],
             "majority_answer_accuracy": splits["eval"]["majority_answer_accuracy"],
+            "majority_answer_accuracy_per_type": splits["eval"][
+                "majority_answer_accuracy_per_type"
+            ],
         },
         "chance": {name: q["chance"] for name, q in meta["question_types"].items()},
         "bytes": _total_bytes(root),
@@ -511,7 +520,8 @@ def generate_shapes_dataset(
 
     Returns a summary: ``root``, ``metadata``, ``seed``, ``caption``/``instruct`` (``sources``:
     absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``), ``eval``
-    (``path``, ``count``, ``chance_accuracy``, ``majority_answer_accuracy``), ``chance`` (per
+    (``path``, ``count``, ``chance_accuracy``, ``majority_answer_accuracy`` and its
+    ``…_per_type``), ``chance`` (per
     question type) and ``bytes``. Every image has 1..``max_shapes`` shapes (at most
     :data:`MAX_SHAPES`). Raises :class:`FileExistsError` if ``out_dir`` exists and ``overwrite``
     is false.
