@@ -107,7 +107,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.preflight import check_dataset_paths
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
-    from lov15_megatron.training.validation import evaluate
+    from lov15_megatron.training.validation import validation_loss
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
     fp8_config_kwargs(cfg)  # so does model.fp8 without Transformer Engine on a GPU
@@ -210,7 +210,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     parts = ", ".join(f"{name} {value:.6f}" for name, value in sorted(moe.items()))
                     print_rank_0(f"iteration {iteration}: moe {parts}")
             if validation_due(iteration):
-                validation = evaluate(cfg, model, forward_step, n_micro, iteration)
+                validation = validation_loss(cfg, model, forward_step, n_micro, iteration)
                 result.valid_losses.append((iteration, validation.loss))
                 if result.valid_sample_ids is None:
                     result.valid_sample_ids = validation.sample_ids

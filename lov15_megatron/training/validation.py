@@ -64,7 +64,7 @@ def _valid_batches(cfg: RunConfig, sample_ids: list[str]) -> Iterator[dict]:
         yield {k: getattr(batch, k) for k in BATCH_KEYS}
 
 
-def evaluate(
+def validation_loss(
     cfg: RunConfig,
     model: list,
     forward_step: Callable,
