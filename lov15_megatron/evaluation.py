@@ -173,7 +173,7 @@ def open_images(item: QAItem, data: Path) -> list[Any]:
     return opened
 
 
-def evaluate(
+def score_qa(
     checkpoint: str | Path,
     data: str | Path,
     *,
@@ -310,9 +310,9 @@ __all__ = [
     "QAItem",
     "check_checkpoint",
     "check_placeholders",
-    "evaluate",
     "format_report",
     "load_qa",
     "messages_for",
+    "score_qa",
     "write_report",
 ]

@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lov15_megatron.evaluation import (
         EvaluationError,
-        evaluate,
         format_report,
+        score_qa,
         write_report,
     )
 
     try:
-        report = evaluate(
+        report = score_qa(
             args.checkpoint,
             args.data,
             max_new_tokens=args.max_new_tokens,
