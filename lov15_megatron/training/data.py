@@ -6,6 +6,9 @@
   (:func:`lov15_megatron.data.loader.build_train_loader`), sharded by data-parallel rank; its
   state is Energon's savable-loader state of this DP rank.
 
+:func:`energon_loader` turns the run config into the loader's arguments, for training and for
+the held-out set of :mod:`.validation` alike, so that both see batches made the same way.
+
 Every rank of a DP group (its TP/PP/CP peers) reads the same stream. Under virtual pipelining
 each model chunk gets its own iterator over the same micro-batches (``itertools.tee``).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from megatron.core import parallel_state
 
@@ -112,7 +115,38 @@ def resumable_state(
     return None
 
 
-def _energon_batches(loader, consumed: list[str]) -> Iterator[dict]:
+def energon_loader(cfg: RunConfig, split: Literal["train", "valid"]) -> Any:
+    """This DP rank's Energon loader of ``data.path`` (``"train"``: savable, repeating, shuffled,
+    ``data.num_workers`` workers) or ``data.valid_path`` (``"valid"``: read once in stored order,
+    in the main process, since validation sets are small)."""
+    from lov15_megatron.data.loader import (
+        build_train_loader,
+        build_valid_loader,
+        data_parallel_worker_config,
+    )
+    from lov15_megatron.data.tokenizer import load_tokenizer
+
+    worker_config = data_parallel_worker_config(
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        cfg.data.num_workers if split == "train" else 0,
+        cfg.data.seed,
+    )
+    build = build_train_loader if split == "train" else build_valid_loader
+    return build(
+        cfg.data.path if split == "train" else cfg.data.valid_path,
+        tokenizer=load_tokenizer(cfg.data.tokenizer),
+        micro_batch_size=cfg.train.micro_batch_size,
+        worker_config=worker_config,
+        image_config=image_config(cfg),
+        seq_len=cfg.data.seq_length,
+        pad_to_multiple_of=pad_multiple(cfg),
+    )
+
+
+def energon_batches(loader, consumed: list[str]) -> Iterator[dict]:
+    """The model's batch dicts of ``loader``; each batch's sample keys are appended to
+    ``consumed``, in order."""
     for batch in loader:
         consumed.extend(key for row in batch.sample_ids for key in row)
         yield {k: getattr(batch, k) for k in BATCH_KEYS}
@@ -128,28 +162,11 @@ def build_train_data(
         data = TrainData([], counter, next_iteration=first)
         stream: Iterator = counter
     else:
-        from lov15_megatron.data.loader import build_train_loader, data_parallel_worker_config
-        from lov15_megatron.data.tokenizer import load_tokenizer
-
-        worker_config = data_parallel_worker_config(
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
-            cfg.data.num_workers,
-            cfg.data.seed,
-        )
-        loader = build_train_loader(
-            cfg.data.path,
-            tokenizer=load_tokenizer(cfg.data.tokenizer),
-            micro_batch_size=cfg.train.micro_batch_size,
-            worker_config=worker_config,
-            image_config=image_config(cfg),
-            seq_len=cfg.data.seq_length,
-            pad_to_multiple_of=pad_multiple(cfg),
-        )
+        loader = energon_loader(cfg, "train")
         if state is not None:
             loader.restore_state_rank(state["energon"])
         consumed: list[str] = []
-        counter = CountingIterator(_energon_batches(loader, consumed))
+        counter = CountingIterator(energon_batches(loader, consumed))
         data = TrainData([], counter, loader=loader, consumed_sample_ids=consumed)
         stream = counter
     data.iterators = list(itertools.tee(stream, n_chunks)) if n_chunks > 1 else [stream]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lov15_megatron.config import RunConfig
@@ -33,35 +32,10 @@ class ValidationResult:
 
 
 def _valid_batches(cfg: RunConfig, sample_ids: list[str]) -> Iterator[dict]:
-    from megatron.energon import get_loader, get_val_dataset
+    from lov15_megatron.training.data import energon_batches, energon_loader
 
-    from lov15_megatron.data.loader import data_parallel_worker_config
-    from lov15_megatron.data.task_encoder import VLMTaskEncoder
-    from lov15_megatron.data.tokenizer import load_tokenizer
-    from lov15_megatron.training.data import BATCH_KEYS, image_config, pad_multiple
-
-    encoder = VLMTaskEncoder(
-        load_tokenizer(cfg.data.tokenizer),
-        image_config(cfg),
-        seq_len=cfg.data.seq_length,
-        pad_to_multiple_of=pad_multiple(cfg),
-    )
-    worker_config = data_parallel_worker_config(
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-        0,  # validation sets are small: read them in the main process
-        cfg.data.seed,
-    )
-    dataset = get_val_dataset(
-        cfg.data.valid_path,
-        split_part="train",  # the packer writes every sample into the dataset's train split
-        worker_config=worker_config,
-        batch_size=cfg.train.micro_batch_size,
-        task_encoder=encoder,
-    )
-    for batch in get_loader(dataset):
-        sample_ids.extend(key for row in batch.sample_ids for key in row)
-        yield {k: getattr(batch, k) for k in BATCH_KEYS}
+    # A generator: the loader is built when the first batch is asked for.
+    yield from energon_batches(energon_loader(cfg, "valid"), sample_ids)
 
 
 def validation_loss(
