@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from packing_baselines import first_fit, release_style  # benchmarks/ is the script's folder
 
 from lov15_megatron.data.image_processing import image_token_count
 from lov15_megatron.data.pack_plan import vit_cost, vit_cost_spread
@@ -36,10 +37,8 @@ from lov15_megatron.data.packing import (
     balance_cost,
     best_fit_decreasing,
     best_fit_decreasing_assign,
-    first_fit,
     lower_bound_packs,
     pack_statistics,
-    release_style,
 )
 
 

@@ -214,3 +214,15 @@ def our_generation(model, messages: list, images: list) -> list[int]:
         eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **kwargs,
     )  # fmt: skip
     return out[0, len(ids) :].tolist()
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module, loaded from its file: ``benchmarks/`` is a folder of
+    scripts, not a package, and is not on ``sys.path`` under pytest (tests of its baselines)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None, f"benchmarks/{name}.py"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

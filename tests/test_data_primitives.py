@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 from data_fixtures import image_bytes
+from helpers import benchmark_module
 from PIL import Image
 
 from lov15_megatron.data import special_tokens as st
@@ -26,12 +27,14 @@ from lov15_megatron.data.image_processing import (
 )
 from lov15_megatron.data.packing import (
     best_fit_decreasing,
-    first_fit,
     lower_bound_packs,
     pack_statistics,
-    release_style,
 )
 from lov15_megatron.data.tokenizer import load_tokenizer
+
+# The baselines are measurement code (benchmarks/packing_baselines.py), not the package's.
+_baselines = benchmark_module("packing_baselines")
+first_fit, release_style = _baselines.first_fit, _baselines.release_style
 
 
 @pytest.fixture(scope="module")

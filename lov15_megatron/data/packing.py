@@ -6,20 +6,16 @@
   :func:`best_fit_decreasing_assign` is the same on numpy arrays (the packer's path);
   :func:`balance_cost` then evens out a per-item cost (ViT FLOPs) over the packs without
   changing any pack's lengths.
-- :func:`first_fit`: items in input order into the first pack with room (baseline).
-- :func:`release_style`: an approximation of the release's bucket scheme
-  (docs/data-reference.md §2): length buckets, greedy "seed + largest filler" rounds accepting
-  packs at ≥ 96/94/92/90 % full, then a random next-fit sweep of the leftovers.
 
-All return packs as lists of item indices (each pack sorted by index) and raise on an item
-longer than ``capacity``.
+Packs are lists of item indices (each pack sorted by index); :func:`check_lengths` refuses an
+item longer than ``capacity``. The baselines this packing is measured against (first-fit, an
+approximation of the release's bucket scheme) are not part of the package: they live in
+``benchmarks/packing_baselines.py``.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
-import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,48 +55,9 @@ class _FirstAtLeast:
         return node - self.leaves
 
 
-class _FirstWithRoom:
-    """Packs' room left in a max-segment tree: first pack (lowest index) with room ≥ x."""
-
-    def __init__(self, capacity_hint: int) -> None:
-        self.leaves = 1 << max(1, (max(capacity_hint, 2) - 1).bit_length())
-        self.tree = [0] * (2 * self.leaves)
-        self.count = 0
-
-    def _grow(self) -> None:
-        old, old_leaves = self.tree, self.leaves
-        self.leaves *= 2
-        self.tree = [0] * (2 * self.leaves)
-        self.tree[self.leaves : self.leaves + old_leaves] = old[old_leaves : 2 * old_leaves]
-        for node in range(self.leaves - 1, 0, -1):
-            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
-
-    def append(self, room: int) -> int:
-        if self.count == self.leaves:
-            self._grow()
-        self.count += 1
-        self.update(self.count - 1, room)
-        return self.count - 1
-
-    def update(self, index: int, room: int) -> None:
-        tree, node = self.tree, index + self.leaves
-        tree[node] = room
-        node >>= 1
-        while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-            node >>= 1
-
-    def first_with_room(self, need: int) -> int:
-        tree = self.tree
-        if tree[1] < need:
-            return -1
-        node = 1
-        while node < self.leaves:
-            node = 2 * node if tree[2 * node] >= need else 2 * node + 1
-        return node - self.leaves
-
-
-def _check(lengths: Sequence[int], capacity: int) -> None:
+def check_lengths(lengths: Sequence[int], capacity: int) -> None:
+    """Raise ``ValueError`` naming the first item outside ``1..capacity`` (and on ``capacity``
+    ≤ 0): every packing here, and the baselines of ``benchmarks/``, start with this check."""
     if capacity <= 0:
         raise ValueError(f"capacity must be positive, got {capacity}")
     for index, length in enumerate(lengths):
@@ -110,7 +67,7 @@ def _check(lengths: Sequence[int], capacity: int) -> None:
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Deterministic best-fit-decreasing packing (see module docstring)."""
-    _check(lengths, capacity)
+    check_lengths(lengths, capacity)
     pack_of = best_fit_decreasing_assign(np.asarray(lengths, dtype=np.int64), capacity)
     packs: list[list[int]] = [[] for _ in range(int(pack_of.max()) + 1 if len(pack_of) else 0)]
     for index, pack_id in enumerate(pack_of.tolist()):
@@ -222,81 +179,6 @@ def max_over_mean(values: np.ndarray) -> float:
     """``max / mean`` of per-pack values (1.0 = perfectly even; 0.0 if all are zero)."""
     mean = float(np.mean(values)) if len(values) else 0.0
     return float(np.max(values)) / mean if mean > 0 else 0.0
-
-
-def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit in input order (baseline)."""
-    _check(lengths, capacity)
-    tree = _FirstWithRoom(1024)
-    rooms: list[int] = []
-    packs: list[list[int]] = []
-    for index, length in enumerate(lengths):
-        pack_id = tree.first_with_room(length)
-        if pack_id < 0:
-            pack_id = tree.append(capacity)
-            rooms.append(capacity)
-            packs.append([])
-        rooms[pack_id] -= length
-        tree.update(pack_id, rooms[pack_id])
-        packs[pack_id].append(index)
-    return packs
-
-
-def release_style(
-    lengths: Sequence[int],
-    capacity: int,
-    thresholds: Sequence[float] = (0.96, 0.94, 0.92, 0.90),
-    seed: int = 0,
-) -> list[list[int]]:
-    """Approximation of the release's bucket scheme (see module docstring). Drops nothing."""
-    _check(lengths, capacity)
-    buckets: dict[int, list[int]] = {}
-    for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], -i)):
-        buckets.setdefault(lengths[index], []).append(index)
-    available = sorted(buckets)  # distinct lengths with items left
-
-    def take(max_length: int) -> int:
-        position = bisect.bisect_right(available, max_length) - 1
-        if position < 0:
-            return -1
-        length = available[position]
-        item = buckets[length].pop()
-        if not buckets[length]:
-            available.pop(position)
-        return item
-
-    def give_back(item: int) -> None:
-        length = lengths[item]
-        if not buckets.get(length):
-            buckets[length] = []
-            bisect.insort(available, length)
-        buckets[length].append(item)
-
-    packs: list[list[int]] = []
-    for threshold in thresholds:
-        while available:
-            pack, room = [], capacity
-            while (item := take(room)) >= 0:
-                pack.append(item)
-                room -= lengths[item]
-            if capacity - room >= threshold * capacity:
-                packs.append(sorted(pack))
-                continue
-            for item in reversed(pack):
-                give_back(item)
-            break
-    leftovers = [item for length in available for item in buckets[length]]
-    random.Random(seed).shuffle(leftovers)
-    pack, room = [], capacity
-    for item in leftovers:
-        if lengths[item] > room:
-            packs.append(sorted(pack))
-            pack, room = [], capacity
-        pack.append(item)
-        room -= lengths[item]
-    if pack:
-        packs.append(sorted(pack))
-    return packs
 
 
 def pack_statistics(lengths: Sequence[int], packs: Sequence[Sequence[int]], capacity: int) -> dict:
