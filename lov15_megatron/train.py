@@ -4,7 +4,8 @@ Launched by ``torchrun`` on any number of nodes/ranks, or as a single plain proc
 to bottom: config → runtime → model → optimizer → resume or weights → data → loop (metrics,
 checkpoints, SIGTERM, NaN guard) → final checkpoint.
 
-* The model is the LLaVA-OV-1.5 VLM when ``model.vision`` is set, else the Qwen3 LM.
+* The model is the registered family the config describes (``models/registry.py``): the
+  LLaVA-OV-1.5 VLM when ``model.vision`` is set, else the qwen3 or qwen3-moe LM.
 * Resume is automatic: if ``checkpoint.load`` (or else ``checkpoint.save``) holds a training
   checkpoint, the latest one is restored exactly (model, optimizer, scheduler, RNG, counters,
   data-loader state). Otherwise ``checkpoint.pretrained`` starts from weights only (a previous
@@ -40,20 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser.parse_args(argv)
-
-
-def language_model_provider(cfg: RunConfig, vp_stage: int | None):
-    from lov15_megatron.models.qwen3 import build_qwen3_model
-
-    return build_qwen3_model(cfg, vp_stage=vp_stage)
-
-
-def model_provider(cfg: RunConfig):
-    """The Megatron provider of the registered model this config describes
-    (``convert/registry.py``: qwen3, qwen3-moe, or llava-ov-1.5 over either)."""
-    from lov15_megatron.convert.registry import converter_for_config
-
-    return converter_for_config(cfg).build_model
 
 
 @dataclass
@@ -96,17 +83,16 @@ def train(cfg: RunConfig) -> TrainResult:
 
     from lov15_megatron import checkpoint_dir
     from lov15_megatron.models.backend import attention_backend, fp8_config_kwargs
-    from lov15_megatron.models.qwen3 import zero_vocab_padding
+    from lov15_megatron.models.qwen3.model import zero_vocab_padding
     from lov15_megatron.runtime import distributed
     from lov15_megatron.runtime.distributed import print_rank_0
     from lov15_megatron.training import checkpointing, setup
     from lov15_megatron.training.data import build_train_data, data_layout, resumable_state
     from lov15_megatron.training.flops import peak_tflops, step_flops
     from lov15_megatron.training.metrics import MetricsLogger
-    from lov15_megatron.training.moe_metrics import discard_moe_losses, step_moe_losses
     from lov15_megatron.training.preflight import check_dataset_paths
     from lov15_megatron.training.signals import ExitSignal
-    from lov15_megatron.training.step import language_forward_step, train_step, vlm_forward_step
+    from lov15_megatron.training.step import make_forward_step, train_step
     from lov15_megatron.training.validation import validation_loss
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
@@ -120,11 +106,10 @@ def train(cfg: RunConfig) -> TrainResult:
         f"TP={rt.tensor_parallel} PP={rt.pipeline_parallel} CP={rt.context_parallel} "
         f"DP={rt.data_parallel}"
     )
-    vlm = cfg.model.vision is not None
-    from lov15_megatron.convert.registry import converter_for_config
+    from lov15_megatron.models.registry import family_for_config
 
-    registered = converter_for_config(cfg)  # the model this config describes (one lookup)
-    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, registered.build_model))
+    family = family_for_config(cfg)  # the registered model this config describes (one lookup)
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, family.build_model))
     optimizer = setup.build_optimizer(cfg, model)
     scheduler = setup.build_scheduler(cfg, optimizer)
 
@@ -147,9 +132,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
     data = build_train_data(cfg, len(model), start, data_state)
     source = cfg.checkpoint.pretrained or resume_dir
-    model_file = checkpoint_dir.describe_model(cfg, source, registered.name)
+    model_file = checkpoint_dir.describe_model(cfg, source, family.name)
     n_micro = setup.num_microbatches(cfg)
-    forward_step = vlm_forward_step if vlm else language_forward_step
+    forward_step = make_forward_step(family, cfg)
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
     total = sum(p.numel() for c in model for p in c.parameters())
     print_rank_0(
@@ -203,7 +188,7 @@ def train(cfg: RunConfig) -> TrainResult:
             result.tokens_per_s.append(counts.token_positions / dt)
             result.last_iteration = iteration
             metrics.log(iteration, res, dt, counts, tflops, peak, hw_tflops)
-            moe = step_moe_losses(cfg, n_micro)
+            moe = family.step_losses(cfg, n_micro)
             if moe:
                 result.moe_losses.append(moe)
                 if iteration % cfg.logging.log_interval == 0:
@@ -215,7 +200,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 if result.valid_sample_ids is None:
                     result.valid_sample_ids = validation.sample_ids
                 metrics.log_validation(validation)
-                discard_moe_losses()
+                family.discard_step_losses()
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
             if exit_signal.received(rt.device):

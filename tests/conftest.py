@@ -34,12 +34,12 @@ def isolated_hf_modules(tmp_path, monkeypatch):
 def _convert_in_rank(model: str, hf_dir: str, save_dir: str) -> str:
     """Runs in one rank: ``hf-to-mcore`` as the CLI does it, without the CLI's own process."""
     from lov15_megatron.convert import core
-    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
 
     distributed.initialize(core.converter_runtime_config())
     try:
-        return core.hf_to_mcore(get_converter(model), hf_dir, save_dir).line()
+        return core.hf_to_mcore(get_family(model), hf_dir, save_dir).line()
     finally:
         distributed.shutdown()
 

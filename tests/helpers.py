@@ -155,7 +155,7 @@ def build_tiny_export(root: Path) -> Path:
     """A tiny stage-0 export (random MLCD ViT + Qwen3 with the Qwen vocabulary) via make_stage0."""
     from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
 
-    from lov15_megatron.convert.stage0 import make_stage0
+    from lov15_megatron.models.llava_ov.stage0 import make_stage0
 
     torch.manual_seed(0)
     MLCDVisionModel(MLCDVisionConfig(

@@ -135,14 +135,14 @@ def _fails(*args: str) -> str:
 def _conversion_errors(cases: dict[str, tuple[str, str]]) -> dict[str, str]:
     """Runs in one rank: convert each (hf_dir, save_dir) case; return each error message."""
     from lov15_megatron.convert import core
-    from lov15_megatron.convert.qwen3 import Qwen3Converter
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
 
     distributed.initialize(core.converter_runtime_config())
     errors = {}
     for name, (hf_dir, save_dir) in cases.items():
         try:
-            core.hf_to_mcore(Qwen3Converter(), hf_dir, save_dir)
+            core.hf_to_mcore(get_family("qwen3"), hf_dir, save_dir)
             errors[name] = "no error"
         except Exception as e:  # noqa: BLE001 - the message is what the test checks
             errors[name] = f"{type(e).__name__}: {e}"
@@ -218,7 +218,7 @@ def test_bad_inputs_are_named(tmp_path, capsys):
                  "--load-dir", str(tmp_path / "mc"))  # fmt: skip
     assert "not a readable safetensors file" in err
     # --layouts: a bad spelling, and --dump-logits with several layouts (in process: main)
-    from lov15_megatron.convert.cli import main
+    from lov15_megatron.cli.convert_checkpoint import main
 
     verify = ["verify", "--model", "qwen3", "--hf-dir", str(hf), "--load-dir", str(tmp_path / "mc")]
     capsys.readouterr()  # what came before (progress bars)

@@ -503,7 +503,7 @@ def test_load_newer_key_spelling(model, tmp_path) -> None:
 def test_modeling_files_are_self_contained() -> None:
     """The copied files import only torch / transformers / huggingface_hub (the processor also
     numpy / PIL, which transformers requires) and each other."""
-    import lov15_megatron.hf.modeling_llavaonevision1_5 as modeling
+    import lov15_megatron.hf.remote_code.modeling_llavaonevision1_5 as modeling
 
     allowed = {"__future__", "typing", "torch", "transformers", "huggingface_hub", "numpy", "PIL"}
     for path in Path(modeling.__file__).parent.glob("*_llavaonevision1_5.py"):

@@ -103,7 +103,7 @@ def _cfg(load_dir: str, overrides: list[str]):
 
 
 def _build(cfg, load_dir: str, ddp: bool = False):
-    from lov15_megatron.models.llava_ov import build_llava_ov_model
+    from lov15_megatron.models.llava_ov.model import build_llava_ov_model
     from lov15_megatron.runtime import distributed
     from lov15_megatron.training import checkpointing, setup
 
@@ -120,7 +120,7 @@ def packed_checks(load_dir: str) -> dict:
     from lov15_megatron.models.lm_loss import token_losses
     from lov15_megatron.models.packed_seq import thd_model_inputs
     from lov15_megatron.training import setup
-    from lov15_megatron.training.step import train_step, vlm_forward_step
+    from lov15_megatron.training.step import train_step
 
     (model,) = _build(_cfg(load_dir, []), load_dir)
     model.eval()
@@ -212,7 +212,7 @@ def packed_checks(load_dir: str) -> dict:
     scheduler = setup.build_scheduler(cfg, optimizer)
     data = iter([pack_rows([[subs[i % 4], subs[(i + 1) % 4]]], 64) for i in range(8)])
     for _ in range(2):
-        train_step(cfg, data, model, optimizer, scheduler, n_micro, forward_step=vlm_forward_step)
+        train_step(cfg, data, model, optimizer, scheduler, n_micro)
     after = model[0].module.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     out["changed_groups"] = sorted({k.split(".")[0] for k in changed})
@@ -319,7 +319,7 @@ def train_runs(
     from megatron.core import parallel_state
 
     from lov15_megatron.training import setup
-    from lov15_megatron.training.step import train_step, vlm_forward_step
+    from lov15_megatron.training.step import train_step
 
     results = {}
     for name, overrides in layouts.items():
@@ -332,8 +332,7 @@ def train_runs(
         batches = BATCHES[data](parallel_state.get_data_parallel_rank(), 4 // dp)
         n_micro = setup.num_microbatches(cfg)
         steps = [
-            train_step(cfg, batches, model, optimizer, scheduler, n_micro, vlm_forward_step)
-            for _ in range(STEPS)
+            train_step(cfg, batches, model, optimizer, scheduler, n_micro) for _ in range(STEPS)
         ]
         results[name] = [(r.loss, r.grad_norm) for r in steps]
     return results

@@ -110,13 +110,13 @@ def _loss_hook_check() -> dict:
     """TP=2 + SP: the training loss path (both touch points) against full logits."""
     from lov15_megatron.config import load_config
     from lov15_megatron.models.lm_loss import token_losses
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
-    from lov15_megatron.train import language_model_provider
     from lov15_megatron.training import setup, synthetic
 
     cfg = load_config(CONFIG, [*COMMON, *TP2_SP])
     distributed.initialize(cfg)
-    (model,) = setup.build_model_chunks(cfg, language_model_provider)
+    (model,) = setup.build_model_chunks(cfg, get_family("qwen3").build_model)
     batch = next(synthetic.synthetic_batches(cfg))
     mask = batch["loss_mask"].clone()
     mask[:, ::3] = 0.0

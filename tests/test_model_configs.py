@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lov15_megatron.config import load_config
-from lov15_megatron.convert.qwen3 import hf_config_from_language, language_config_from_hf
+from lov15_megatron.models.qwen3.hf_mapping import hf_config_from_language, language_config_from_hf
 from lov15_megatron.runtime.launch import run_ranks
 
 CONFIGS = {"4b": "configs/models/qwen3_4b.yaml", "8b": "configs/models/qwen3_8b.yaml"}
@@ -16,7 +16,7 @@ CONFIGS = {"4b": "configs/models/qwen3_4b.yaml", "8b": "configs/models/qwen3_8b.
 def _megatron_param_counts(paths: dict[str, str]) -> dict[str, int]:
     """Runs in one rank: build each model on the meta device and count its parameters."""
     from lov15_megatron.convert.mcore_io import build_on_meta
-    from lov15_megatron.models.qwen3 import build_qwen3_model
+    from lov15_megatron.models.qwen3.model import build_qwen3_model
     from lov15_megatron.runtime import distributed
 
     counts = {}

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lov15_megatron.config import ConfigError, load_config, validate_world_size
-from lov15_megatron.convert.registry import language_family
+from lov15_megatron.models.registry import language_family
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("stage1_alignment", "stage1_5_mid_training", "stage2_instruct", "stage2_instruct_packed")

@@ -54,14 +54,14 @@ REDUCTION_LEN = 256
 def _train(overrides: list[str], init_dir: str, save_init: bool) -> list[tuple[float, float]]:
     """Runs inside a rank: build, (save|load) initial weights, train; (loss, grad norm) per step."""
     from lov15_megatron.config import load_config
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
-    from lov15_megatron.train import language_model_provider
     from lov15_megatron.training import checkpointing, setup, synthetic
     from lov15_megatron.training.step import train_step
 
     cfg = load_config(CONFIG, overrides)
     distributed.initialize(cfg)
-    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, language_model_provider))
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, get_family("qwen3").build_model))
     if save_init:
         checkpointing.save_model_weights(model, init_dir)
     else:

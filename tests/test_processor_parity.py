@@ -5,8 +5,8 @@
 - ``preprocess_image`` (ours, the training pipeline) = transformers' ``Qwen2VLImageProcessorPil``
   (``temporal_patch_size=1``) on many sizes and aspect ratios, the min/max-pixels edges
   included: same grid, pixels within ``PIXEL_TOL``;
-- the exported image processor (``hf/processing_llavaonevision1_5.py``) = ``preprocess_image``
-  with the longest-side cap, and its token counts = ``image_token_count``;
+- the exported image processor (``hf/remote_code/processing_llavaonevision1_5.py``) =
+  ``preprocess_image`` with the longest-side cap, and its token counts = ``image_token_count``;
 - ``encode_conversation`` (ours) = ``tokenizer.apply_chat_template`` / the processor on single-
   and multi-turn, single- and multi-image conversations, with the intended differences listed.
 """

@@ -66,13 +66,13 @@ def _run(overrides: list[str]) -> dict:
 
 def _save_initial_weights(init_dir: str) -> None:
     from lov15_megatron.config import load_config
+    from lov15_megatron.models.registry import family_for_config
     from lov15_megatron.runtime import distributed
-    from lov15_megatron.train import model_provider
     from lov15_megatron.training import checkpointing, setup
 
     cfg = load_config(CONFIG, COMMON)
     distributed.initialize(cfg)
-    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, model_provider(cfg)))
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, family_for_config(cfg).build_model))
     checkpointing.save_model_weights(model, init_dir)
 
 
@@ -83,7 +83,7 @@ def _router_and_block_check() -> dict:
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     from lov15_megatron.config import load_config
-    from lov15_megatron.models.qwen3 import build_qwen3_model
+    from lov15_megatron.models.qwen3.model import build_qwen3_model
     from lov15_megatron.runtime import distributed
 
     cfg = load_config(CONFIG, [*MOE, "runtime.device=cpu", "model.language.hidden_size=64"])

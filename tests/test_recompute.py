@@ -51,7 +51,7 @@ def _saved_bytes_and_grads(model, batch) -> tuple[int, list[torch.Tensor]]:
 
 def recompute_checks() -> dict:
     from lov15_megatron.config import load_config
-    from lov15_megatron.models.llava_ov import build_llava_ov_model
+    from lov15_megatron.models.llava_ov.model import build_llava_ov_model
     from lov15_megatron.runtime import distributed
 
     common = ["runtime.device=cpu", "data.loader=synthetic", "data.seq_length=64"]

@@ -256,7 +256,7 @@ def test_verify_logit_parity(verified, tp, pp):
 
 
 def _our_logits(model_dir: Path, remote: bool) -> torch.Tensor:
-    from lov15_megatron.convert.llava_ov import LLaVAOneVisionConverter
+    from lov15_megatron.models.registry import get_family
 
     if remote:
         from transformers import AutoModelForCausalLM
@@ -271,7 +271,7 @@ def _our_logits(model_dir: Path, remote: bool) -> torch.Tensor:
             model_dir, dtype=torch.float32
         )
     model.eval()
-    converter = LLaVAOneVisionConverter()
+    converter = get_family("llava-ov-1.5")
     cfg = converter.run_config(json.loads((model_dir / "config.json").read_text()))
     with torch.no_grad():
         return model(**converter.default_inputs(cfg)).logits
@@ -361,7 +361,7 @@ def test_moe_fused_layout_converts_and_exports_as_the_template(moe, tmp_path):
 
 
 def test_release_text_model_type_resolution_and_errors(tmp_path, capsys):
-    from lov15_megatron.hf.configuration_llavaonevision1_5 import text_model_type
+    from lov15_megatron.hf.remote_code.configuration_llavaonevision1_5 import text_model_type
 
     dense_text = released_config()["text_config"]
     moe_text = released_config(experts=True)["text_config"]
@@ -372,7 +372,7 @@ def test_release_text_model_type_resolution_and_errors(tmp_path, capsys):
     assert text_model_type({}) == "qwen3"
 
     from lov15_megatron.convert.mapping import ConversionError
-    from lov15_megatron.convert.rice_vit import vision_config_from_hf
+    from lov15_megatron.models.llava_ov.hf_mapping import vision_config_from_hf
 
     vision = released_config()["vision_config"]
     assert vision_config_from_hf(vision).rope_theta == 10000.0
@@ -385,7 +385,7 @@ def test_release_text_model_type_resolution_and_errors(tmp_path, capsys):
     config = released_config(experts=True)
     del config["text_config"]["moe_intermediate_size"]
     (bad / "config.json").write_text(json.dumps(config))
-    from lov15_megatron.convert.cli import main  # in process: the CLI's own error path
+    from lov15_megatron.cli.convert_checkpoint import main  # in process: the CLI's own error path
 
     code = main(["hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(bad),
                  "--save-dir", str(tmp_path / "mc")])  # fmt: skip

@@ -104,7 +104,7 @@ class _Tower:
     def build(cfg):
         from megatron.core.transformer.module import MegatronModule
 
-        from lov15_megatron.models.rice_vit import (
+        from lov15_megatron.models.llava_ov.rice_vit import (
             build_patch_merger,
             build_rice_vit,
             rice_vit_transformer_config,
@@ -135,7 +135,7 @@ def _rank_checks(hf_state, pixel_values, grid, bad_inputs, ckpt_dir) -> dict:
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from lov15_megatron.convert.mapping import MappingTable
-    from lov15_megatron.convert.rice_vit import rice_vit_rows
+    from lov15_megatron.models.llava_ov.hf_mapping import rice_vit_rows
     from lov15_megatron.runtime import distributed
     from lov15_megatron.training.checkpointing import load_model_weights, save_model_weights
 
@@ -315,7 +315,7 @@ def test_sharded_state_dict_replicates_and_splits(results):
 def test_transformer_config_follows_the_spec():
     import torch.nn.functional as F
 
-    from lov15_megatron.models.rice_vit import (
+    from lov15_megatron.models.llava_ov.rice_vit import (
         patch_merger_transformer_config,
         rice_vit_transformer_config,
     )
@@ -334,7 +334,7 @@ def test_transformer_config_follows_the_spec():
 
 
 def test_merge_order_positions_and_rotary_formula():
-    from lov15_megatron.models.rice_vit import (
+    from lov15_megatron.models.llava_ov.rice_vit import (
         PackedImages,
         merge_order_positions,
         vision_rotary_pos_emb,
@@ -368,7 +368,7 @@ def test_merge_order_positions_and_rotary_formula():
 
 
 def test_packed_layout_thd_params_and_mask_agree():
-    from lov15_megatron.models.rice_vit import PackedImages
+    from lov15_megatron.models.llava_ov.rice_vit import PackedImages
 
     layout = PackedImages(((4, 6), (2, 2), (2, 8)))
     cpu = torch.device("cpu")
@@ -399,8 +399,8 @@ def test_thd_rope_path_equals_the_mask_path_rope():
     its own angles, as in the ``[s, b, h, d]`` path used with the mask on CPU."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    from lov15_megatron.models.rice_vit import PackedImages, vision_rotary_pos_emb
-    from lov15_megatron.models.rice_vit import rice_vit_transformer_config as vit_config
+    from lov15_megatron.models.llava_ov.rice_vit import PackedImages, vision_rotary_pos_emb
+    from lov15_megatron.models.llava_ov.rice_vit import rice_vit_transformer_config as vit_config
 
     config = vit_config(run_config(1))
     layout = PackedImages(((4, 6), (2, 2), (2, 8)))
@@ -420,7 +420,7 @@ def test_thd_rope_path_equals_the_mask_path_rope():
 
 def test_te_spec_names_resolve_to_the_same_hf_tensors():
     from lov15_megatron.convert.mapping import MappingTable
-    from lov15_megatron.convert.rice_vit import rice_vit_rows
+    from lov15_megatron.models.llava_ov.hf_mapping import rice_vit_rows
 
     table = MappingTable(rice_vit_rows(run_config(1)))
     layer = "vision_model.decoder.layers.1."
@@ -439,8 +439,8 @@ def test_te_spec_names_resolve_to_the_same_hf_tensors():
 def test_vision_config_round_trips_through_hf():
     from lov15_megatron.config import VisionModelConfig
     from lov15_megatron.convert.mapping import ConversionError
-    from lov15_megatron.convert.rice_vit import hf_vision_config, vision_config_from_hf
     from lov15_megatron.hf import RiceViTConfig
+    from lov15_megatron.models.llava_ov.hf_mapping import hf_vision_config, vision_config_from_hf
 
     release = RiceViTConfig(text_hidden_size=2560).to_dict()
     assert vision_config_from_hf(release) == VisionModelConfig()  # defaults = the release

@@ -23,7 +23,7 @@ def test_cpu_backend_is_not_an_import_side_effect():
     out = _in_fresh_python(
         "import torch; before = torch.cuda.current_device\n"
         "import lov15_megatron.runtime.cpu_backend as cb, lov15_megatron.runtime.distributed\n"
-        "import lov15_megatron.models.qwen3, lov15_megatron.train\n"
+        "import lov15_megatron.models.qwen3.model, lov15_megatron.train\n"
         "print(cb.is_enabled(), torch.cuda.current_device is before)"
     )
     assert out == "False True"

@@ -73,9 +73,9 @@ def inputs(tmp_path_factory) -> Path:
     from data_fixtures import pack
     from helpers import ok
 
-    from lov15_megatron.convert.stage0 import make_stage0
     from lov15_megatron.demo.quickstart import make_sources
     from lov15_megatron.demo.shapes_dataset import generate_shapes_dataset
+    from lov15_megatron.models.llava_ov.stage0 import make_stage0
 
     root = tmp_path_factory.mktemp("slurm")
     data = generate_shapes_dataset(root / "raw", seed=0, n_caption=40, n_instruct=4, n_eval=2)

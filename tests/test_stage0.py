@@ -1,4 +1,5 @@
-"""Tests of the stage-0 builder (``tools/make_stage0.py``, ``lov15_megatron.convert.stage0``).
+"""Tests of the stage-0 builder (``tools/make_stage0.py``,
+``lov15_megatron.models.llava_ov.stage0``).
 
 Tiny random source checkpoints are built here: a ``transformers`` ``MLCDVisionModel`` (the Rice
 ViT's layout) and ``Qwen3ForCausalLM`` models, one tied and one untied, every parameter
@@ -33,13 +34,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lov15_megatron.convert.stage0 import init_merger, make_stage0, plan_stage0
 from lov15_megatron.hf import (
     AUTO_MAP,
     LLaVAOneVision1_5_ForConditionalGeneration,
     mlcd_to_rice_vit_state_dict,
     raster_to_merge_order,
 )
+from lov15_megatron.models.llava_ov.stage0 import init_merger, make_stage0, plan_stage0
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "make_stage0.py"

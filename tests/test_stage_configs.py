@@ -169,14 +169,14 @@ def test_stage_configs_need_a_data_path():
 @pytest.mark.parametrize("size", SIZES)
 def test_total_parameters_match_the_release(size):
     """The HF-side model (lov15_megatron.hf) built on the meta device from the config's shapes."""
-    from lov15_megatron.convert.llava_ov import LLaVAOneVisionConverter
     from lov15_megatron.hf import (
         LLaVAOneVision1_5_Config,
         LLaVAOneVision1_5_ForConditionalGeneration,
     )
+    from lov15_megatron.models.registry import get_family
 
     cfg = load_config(CONFIGS / "models" / f"llava_ov_1_5_{size}.yaml")
-    hf = LLaVAOneVisionConverter().hf_config(cfg, {})
+    hf = get_family("llava-ov-1.5").hf_config(cfg, {})
     config = LLaVAOneVision1_5_Config(
         **{k: v for k, v in hf.items() if k not in ("model_type", "architectures", "auto_map")}
     )

@@ -57,7 +57,7 @@ def test_converter_error_after_importing_megatron_is_one_line(tmp_path) -> None:
     # The converter imports megatron.core before it looks at its input: on CPU that import warns
     # about the missing Transformer Engine / Apex unless the package silences those notices.
     missing = tmp_path / "missing"
-    cmd = [sys.executable, "-m", "lov15_megatron.convert.cli", "hf-to-mcore",
+    cmd = [sys.executable, "-m", "lov15_megatron.cli.convert_checkpoint", "hf-to-mcore",
            "--model", "llava-ov-1.5", "--hf-dir", str(missing),
            "--save-dir", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,

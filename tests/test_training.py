@@ -144,14 +144,14 @@ def _read_weights(paths: list[str]) -> list[list]:
     from lov15_megatron.checkpoint_dir import resolve
     from lov15_megatron.convert import core
     from lov15_megatron.convert.mcore_io import build_on_meta, load_streaming
-    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
 
     distributed.initialize(core.converter_runtime_config())
     out = []
     for path in paths:
         cfg = core.run_config_of_checkpoint(resolve(path))
-        model = build_on_meta(lambda cfg=cfg: get_converter("llava-ov-1.5").build_model(cfg))
+        model = build_on_meta(lambda cfg=cfg: get_family("llava-ov-1.5").build_model(cfg))
         out.append(list(load_streaming(model, resolve(path))))
     return out
 

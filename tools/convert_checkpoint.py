@@ -3,7 +3,7 @@
 
 import sys
 
-from lov15_megatron.convert.cli import main
+from lov15_megatron.cli.convert_checkpoint import main
 
 if __name__ == "__main__":  # the guard matters: checkpoint I/O starts helper processes (spawn)
     sys.exit(main())

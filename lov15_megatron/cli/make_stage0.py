@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status (0, or 2 on bad input)."""
     args = build_parser().parse_args(argv)
-    from lov15_megatron.convert.stage0 import make_stage0
     from lov15_megatron.data.image_processing import ImageConfig
+    from lov15_megatron.models.llava_ov.stage0 import make_stage0
 
     try:
         image = ImageConfig(args.min_pixels, args.max_pixels, args.max_image_side)

@@ -1,5 +1,5 @@
-"""What the model-independent conversion (``convert/core.py``, ``convert/verify.py``) asks of a
-model: the interface every registered converter implements (``convert/registry.py``).
+"""What the model-independent conversion (``convert/core.py``, ``verify.py``) asks of a
+model: the interface every registered converter implements (``models/registry.py``).
 
 A converter names its Megatron provider (``build_model``), its mapping table (``table``), its
 HF config ⇄ run config translation (``run_config`` / ``hf_config``) and its HF export
@@ -32,6 +32,29 @@ def parallel_layout(
     if ep > 1:
         out.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     return out
+
+
+def conversion_run_config(
+    model: dict[str, Any], tp: int = 1, pp: int = 1, ep: int = 1, source: str = "config.json"
+) -> RunConfig:
+    """The run config a conversion (or ``verify``) builds ``model`` with: one CPU process per
+    rank at TP×PP(×EP), sequences of at most 32 tokens (only the model's shapes matter).
+
+    ``model`` is the ``model`` section as a dict (``language`` and, for a VLM, ``vision``);
+    ``source`` names where it came from in errors.
+    """
+    from lov15_megatron.config import config_from_dict
+
+    lm = model["language"]
+    return config_from_dict(
+        {
+            "model": model,
+            "parallel": parallel_layout(lm, tp, pp, ep),
+            "data": {"seq_length": min(32, lm["max_position_embeddings"])},
+            "runtime": {"device": "cpu"},
+        },
+        source=source,
+    )
 
 
 class Converter:

@@ -1,8 +1,9 @@
 """The model-independent conversion: HF directory ⇄ Megatron distributed checkpoint.
 
-A model plugs in with a converter object (``convert/qwen3.py``): its run config from the HF
-``config.json``, its mapping table, its Megatron model builder and its HF config writer. The
-steps here are the same for every model:
+A model plugs in as its registered family (``models/<family>/family.py``, a
+:class:`~lov15_megatron.convert.converter.Converter`): its run config from the HF ``config.json``,
+its mapping table, its Megatron model builder and its HF config writer. The steps here are the
+same for every model:
 
 * ``hf_to_mcore``: build the model on ``meta`` at TP=1/PP=1 (the checkpoint layout), check every
   HF tensor against it *before* writing (missing, unexpected, wrong shape → one clear error),
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from lov15_megatron import checkpoint_dir
 from lov15_megatron.checkpoint_dir import MODEL_FILE, model_file_text, resolve
 from lov15_megatron.config import RunConfig, config_from_dict, config_to_dict
+from lov15_megatron.convert.converter import conversion_run_config
 from lov15_megatron.convert.hf_experts import FusedExpertWriter, has_fused_experts
 from lov15_megatron.convert.hf_io import (
     HFCheckpointReader,
@@ -202,21 +204,9 @@ def run_config_of_checkpoint(
     load_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> RunConfig:
     """The checkpoint's model at TP×PP (and, for an MoE model, EP with expert TP 1)."""
-    from lov15_megatron.convert.converter import parallel_layout
-
     meta = read_model_file(load_dir)
-    parallel = parallel_layout(meta["model_config"]["language"], tp, pp, ep)
-    return config_from_dict(
-        {
-            "model": meta["model_config"],
-            "parallel": parallel,
-            "runtime": {"device": "cpu"},
-            "data": {
-                "seq_length": min(32, meta["model_config"]["language"]["max_position_embeddings"])
-            },
-        },
-        source=str(Path(load_dir) / MODEL_FILE),
-    )
+    source = str(Path(load_dir) / MODEL_FILE)
+    return conversion_run_config(meta["model_config"], tp, pp, ep, source=source)
 
 
 def mcore_to_hf(

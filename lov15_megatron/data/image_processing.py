@@ -1,7 +1,7 @@
 """Qwen2-VL style image preprocessing (docs/model-reference.md §6), header-only size reading.
 
 The one image-size rule shared by the packer, the task encoder and the exported HF processor
-(``lov15_megatron/hf/processing_llavaonevision1_5.py`` reads its settings from
+(``lov15_megatron/hf/remote_code/processing_llavaonevision1_5.py`` reads its settings from
 :class:`ImageConfig`):
 
 - :func:`cap_longest_side`: optional first step, the longest side scaled down to

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if done("pack"):
         return 0
     print("[4/7] stage-0 HF -> Megatron (convert_checkpoint hf-to-mcore)", flush=True)
-    tool("convert.cli", "hf-to-mcore", "--model", "llava-ov-1.5",
+    tool("cli.convert_checkpoint", "hf-to-mcore", "--model", "llava-ov-1.5",
         "--hf-dir", str(out / "stage0_hf"), "--save-dir", str(out / "stage0_mcore"))  # fmt: skip
     if done("convert"):
         return 0
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if done("train"):
         return 0
     print("[6/7] export to Hugging Face (mcore-to-hf) and answer held-out questions", flush=True)
-    tool("convert.cli", "mcore-to-hf", "--model", "llava-ov-1.5",
+    tool("cli.convert_checkpoint", "mcore-to-hf", "--model", "llava-ov-1.5",
         "--load-dir", str(out / "stage2"), "--save-dir", str(out / "final_hf"),
         "--hf-template", str(out / "stage0_hf"))  # fmt: skip
     tool("cli.evaluate", "--checkpoint", str(out / "final_hf"),

@@ -34,11 +34,7 @@ from lov15_megatron.data.image_processing import (
 )
 from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
 
-from . import (
-    configuration_llavaonevision1_5,
-    modeling_llavaonevision1_5,
-    processing_llavaonevision1_5,
-)
+from .remote_code import CODE_FILES
 
 #: The ``auto_map`` written into ``config.json``.
 AUTO_MAP: dict[str, str] = {
@@ -57,13 +53,6 @@ PROCESSOR_AUTO_MAP: dict[str, str] = {
     "AutoImageProcessor": "processing_llavaonevision1_5.LLaVAOneVision1_5_ImageProcessor",
     "AutoProcessor": "processing_llavaonevision1_5.LLaVAOneVision1_5_Processor",
 }
-
-#: The source files that make the model loadable as remote code.
-CODE_FILES: tuple[Path, ...] = (
-    Path(configuration_llavaonevision1_5.__file__),
-    Path(modeling_llavaonevision1_5.__file__),
-    Path(processing_llavaonevision1_5.__file__),
-)
 
 #: Tokenizer files copied from a tokenizer directory (those it has).
 TOKENIZER_SOURCE_FILES = (

@@ -28,7 +28,7 @@ MLCD_DROPPED = ("post_layernorm.weight", "post_layernorm.bias")
 
 #: The one name table: Rice ViT name (under ``visual.`` in the release layout) -> MLCD name(s),
 #: ``*`` = layer index. Several names are concatenated along dim 0 (``qkv`` rows are
-#: ``[Q; K; V]``). Used here in memory and by ``convert/stage0.py`` on disk.
+#: ``[Q; K; V]``). Used here in memory and by ``models/llava_ov/stage0.py`` on disk.
 VIT_MAPPING: dict[str, tuple[str, ...]] = {
     "patch_embed.proj.weight": ("embeddings.patch_embedding.weight",),
     "class_embedding": ("embeddings.class_embedding",),

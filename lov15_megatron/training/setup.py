@@ -26,7 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import RunConfig
-from lov15_megatron.models.llava_ov import GROUP_MODULES
+from lov15_megatron.models.llava_ov.model import GROUP_MODULES
 
 ModelProvider = Callable[[RunConfig, int | None], MegatronModule]
 """``provider(cfg, vp_stage) -> module`` builds one pipeline chunk on this rank."""

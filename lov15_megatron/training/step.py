@@ -16,7 +16,7 @@ vocabulary is kept out of the softmax, and logits are computed only at loss posi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,6 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.models.registry import ModelFamily
 
 
 @dataclass
@@ -112,55 +113,20 @@ def schedule_shape(cfg: RunConfig) -> tuple[int, int]:
     return (b * s, 1) if uses_thd(cfg) else (s, b)
 
 
-def language_forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """Forward step of a language-model micro-batch (every pipeline stage reads the batch)."""
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    layout = _layout(model)
-    if layout["cp"] > 1:
-        from lov15_megatron.models.packed_seq import thd_model_inputs
+def make_forward_step(family: ModelFamily, cfg: RunConfig) -> Callable:
+    """Megatron's forward-step function for ``family``'s model: this micro-batch moved to the
+    model's device, turned into the model's inputs by the family (``forward_inputs``: e.g. one
+    THD stream for the VLM or under context parallelism), and the loss function that weighs the
+    returned per-token losses as ``train.loss_weighting`` says."""
 
-        batch = thd_model_inputs(batch, **layout)
-    losses = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=None,
-        packed_seq_params=batch.get("packed_seq_params"),
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-    )
-    return losses, _loss_func(model, batch["loss_mask"])
+    def forward_step(data_iterator: Iterator, model: torch.nn.Module):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        inputs = family.forward_inputs(cfg, batch, _layout(model))
+        return model(**inputs), _loss_func(model, inputs["loss_mask"])
 
-
-def vlm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """Forward step of a (packed) vision-language micro-batch.
-
-    The batch is the task encoder's: ``input_ids``, ``labels`` (already shifted), ``loss_mask``,
-    ``position_ids`` ``[b, s]``, ``pixel_values``, ``image_grid_thw`` and, for packed rows,
-    ``cu_seqlens`` over the flattened ``[b·s]`` stream. It reaches the model as one THD stream
-    (:func:`~lov15_megatron.models.packed_seq.thd_model_inputs`): the flattened rows, or under
-    context parallelism this CP rank's load-balanced part of every sub-sample.
-    """
-    from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
-    from lov15_megatron.models.packed_seq import thd_model_inputs
-
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    batch = thd_model_inputs(batch, image_token_id=IMAGE_PAD_ID, **_layout(model))
-    losses = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=None,
-        pixel_values=batch.get("pixel_values"),
-        image_grid_thw=batch.get("image_grid_thw"),
-        packed_seq_params=batch["packed_seq_params"],
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        image_feature_index=batch.get("image_feature_index"),
-    )
-    return losses, _loss_func(model, batch["loss_mask"])
+    return forward_step
 
 
 def _reduce_loss(loss_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -195,9 +161,15 @@ def train_step(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     num_microbatches: int,
-    forward_step=language_forward_step,
+    forward_step: Callable | None = None,
 ) -> StepResult:
-    """Zero grads, run forward/backward over all micro-batches, step optimizer and scheduler."""
+    """Zero grads, run forward/backward over all micro-batches, step optimizer and scheduler.
+
+    ``forward_step`` defaults to the registered family's (:func:`make_forward_step`)."""
+    if forward_step is None:
+        from lov15_megatron.models.registry import family_for_config
+
+        forward_step = make_forward_step(family_for_config(cfg), cfg)
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

@@ -9,22 +9,24 @@ from pathlib import Path
 
 from lov15_megatron.config import ConfigError, validate_world_size
 from lov15_megatron.convert.mapping import ConversionError
-from lov15_megatron.convert.registry import MODELS, REGISTRY
+from lov15_megatron.models.registry import families, get_family
 
-_MODEL_HELP = "registered models: " + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values())
+
+def _model_help() -> str:
+    return "registered models: " + "; ".join(f"{f.name}: {f.summary}" for f in families().values())
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
     # Not argparse choices: an unknown name is one line listing the registered models (exit 2).
-    parser.add_argument("--model", required=True, metavar="{" + ",".join(MODELS) + "}",
-                        help=_MODEL_HELP)  # fmt: skip
+    parser.add_argument("--model", required=True, metavar="{" + ",".join(families()) + "}",
+                        help=_model_help())  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
         description="Hugging Face <-> Megatron-Core (torch_dist) checkpoint conversion.",
-        epilog=_MODEL_HELP,
+        epilog=_model_help(),
     )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron distributed checkpoint")
@@ -65,7 +67,7 @@ def _check_layout(converter, hf_dir: str, tp: int, pp: int, ep: int) -> None:
     from lov15_megatron.config import config_from_dict, config_to_dict
     from lov15_megatron.convert.converter import parallel_layout
     from lov15_megatron.convert.hf_io import HFCheckpointReader
-    from lov15_megatron.convert.verify import world_size
+    from lov15_megatron.verify import world_size
 
     raw = config_to_dict(converter.run_config(HFCheckpointReader(hf_dir).config, tp, pp))
     raw["parallel"].update(parallel_layout(raw["model"]["language"], tp, pp, ep))
@@ -87,12 +89,9 @@ def _image_overrides(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.model not in REGISTRY:
-            from lov15_megatron.convert.registry import get_converter
-
-            get_converter(args.model)  # raises: the unknown name and the registered ones
+        family = get_family(args.model)  # an unknown name: one line listing the registered ones
         if args.command == "verify":
-            from lov15_megatron.convert.verify import parse_layout, verify_layouts
+            from lov15_megatron.verify import parse_layout, verify_layouts
 
             try:
                 layouts = [parse_layout(text) for text in args.layouts or []]
@@ -104,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result))
             return 0
         from lov15_megatron.convert import core
-        from lov15_megatron.convert.registry import get_converter
         from lov15_megatron.runtime import distributed
 
-        converter = get_converter(args.model)
+        converter = family
         if args.command == "hf-to-mcore":
             _check_layout(converter, args.hf_dir, args.tp, args.pp, args.ep)
         else:
@@ -134,5 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":  # python -m lov15_megatron.convert.cli (worker processes are spawned)
+# python -m lov15_megatron.cli.convert_checkpoint (the quickstart; spawned workers import it)
+if __name__ == "__main__":
     sys.exit(main())

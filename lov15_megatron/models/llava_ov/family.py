@@ -1,36 +1,48 @@
-"""LLaVA-OneVision-1.5: the HF ⇄ Megatron table (Rice ViT + merger + Qwen3) and configs.
+"""The ``llava-ov-1.5`` family: the Rice ViT and merger over a registered language family.
 
 The HF side is the release's on-disk layout (``visual.…``, ``model.…``, ``lm_head.weight``);
-``mcore-to-hf`` writes ``config.json`` with ``auto_map`` and the modeling code from
-``lov15_megatron/hf`` next to the weights, so an export loads with
+``mcore-to-hf`` writes ``config.json`` with ``auto_map`` and the remote code of
+``lov15_megatron/hf/remote_code`` next to the weights, so an export loads with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lov15_megatron.config import RunConfig, config_from_dict
-from lov15_megatron.convert.converter import Converter, parallel_layout
+from lov15_megatron.config import RunConfig
+from lov15_megatron.convert.converter import conversion_run_config
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
-from lov15_megatron.convert.registry import language_family, language_family_of_hf
-from lov15_megatron.convert.rice_vit import hf_vision_config, rice_vit_rows, vision_config_from_hf
 from lov15_megatron.data.special_tokens import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
+from lov15_megatron.models.llava_ov.hf_mapping import (
+    hf_vision_config,
+    llava_ov_rows,
+    vision_config_from_hf,
+    vision_of,
+)
+from lov15_megatron.models.registry import (
+    ModelFamily,
+    families,
+    language_family,
+    language_family_of_hf,
+    register_family,
+)
 
 
-class LLaVAOneVisionConverter(Converter):
-    """What the generic converter (``convert/core.py``) needs to know about LLaVA-OV-1.5.
+@register_family
+class LLaVAOneVision(ModelFamily):
+    """LLaVA-OV-1.5 for the trainer, the converter, ``verify`` and the HF export.
 
     The language model is any registered LM family (``qwen3``, ``qwen3-moe``): picked by the
     HF ``text_config.model_type`` on the way in and by ``model.language`` on the way out.
     """
 
     name = "llava-ov-1.5"
+    summary = "LLaVA-OneVision-1.5: Rice ViT + merger over a qwen3 or qwen3-moe LM"
     hf_architecture = "LLaVAOneVision1_5_ForConditionalGeneration"
 
     def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
@@ -45,25 +57,34 @@ class LLaVAOneVisionConverter(Converter):
                 "(build stage-0 checkpoints with tools/make_stage0.py, which unties them)"
             )
         vision = vision_config_from_hf(hf_config["vision_config"])
-        return config_from_dict(
-            {
-                "model": {"language": asdict(lm), "vision": asdict(vision)},
-                "parallel": parallel_layout(lm, tp, pp),
-                "data": {"seq_length": min(32, lm.max_position_embeddings)},
-                "runtime": {"device": "cpu"},
-            },
-            source="config.json",
-        )
+        return conversion_run_config({"language": asdict(lm), "vision": asdict(vision)}, tp, pp)
+
+    def accepts(self, cfg: RunConfig) -> bool:
+        return cfg.model.vision is not None
 
     def table(self, cfg: RunConfig) -> MappingTable:
-        family = language_family(cfg.model.language)
-        rows = rice_vit_rows(cfg) + family.rows(cfg, mcore="language_model.", hf="model.")
-        return MappingTable(rows)
+        return MappingTable(llava_ov_rows(cfg))
 
-    def build_model(self, cfg: RunConfig, vp_stage: int | None = None):
-        from lov15_megatron.models.llava_ov import build_llava_ov_model
+    def build_model(self, cfg: RunConfig, vp_stage: int | None = None) -> torch.nn.Module:
+        from lov15_megatron.models.llava_ov.model import build_llava_ov_model
 
         return build_llava_ov_model(cfg, vp_stage=vp_stage)
+
+    def forward_inputs(
+        self, cfg: RunConfig, batch: dict[str, Any], layout: dict[str, int]
+    ) -> dict[str, Any]:
+        from lov15_megatron.models.llava_ov.step import vlm_model_inputs
+
+        return vlm_model_inputs(batch, layout, IMAGE_PAD_ID)
+
+    def step_losses(self, cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
+        """The language model's (router losses of a qwen3-moe LM)."""
+        return language_family(cfg.model.language).step_losses(cfg, num_microbatches)
+
+    def discard_step_losses(self) -> None:
+        for family in families().values():
+            if family.is_language_model:
+                family.discard_step_losses()
 
     def hf_config(self, cfg: RunConfig, template: dict[str, Any]) -> dict[str, Any]:
         from lov15_megatron.hf.export import AUTO_MAP
@@ -81,7 +102,7 @@ class LLaVAOneVisionConverter(Converter):
             text_config=text,
             vision_config={
                 **template.get("vision_config", {}),
-                **hf_vision_config(cfg.model.vision, lm.hidden_size),
+                **hf_vision_config(vision_of(cfg), lm.hidden_size),
             },
             tie_word_embeddings=False,
         )
@@ -100,14 +121,14 @@ class LLaVAOneVisionConverter(Converter):
         write_model_code(directory)
         write_hf_assets(directory, image=image, keep_existing=True)
 
-    def hf_model_class(self):
+    def hf_model_class(self) -> type:
         from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
 
         return LLaVAOneVision1_5_ForConditionalGeneration
 
     def default_inputs(self, cfg: RunConfig, seed: int = 0) -> dict[str, torch.Tensor]:
         """Two rows with text and three images of different sizes (one row text-only)."""
-        v = cfg.model.vision
+        v = vision_of(cfg)
         gen = torch.Generator().manual_seed(seed)
         grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4]])
         merge = v.spatial_merge_size**2
@@ -133,7 +154,3 @@ class LLaVAOneVisionConverter(Converter):
             "pixel_values": pixels,
             "image_grid_thw": grids,
         }
-
-
-def read_hf_config(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "config.json").read_text())

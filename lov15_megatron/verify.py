@@ -41,12 +41,12 @@ def megatron_logits(
 
     from lov15_megatron.config import config_from_dict, config_to_dict
     from lov15_megatron.convert.core import run_config_of_checkpoint
-    from lov15_megatron.convert.registry import get_converter
-    from lov15_megatron.models.qwen3 import zero_vocab_padding
+    from lov15_megatron.models.qwen3.model import zero_vocab_padding
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
     from lov15_megatron.training import checkpointing, setup
 
-    converter = get_converter(model_name)
+    converter = get_family(model_name)
     raw = config_to_dict(run_config_of_checkpoint(load_dir, tp, pp, ep))
     input_ids = inputs["input_ids"]
     batch, seq = input_ids.shape
@@ -143,14 +143,14 @@ def verify_layouts(
     from lov15_megatron.config import ConfigError, validate_world_size
     from lov15_megatron.convert.core import run_config_of_checkpoint
     from lov15_megatron.convert.hf_io import HFCheckpointReader
-    from lov15_megatron.convert.registry import get_converter
+    from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime.launch import run_ranks
 
     if not layouts:
         raise ConfigError("verify: no layout given")
     if dump_logits and len(layouts) > 1:
         raise ConfigError(f"verify: --dump-logits takes one layout, got {len(layouts)}")
-    converter = get_converter(model_name)
+    converter = get_family(model_name)
     HFCheckpointReader(hf_dir)  # a missing or unreadable HF directory is named here
     # Each layout must fit the model (heads, layers) before any rank starts: a ConfigError.
     world = max(world_size(*layout) for layout in layouts)

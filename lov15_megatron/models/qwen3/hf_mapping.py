@@ -1,4 +1,4 @@
-"""Qwen3: the HF ⇄ Megatron mapping table and config translation.
+"""Qwen3: the HF ⇄ Megatron mapping rows and the HF config ⇄ ``LanguageModelConfig`` translation.
 
 The rows are written with prefixes so that the vision-language model reuses them for its
 language model (``language_model.`` on the Megatron side).
@@ -7,20 +7,17 @@ language model (``language_model.`` on the Megatron side).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict
 from typing import Any
 
-from lov15_megatron.config import LanguageModelConfig, RunConfig, config_from_dict
-from lov15_megatron.convert.converter import Converter, parallel_layout
+from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.mapping import (
     Concat,
     ConversionError,
     GroupedQKV,
-    MappingTable,
     PaddedRows,
     ParamMapping,
 )
-from lov15_megatron.models.qwen3 import build_qwen3_model, model_vocab_size
+from lov15_megatron.models.qwen3.model import model_vocab_size
 
 # HF config field → our LanguageModelConfig field.
 _HF_FIELDS = {
@@ -78,22 +75,6 @@ def hf_config_from_language(lm: LanguageModelConfig, template: dict[str, Any]) -
     out["tie_word_embeddings"] = not lm.untie_embeddings_and_output_weights
     out.update(attention_bias=False, hidden_act="silu")
     return out
-
-
-def run_config_from_hf(
-    hf: dict[str, Any], tp: int = 1, pp: int = 1, language_config=None
-) -> RunConfig:
-    """A run config holding the model of ``hf`` at the given layout on CPU."""
-    lm = (language_config or language_config_from_hf)(hf)
-    return config_from_dict(
-        {
-            "model": {"language": asdict(lm)},
-            "parallel": parallel_layout(lm, tp, pp),
-            "data": {"seq_length": min(32, lm.max_position_embeddings)},
-            "runtime": {"device": "cpu"},
-        },
-        source="config.json",
-    )
 
 
 # The Transformer Engine spec's name for a tensor of the local spec (layer-relative; the local
@@ -168,66 +149,3 @@ def qwen3_rows(
 ) -> list[ParamMapping]:
     """Rows for the Qwen3 LM (Megatron prefix ``mcore``, HF prefixes ``hf`` and ``head``)."""
     return lm_rows(cfg, dense_mlp_rows, TE_NAMES, mcore, hf, head)
-
-
-class Qwen3Family:
-    """The Qwen3 language-model family: HF config ⇄ ``LanguageModelConfig`` and its rows (the
-    language-only converter and the VLM use it for their LM)."""
-
-    name = "qwen3"
-    hf_model_type = "qwen3"
-    hf_architecture = "Qwen3ForCausalLM"
-
-    def matches(self, lm: LanguageModelConfig) -> bool:
-        return lm.num_experts is None
-
-    def language_config(self, hf: dict[str, Any]) -> LanguageModelConfig:
-        return language_config_from_hf(hf)
-
-    def hf_text_config(self, lm: LanguageModelConfig, template: dict[str, Any]) -> dict[str, Any]:
-        return hf_config_from_language(lm, template)
-
-    def rows(self, cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."):
-        return qwen3_rows(cfg, mcore, hf, head)
-
-    def hf_model_class(self):
-        from transformers import Qwen3ForCausalLM
-
-        return Qwen3ForCausalLM
-
-
-class LanguageModelConverter(Converter):
-    """A language-only model of a Qwen3-style ``family`` (see ``convert/core.py``)."""
-
-    def __init__(self, family) -> None:
-        self.family = family
-        self.name = family.name
-        self.hf_architecture = family.hf_architecture
-
-    def run_config(self, hf_config: dict[str, Any], tp: int = 1, pp: int = 1) -> RunConfig:
-        return run_config_from_hf(hf_config, tp, pp, self.family.language_config)
-
-    def table(self, cfg: RunConfig) -> MappingTable:
-        return MappingTable(self.family.rows(cfg))
-
-    def build_model(self, cfg: RunConfig, vp_stage: int | None = None):
-        return build_qwen3_model(cfg, vp_stage=vp_stage)
-
-    def hf_config(self, cfg: RunConfig, template: dict[str, Any]) -> dict[str, Any]:
-        out = self.family.hf_text_config(cfg.model.language, template)
-        out.setdefault("model_type", self.family.hf_model_type)
-        out["architectures"] = [self.hf_architecture]
-        return out
-
-    def ignorable_hf_tensor(self, name: str, cfg: RunConfig) -> bool:
-        """HF tensors that have no Megatron counterpart but carry no information."""
-        tied = not cfg.model.language.untie_embeddings_and_output_weights
-        return tied and name == "lm_head.weight"
-
-    def hf_model_class(self):
-        return self.family.hf_model_class()
-
-
-class Qwen3Converter(LanguageModelConverter):
-    def __init__(self) -> None:
-        super().__init__(Qwen3Family())

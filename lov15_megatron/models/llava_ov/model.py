@@ -34,8 +34,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import TRAINABLE_GROUPS, ConfigError, RunConfig
 from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
-from lov15_megatron.models.qwen3 import build_qwen3_model, qwen3_transformer_config
-from lov15_megatron.models.rice_vit import build_patch_merger, build_rice_vit
+from lov15_megatron.models.llava_ov.rice_vit import build_patch_merger, build_rice_vit
+from lov15_megatron.models.qwen3.model import build_qwen3_model, qwen3_transformer_config
 
 GROUP_MODULES = {
     "vision": "vision_model",

@@ -1,8 +1,8 @@
 """Qwen3-MoE (``Qwen3MoeForCausalLM``, e.g. Qwen3-30B-A3B): config translation and rows.
 
-The attention, norms, embeddings and head are Qwen3's (``convert/qwen3.py``); every layer's MLP
-is a sparse block: the router ``mlp.gate`` ⇄ Megatron's ``mlp.router``, and expert ``e``'s
-``gate_proj``/``up_proj``/``down_proj`` ⇄ ``mlp.experts.local_experts.e.linear_fc1``/``fc2``
+The attention, norms, embeddings and head are Qwen3's (``models/qwen3/hf_mapping.py``); every
+layer's MLP is a sparse block: the router ``mlp.gate`` ⇄ Megatron's ``mlp.router``, and expert
+``e``'s ``gate_proj``/``up_proj``/``down_proj`` ⇄ ``mlp.experts.local_experts.e.linear_fc1``/``fc2``
 (the SequentialMLP of the local spec; TE's grouped GEMM names them ``linear_fc1.weight<e>``).
 The converter writes the experts at EP=1; Megatron's distributed checkpoint reshards them over
 any expert-parallel size at load (each expert is one slice of a stacked tensor).
@@ -15,13 +15,10 @@ from typing import Any
 
 from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.mapping import Concat, ConversionError, ParamMapping
-from lov15_megatron.convert.qwen3 import (
+from lov15_megatron.models.qwen3.hf_mapping import (
     TE_NAMES,
-    LanguageModelConverter,
-    Qwen3Family,
     hf_config_from_language,
     language_config_from_hf,
-    lm_rows,
 )
 
 # HF field → ours (the dense fields are Qwen3's).
@@ -95,33 +92,3 @@ def moe_mlp_rows(cfg: RunConfig, layer: str, hl: str) -> list[ParamMapping]:
         ),
         ParamMapping(f"{expert}linear_fc2.weight", (f"{hexpert}down_proj.weight",)),
     ]
-
-
-class Qwen3MoeFamily(Qwen3Family):
-    """The Qwen3-MoE language-model family."""
-
-    name = "qwen3-moe"
-    hf_model_type = "qwen3_moe"
-    hf_architecture = "Qwen3MoeForCausalLM"
-
-    def matches(self, lm: LanguageModelConfig) -> bool:
-        return lm.num_experts is not None
-
-    def language_config(self, hf: dict[str, Any]) -> LanguageModelConfig:
-        return moe_language_config_from_hf(hf)
-
-    def hf_text_config(self, lm: LanguageModelConfig, template: dict[str, Any]) -> dict[str, Any]:
-        return moe_hf_config_from_language(lm, template)
-
-    def rows(self, cfg: RunConfig, mcore: str = "", hf: str = "model.", head: str = "lm_head."):
-        return lm_rows(cfg, moe_mlp_rows, MOE_TE_NAMES, mcore, hf, head)
-
-    def hf_model_class(self):
-        from transformers import Qwen3MoeForCausalLM
-
-        return Qwen3MoeForCausalLM
-
-
-class Qwen3MoeConverter(LanguageModelConverter):
-    def __init__(self) -> None:
-        super().__init__(Qwen3MoeFamily())

@@ -1,10 +1,11 @@
-"""Rice ViT + patch merger: the HF ⇄ Megatron mapping rows and vision-config translation.
+"""LLaVA-OneVision-1.5: the HF ⇄ Megatron mapping rows (Rice ViT, merger, then the language
+family's) and the vision-config translation.
 
 The rows are written with prefixes so that the vision-language model composes them with the
 Qwen3 rows: HF ``visual.…`` (the release's on-disk names) ⇄ Megatron ``vision_model.…``
-(:class:`~lov15_megatron.models.rice_vit.RiceViT`) and ``vision_projection.…``
-(:class:`~lov15_megatron.models.rice_vit.PatchMerger`). Megatron names are the TP=1 names of the
-local spec, plus the Transformer Engine spec's fused-norm names
+(:class:`~lov15_megatron.models.llava_ov.rice_vit.RiceViT`) and ``vision_projection.…``
+(:class:`~lov15_megatron.models.llava_ov.rice_vit.PatchMerger`). Megatron names are the TP=1
+names of the local spec, plus the Transformer Engine spec's fused-norm names
 (``linear_qkv.layer_norm_{weight,bias}``, ``linear_fc1.layer_norm_{weight,bias}``) as aliases
 of the same HF tensors, so the table serves whichever spec the model was built with.
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from lov15_megatron.config import RunConfig, VisionModelConfig
 from lov15_megatron.convert.mapping import ConversionError, GroupedQKV, ParamMapping
-from lov15_megatron.hf.configuration_llavaonevision1_5 import RELEASE_VISION_ROPE_THETA
+from lov15_megatron.hf.remote_code.configuration_llavaonevision1_5 import RELEASE_VISION_ROPE_THETA
 
 # HF ``vision_config`` field → our VisionModelConfig field.
 _HF_VISION_FIELDS = {
@@ -79,6 +80,13 @@ def hf_vision_config(v: VisionModelConfig, text_hidden_size: int) -> dict[str, A
     return out
 
 
+def vision_of(cfg: RunConfig) -> VisionModelConfig:
+    """``cfg.model.vision``; a config without a vision tower is a ConversionError."""
+    if cfg.model.vision is None:
+        raise ConversionError("model.vision is not set: the config has no vision tower")
+    return cfg.model.vision
+
+
 def rice_vit_rows(
     cfg: RunConfig,
     mcore_vision: str = "vision_model.",
@@ -87,9 +95,7 @@ def rice_vit_rows(
 ) -> list[ParamMapping]:
     """Rows for the Rice ViT (Megatron prefix ``mcore_vision``) and the merger
     (``mcore_merger``); HF prefix ``hf``."""
-    v = cfg.model.vision
-    if v is None:
-        raise ConversionError("model.vision is not set: the config has no vision tower")
+    v = vision_of(cfg)
     heads = v.num_attention_heads
     qkv = GroupedQKV(heads, heads, v.hidden_size // heads, stacked=True)
     layer, block = f"{mcore_vision}decoder.layers.*.", f"{hf}blocks.*."
@@ -117,3 +123,12 @@ def rice_vit_rows(
             ParamMapping(f"{mcore_merger}encoder.linear_fc2.{p}", (f"{hf}merger.mlp.2.{p}",)),
         ]
     return rows
+
+
+def llava_ov_rows(cfg: RunConfig) -> list[ParamMapping]:
+    """The whole model's rows: the Rice ViT and merger, then the language family's rows under
+    ``language_model.`` (Megatron) and ``model.`` (HF)."""
+    from lov15_megatron.models.registry import language_family
+
+    family = language_family(cfg.model.language)
+    return rice_vit_rows(cfg) + family.rows(cfg, mcore="language_model.", hf="model.")
