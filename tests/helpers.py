@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -226,3 +227,42 @@ def benchmark_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def raster_to_merge_order(height: int, width: int, merge_size: int = 2) -> torch.Tensor:
+    """Index ``idx`` with ``merge_ordered = raster_ordered[idx]`` for a ``height x width`` grid.
+
+    The reference order of MLCD's raster patches vs the Rice ViT's 2x2-merge order
+    (docs/model-reference.md §2), written here apart from the model's ``merge_order_positions``.
+    """
+    rows = torch.arange(height * width).view(height, width)
+    rows = rows.view(height // merge_size, merge_size, width // merge_size, merge_size)
+    return rows.permute(0, 2, 1, 3).flatten()
+
+
+def rice_vit_from_mlcd(
+    mlcd: Mapping[str, torch.Tensor], rice: str = "visual."
+) -> dict[str, torch.Tensor]:
+    """An MLCD vision state dict (``vision_model.`` prefix or not) in Rice ViT names under
+    ``rice``, through the stage-0 builder's table (``models/llava_ov/mlcd_mapping.py``).
+
+    Every row is applied for every layer the state dict holds (width and depth are read from
+    it); every MLCD tensor except ``MLCD_DROPPED`` must be used. The merger is not produced.
+    """
+    from lov15_megatron.models.llava_ov.mlcd_mapping import MLCD_DROPPED, MLCD_PREFIX, mlcd_rows
+
+    state = {k.removeprefix(MLCD_PREFIX): v for k, v in mlcd.items()}
+    hidden = state["embeddings.class_embedding"].shape[0]
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for row in mlcd_rows(hidden, rice):
+        for layer in range(depth) if "*" in row.megatron else range(1):
+            name = row.megatron.replace("*", str(layer))
+            sources = row.match(name)
+            assert sources is not None, name
+            out[name] = row.transform.to_megatron([state[s] for s in sources])
+            used.update(sources)
+    unused = sorted(set(state) - used - set(MLCD_DROPPED))
+    assert not unused, f"MLCD tensors the table does not use: {unused}"
+    return out

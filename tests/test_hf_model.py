@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_safetensors
+from helpers import raster_to_merge_order, read_safetensors, rice_vit_from_mlcd
 from safetensors.torch import save_file
 from tolerances import assert_close_fp32
 from transformers import AutoModelForCausalLM, MLCDVisionConfig, MLCDVisionModel, Qwen3ForCausalLM
@@ -27,8 +27,6 @@ from lov15_megatron.hf import (
     RiceViTConfig,
     RiceViTModel,
     merge_order_positions,
-    mlcd_to_rice_vit_state_dict,
-    raster_to_merge_order,
     save_pretrained_with_code,
 )
 
@@ -249,7 +247,7 @@ def mlcd_and_rice() -> tuple[MLCDVisionModel, RiceViTModel]:
     randomize_(mlcd, seed=2)
     rice = RiceViTModel(RiceViTConfig(**VISION, text_hidden_size=48)).eval()
     missing, unexpected = rice.load_state_dict(
-        mlcd_to_rice_vit_state_dict(mlcd.state_dict(), prefix=""), strict=False
+        rice_vit_from_mlcd(mlcd.state_dict(), rice=""), strict=False
     )
     assert not unexpected and all(k.startswith("merger.") for k in missing) and missing
     return mlcd, rice

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_safetensors
+from helpers import raster_to_merge_order, read_safetensors, rice_vit_from_mlcd
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tolerances import assert_close_fp32
@@ -34,12 +34,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lov15_megatron.hf import (
-    AUTO_MAP,
-    LLaVAOneVision1_5_ForConditionalGeneration,
-    mlcd_to_rice_vit_state_dict,
-    raster_to_merge_order,
-)
+from lov15_megatron.hf import AUTO_MAP, LLaVAOneVision1_5_ForConditionalGeneration
 from lov15_megatron.models.llava_ov.stage0 import init_merger, make_stage0, plan_stage0
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,7 +328,7 @@ def test_vit_matches_mlcd(built, which) -> None:
     """The ViT part = MLCDVisionModel's patch outputs in merge order, class token dropped."""
     mlcd = built["src"].mlcd
     model = load(built["out"][which])
-    expected_vit = mlcd_to_rice_vit_state_dict(mlcd.state_dict(), prefix="visual.")
+    expected_vit = rice_vit_from_mlcd(mlcd.state_dict(), rice="visual.")
     state = model.state_dict()
     assert expected_vit.keys() == {
         k for k in state if k.startswith("visual.") and ".merger." not in k

@@ -14,7 +14,6 @@ Written from the model's published description: docs/model-reference.md.
   (image processor + tokenizer, no video processor). Self-contained (copied next to exports).
 - :mod:`.export`: ``save_pretrained_with_code`` / ``write_hf_assets`` (``auto_map``, code files,
   tokenizer, chat template, processor and generation config).
-- :mod:`.mlcd`: the MLCD ⇄ Rice ViT tensor-name correspondence.
 """
 
 from .export import (
@@ -24,7 +23,6 @@ from .export import (
     write_hf_assets,
     write_model_code,
 )
-from .mlcd import mlcd_to_rice_vit_state_dict, raster_to_merge_order
 from .remote_code.configuration_llavaonevision1_5 import (
     QWEN3_4B_TEXT_CONFIG,
     QWEN3_8B_TEXT_CONFIG,
@@ -51,8 +49,6 @@ __all__ = [
     "RiceViTModel",
     "add_auto_map",
     "merge_order_positions",
-    "mlcd_to_rice_vit_state_dict",
-    "raster_to_merge_order",
     "save_pretrained_with_code",
     "write_hf_assets",
     "write_model_code",

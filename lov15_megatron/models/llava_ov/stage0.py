@@ -13,10 +13,11 @@ Two steps:
 
 - :func:`plan_stage0` reads both ``config.json`` files, builds the output config and, from it,
   the list of output tensors (names and shapes taken from the HF-side model built on the
-  ``meta`` device), each with its source: one or more source tensors (the ViT ``q/k/v_proj``
-  are concatenated into ``qkv``) or a merger initialiser. Every source tensor name and shape is
-  checked here, and every source tensor must be used (or be one that is deliberately dropped),
-  so bad input fails before anything is written.
+  ``meta`` device), each with its source: one or more source tensors or a merger initialiser.
+  A vision tensor's sources and transform are its row of the MLCD table
+  (``models/llava_ov/mlcd_mapping.py``; the ViT ``q/k/v_proj`` are concatenated into ``qkv``).
+  Every source tensor name and shape is checked here, and every source tensor must be used
+  (or be one that is deliberately dropped), so bad input fails before anything is written.
 - :func:`make_stage0` streams the plan tensor by tensor through
   :class:`~lov15_megatron.convert.hf_io.HFCheckpointWriter` (bounded shards, written under
   ``<save_dir>.tmp`` and renamed when complete; removed on any error).
@@ -33,7 +34,6 @@ A tied Qwen3 (``tie_word_embeddings: true``, e.g. Qwen3-4B-Instruct-2507) is unt
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -50,9 +50,15 @@ from lov15_megatron.convert.hf_io import (
     check_save_dir,
     check_tied_lm_head,
 )
-from lov15_megatron.convert.mapping import ConversionError
+from lov15_megatron.convert.mapping import (
+    ConversionError,
+    Direct,
+    MappingTable,
+    ParamMapping,
+    Transform,
+)
 from lov15_megatron.hf.export import TOKENIZER_SOURCE_FILES
-from lov15_megatron.hf.mlcd import MLCD_DROPPED, MLCD_PREFIX, VIT_MAPPING
+from lov15_megatron.models.llava_ov.mlcd_mapping import MLCD_DROPPED, MLCD_PREFIX, mlcd_table
 from lov15_megatron.runtime.dtypes import TORCH_DTYPES, dtype_name
 
 #: ``model_type`` values accepted for the vision checkpoint's ``config.json``.
@@ -98,10 +104,11 @@ _QWEN3_DROPPED_FIELDS = (
 class TensorPlan:
     """One output tensor: its release name and shape, and where it comes from.
 
-    ``origin`` is ``"vision"`` (``sources`` in the ViT checkpoint, concatenated along dim 0 if
-    several), ``"language"`` (``sources`` in the Qwen3 checkpoint) or ``"merger"`` (fresh,
-    ``init`` one of ``"normal"``, ``"zeros"``, ``"ones"``). ``must_equal`` names a source tensor
-    that has to equal the result (the stored ``lm_head.weight`` of a tied Qwen3).
+    ``origin`` is ``"vision"`` (``sources`` in the ViT checkpoint, combined by ``transform``,
+    both from the MLCD table's row), ``"language"`` (``sources`` in the Qwen3 checkpoint) or
+    ``"merger"`` (fresh, ``init`` one of ``"normal"``, ``"zeros"``, ``"ones"``). ``must_equal``
+    names a source tensor that has to equal the result (the stored ``lm_head.weight`` of a tied
+    Qwen3).
     """
 
     name: str
@@ -110,6 +117,7 @@ class TensorPlan:
     sources: tuple[str, ...] = ()
     init: str = ""
     must_equal: str = ""
+    transform: Transform = Direct()
 
 
 @dataclass
@@ -321,13 +329,12 @@ def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _vit_sources(name: str) -> tuple[str, ...]:
-    """MLCD source names (unprefixed) of the release vision tensor ``visual.<name>``."""
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    key, layer = (f"blocks.*.{match.group(2)}", match.group(1)) if match else (name, "")
-    if key not in VIT_MAPPING:
-        raise ConversionError(f"no MLCD source known for vision tensor visual.{name}")
-    return tuple(s.replace("*", layer) for s in VIT_MAPPING[key])
+def _vit_row(table: MappingTable, name: str) -> tuple[ParamMapping, list[str]]:
+    """The MLCD table's row of the release vision tensor ``name`` and its unprefixed sources."""
+    try:
+        return table.resolve(name)
+    except ConversionError:
+        raise ConversionError(f"no MLCD source known for vision tensor {name}") from None
 
 
 def _fields(config: dict[str, Any], names: tuple[str, ...]) -> str:
@@ -400,6 +407,7 @@ def plan_stage0(
     llm_implied = f"{llm_dir / 'config.json'} ({_fields(qwen, _QWEN3_SHAPE_FIELDS)})"
     tied = bool(qwen.get("tie_word_embeddings", False))
     llm_available = llm_reader.names()
+    vit_table = mlcd_table(config.vision_config.embed_dim)
 
     tensors: list[TensorPlan] = []
     used_vit: set[str] = set()
@@ -414,16 +422,19 @@ def plan_stage0(
                 init = "zeros"
             tensors.append(TensorPlan(name, shape, "merger", init=init))
         elif name.startswith("visual."):
+            row, shorts = _vit_row(vit_table, name)
             sources = []
-            for short in _vit_sources(name.removeprefix("visual.")):
+            for short in shorts:
                 if short not in vit_names:
                     raise ConversionError(f"tensor {prefix + short!r} is missing from {vit_dir}")
                 sources.append(vit_names[short])
-            part = (shape[0] // len(sources), *shape[1:])
-            for source in sources:
-                _check_shape(vit_reader, source, part, vit_implied)
+            parts = row.transform.to_hf(torch.empty(shape, device="meta"))
+            for source, part in zip(sources, parts, strict=True):
+                _check_shape(vit_reader, source, tuple(part.shape), vit_implied)
             used_vit.update(sources)
-            tensors.append(TensorPlan(name, shape, "vision", tuple(sources)))
+            tensors.append(
+                TensorPlan(name, shape, "vision", tuple(sources), transform=row.transform)
+            )
         elif name == "lm_head.weight" and tied:
             embed = "model.embed_tokens.weight"
             stored = name if name in llm_available else ""
@@ -504,8 +515,7 @@ def _stream(
         if t.origin == "merger":
             tensor = merger[t.name]
         elif t.origin == "vision":
-            parts = [vit.get(s) for s in t.sources]
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            tensor = t.transform.to_megatron([vit.get(s) for s in t.sources])
         else:
             tensor = llm.get(t.sources[0])
             if t.must_equal:
@@ -611,10 +621,7 @@ def _describe(plan: Stage0Plan, seed: int, init_std: float) -> None:
 
 
 __all__ = [
-    "MLCD_DROPPED",
-    "MLCD_PREFIX",
     "SPECIAL_TOKENS",
-    "VIT_MAPPING",
     "Stage0Plan",
     "Stage0Summary",
     "TensorPlan",
