@@ -69,8 +69,8 @@ def run_case(part: str, tokens: int, path: str, recompute: bool) -> dict:
     )
 
     from lov15_megatron.models.attention import PackedSequenceAttention
-    from lov15_megatron.models.qwen3.model import swap_modules
-    from lov15_megatron.models.llava_ov.rice_vit import rice_vit_layer_spec
+    from lov15_megatron.models.llava_ov.vit_specs import rice_vit_layer_spec
+    from lov15_megatron.models.qwen3.specs import swap_modules
     from lov15_megatron.runtime import cpu_backend
     from lov15_megatron.runtime.distributed import init_process_group
 

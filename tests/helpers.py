@@ -117,6 +117,45 @@ def pack_rows(rows: list[list[dict]], seq_len: int) -> dict:
     }
 
 
+def packed_attention_mask(
+    cu_seqlens: list[torch.Tensor | list[int]], seq_length: int, *, causal: bool
+) -> torch.Tensor:
+    """The reference attention of packed rows as a dense ``[b, 1, s, s]`` bool mask, **True =
+    masked out**, written from the rule of ``docs/packed-sequences.md`` apart from the model's
+    THD path: query ``q`` may attend to key ``k`` iff both lie in the same segment of their row
+    (a sub-sample of the row's ``cu_seqlens``, or the padding tail after the last one) and, if
+    ``causal``, ``k ≤ q``.
+
+    Megatron's local ``DotProductAttention`` takes this convention (``attention_mask_func`` fills
+    the masked scores with -10000) when built with ``AttnMaskType.padding``; with ``causal`` its
+    fused GPU softmax ignores the mask. ``scaled_dot_product_attention`` wants ``~mask``.
+    """
+    masks = []
+    for cu in cu_seqlens:
+        bounds = [int(b) for b in cu]
+        if bounds[-1] < seq_length:  # the padding tail is one more segment
+            bounds.append(seq_length)
+        segment = torch.empty(seq_length, dtype=torch.long)
+        for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            segment[start:end] = index
+        allowed = segment[:, None] == segment[None, :]
+        if causal:
+            allowed &= torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
+        masks.append(~allowed)
+    return torch.stack(masks).unsqueeze(1)
+
+
+def packed_images_attention_mask(packed) -> torch.Tensor:
+    """``[1, 1, s, s]`` bool, True where query and key belong to different images of a
+    ``PackedImages`` layout: each image is its class token and its ``h·w`` patches, attending
+    bidirectionally within itself (read from ``packed.grids`` only, not from its ``cu_seqlens``).
+    """
+    bounds = [0]
+    for h, w in packed.grids:
+        bounds.append(bounds[-1] + h * w + 1)
+    return packed_attention_mask([bounds], bounds[-1], causal=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny random Hugging Face checkpoints and the exports built from them
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import packed_attention_mask
 from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
 from megatron.core.transformer.enums import AttnMaskType
@@ -17,7 +18,6 @@ from lov15_megatron.models.packed_seq import (
     DEFAULT_PAD_VALUES,
     cp_partition_indices,
     flat_cu_seqlens,
-    packed_attention_mask,
     pad_for_context_parallel,
     position_ids_from_cu_seqlens,
     row_cu_seqlens_from_flat,
@@ -63,6 +63,7 @@ def _allowed(rows: list[str]) -> torch.Tensor:
 
 
 def test_mask_hand_checked_causal_and_bidirectional() -> None:
+    """The tests' reference mask (``helpers.packed_attention_mask``) against hand-written rows."""
     rows = [torch.tensor([0, 2, 4]), torch.tensor([0, 5])]  # row 0: (2, 2) + tail 1; row 1: (5)
     causal = packed_attention_mask(rows, 5, causal=True)
     bidir = packed_attention_mask(rows, 5, causal=False)

@@ -2,9 +2,9 @@
 
 A tiny random HF Rice ViT (2 layers, hidden 64, 4 heads of 16, merger to 48) with every
 parameter perturbed (norms, biases, class token and its angles too) is converted with
-``rice_vit_rows`` into the Megatron ``RiceViT`` + ``PatchMerger`` (local spec: explicit
-block-diagonal mask). Four images of different sizes go through in one packed call. One 2-rank
-launch runs, in turn:
+``rice_vit_rows`` into the Megatron ``RiceViT`` + ``PatchMerger`` (local spec: packed THD
+attention, one sequence per image). Four images of different sizes go through in one packed
+call. One 2-rank launch runs, in turn:
 
 1. TP=1 (DP=2): load the converted weights, compare ViT features and merger output with HF,
    check the round trip ``to_hf(to_megatron(x))`` bit-exactly and the bad-grid errors, save a
@@ -25,6 +25,7 @@ import math
 
 import pytest
 import torch
+from helpers import packed_images_attention_mask
 from tolerances import fp32_abs_tol
 
 from lov15_megatron.runtime.launch import run_ranks
@@ -378,7 +379,7 @@ def test_packed_layout_thd_params_and_mask_agree():
     assert params.cu_seqlens_q.dtype == torch.int32
     assert params.max_seqlen_q == params.max_seqlen_kv == 25
     assert layout.class_positions(cpu).tolist() == [0, 25, 30]
-    mask = layout.attention_mask(cpu)[0, 0]
+    mask = packed_images_attention_mask(layout)[0, 0]
     image = torch.bucketize(torch.arange(47), params.cu_seqlens_q[1:].long(), right=True)
     assert torch.equal(mask, image[:, None] != image[None, :])  # True = masked out
 
@@ -394,9 +395,9 @@ class _OneRankGroup:
 
 
 def test_thd_rope_path_equals_the_mask_path_rope():
-    """On GPU (THD) Megatron applies our per-token ``rotary_pos_emb`` through its unfused THD
-    RoPE; since it covers every packed token it takes the exact-offset branch, so each token gets
-    its own angles, as in the ``[s, b, h, d]`` path used with the mask on CPU."""
+    """The tower always runs THD, so Megatron applies our per-token ``rotary_pos_emb`` through
+    its unfused THD RoPE; since it covers every packed token it takes the exact-offset branch, so
+    each token gets its own angles, as the plain ``[s, b, h, d]`` application gives them."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
     from lov15_megatron.models.llava_ov.rice_vit import PackedImages, vision_rotary_pos_emb

@@ -1,4 +1,4 @@
-"""Packed sequences: positions, attention masks, THD parameters and context-parallel sharding.
+"""Packed sequences: positions, THD parameters and context-parallel sharding.
 
 Pure functions (torch only, CPU or GPU) shared by the model, the training step and the tests. The
 design and a worked example are in ``docs/packed-sequences.md``.
@@ -20,8 +20,8 @@ increasing, last ``≤ s``). The tokens after the last sub-sample (``Σl … s``
   :func:`flat_cu_seqlens` converts back. Padding never carries loss (label -100, loss mask 0);
   the data side guarantees it for tails and :func:`shard_batch_for_context_parallel` for the
   padding it adds.
-- Segments of a row never attend to each other; no row of the mask is ever fully masked (every
-  token sees at least itself), so no softmax implementation produces NaN.
+- Segments of a row never attend to each other; no token is left with nothing to attend to
+  (every token sees at least itself), so no softmax implementation produces NaN.
 
 THD stream (Transformer Engine)
 ===============================
@@ -51,16 +51,9 @@ segment. :func:`cp_partition_indices` reimplements the rule with the per-token f
 against a literal chunk-by-chunk reference and against Megatron's own RoPE slicing (tests), not
 against TE itself.
 
-Local (non-TE) attention
-========================
-
-:func:`packed_attention_mask` is the CPU equivalent of THD packed attention for Megatron's local
-``DotProductAttention``, which takes an explicit ``[b, 1, s, s]`` boolean mask with **True =
-masked out** (``attention_mask_func`` fills those scores with -10000). Build that attention with
-``AttnMaskType.padding`` (or ``arbitrary``): ``FusedScaleMaskSoftmax`` then applies the given
-mask on every path. With ``AttnMaskType.causal`` the fused GPU kernel
-(``ScaledUpperTriangMaskedSoftmax``) ignores the mask and applies a plain causal triangle, which
-would let sub-samples attend to earlier ones; only the unfused fallback would honour the mask.
+No dense ``[b, 1, s, s]`` mask is built here: every backend takes the THD stream
+(``docs/packed-sequences.md``, "What runs where"). The tests' dense reference mask, written from
+the attention rule above, is ``tests/helpers.py``'s ``packed_attention_mask``.
 """
 
 from __future__ import annotations
@@ -188,25 +181,6 @@ def position_ids_from_cu_seqlens(
     """
     _, starts = _segment_ids_and_starts(_row_segments(cu_seqlens, seq_length))
     return torch.arange(seq_length).expand_as(starts) - starts
-
-
-def packed_attention_mask(
-    cu_seqlens: Sequence[CuSeqlensLike], seq_length: int, *, causal: bool
-) -> torch.Tensor:
-    """Block-diagonal attention mask ``[b, 1, s, s]`` (bool, **True = masked out**).
-
-    Query ``q`` may attend to key ``k`` iff both lie in the same segment of the row (sub-sample,
-    or the padding tail) and, if ``causal``, ``k ≤ q``. Real tokens therefore never see padding
-    or other sub-samples; padding sees only padding (never a fully masked row). Megatron's local
-    ``DotProductAttention`` must be built with ``AttnMaskType.padding`` for this mask to be used
-    (module docstring). Note that ``torch.nn.functional.scaled_dot_product_attention`` uses the
-    opposite boolean convention (True = attend): pass ``~mask`` there.
-    """
-    seg_ids, _ = _segment_ids_and_starts(_row_segments(cu_seqlens, seq_length))
-    allowed = seg_ids[:, :, None] == seg_ids[:, None, :]
-    if causal:
-        allowed &= torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
-    return (~allowed).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ Packed variable-resolution images: the packed sequence always goes to the core a
 format with ``cu_seqlens`` = cumulative ``h·w + 1`` (bidirectional within each image): TE's
 attention on the TE spec, :class:`~lov15_megatron.models.attention.PackedSequenceAttention`
 otherwise (``model.attention_backend``). No ``S×S`` mask is ever built. See ``docs/rice-vit.md``.
+
+Which module class goes where (the TE or the local layer, the merger's linears, the norm class)
+is in ``vit_specs.py``, kept apart as Megatron-Core keeps its layer specs. The
+``TransformerConfig`` builders stay here, beside :func:`build_rice_vit` and
+:func:`build_patch_merger` that use them: a spec is classes only, while a config is numbers from
+the run config (widths, heads, parallel sizes, recomputation), as ``qwen3/model.py`` keeps its
+config beside its builder and ``qwen3/specs.py`` its specs.
 """
 
 from __future__ import annotations
@@ -27,14 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -42,34 +44,30 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
 )
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
 
-from lov15_megatron.config import RunConfig, VisionModelConfig
+from lov15_megatron.config import RunConfig
 from lov15_megatron.models.backend import (
     core_attention_module,
     device_config_kwargs,
     recompute_config_kwargs,
     use_transformer_engine,
 )
+from lov15_megatron.models.llava_ov.hf_mapping import vision_of
+from lov15_megatron.models.llava_ov.vit_specs import (
+    patch_merger_submodules,
+    rice_vit_block_spec,
+    vit_modules,
+)
 from lov15_megatron.models.norms import TorchNormFactory
 
 # --------------------------------------------------------------------------------------------
-# Configs and specs
+# Configs and process groups (the specs are in vit_specs.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _vision(cfg: RunConfig) -> VisionModelConfig:
-    if cfg.model.vision is None:
-        raise ValueError("model.vision is not set: this run config has no vision tower")
-    return cfg.model.vision
 
 
 def _common_config_kwargs(cfg: RunConfig) -> dict:
     """TransformerConfig fields shared by the ViT and the merger."""
-    v, p = _vision(cfg), cfg.parallel
+    v, p = vision_of(cfg), cfg.parallel
     return dict(
         num_query_groups=v.num_attention_heads,
         num_attention_heads=v.num_attention_heads,
@@ -104,14 +102,14 @@ def _vision_recompute_kwargs(cfg: RunConfig) -> dict:
     kwargs = recompute_config_kwargs(cfg, vision=True)
     if kwargs.get("recompute_method") == "block":  # at most every layer of the tower
         kwargs["recompute_num_layers"] = min(
-            kwargs["recompute_num_layers"], _vision(cfg).num_layers
+            kwargs["recompute_num_layers"], vision_of(cfg).num_layers
         )
     return kwargs
 
 
 def rice_vit_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of the Rice ViT blocks (``cfg.model.vision``)."""
-    v = _vision(cfg)
+    v = vision_of(cfg)
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -124,7 +122,7 @@ def rice_vit_transformer_config(cfg: RunConfig) -> TransformerConfig:
 def patch_merger_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """``TransformerConfig`` of the merger MLP: ``hidden_size`` is the LM width (its output),
     ``ffn_hidden_size`` the merger's intermediate width (``hidden·merge²`` by default)."""
-    v = _vision(cfg)
+    v = vision_of(cfg)
     merged = v.hidden_size * v.spatial_merge_size**2
     return TransformerConfig(
         num_layers=1,
@@ -132,109 +130,6 @@ def patch_merger_transformer_config(cfg: RunConfig) -> TransformerConfig:
         ffn_hidden_size=v.merger_hidden_size or merged,
         **_common_config_kwargs(cfg),
     )
-
-
-_LOCAL_KEYS_MAP = {
-    # One distributed checkpoint serves both specs: the local norms are filed under TE's
-    # fused-norm names (as in Megatron-Core's GPT local spec).
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-}
-
-
-def rice_vit_layer_spec(use_te: bool, core_attention: type) -> ModuleSpec:
-    """One Rice ViT layer: TE (fused LayerNorm+linear) or local linears and norms, with the given
-    core attention (TE's or :class:`~lov15_megatron.models.attention.PackedSequenceAttention`),
-    which gets THD ``cu_seqlens`` and a padding-type mask: bidirectional within each image."""
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TELayerNormColumnParallelLinear,
-            TERowParallelLinear,
-        )
-
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                self_attention=ModuleSpec(
-                    module=SelfAttention,
-                    # THD attention in TE needs a padding-type mask; with cu_seqlens it means
-                    # "bidirectional within each packed sequence".
-                    params={"attn_mask_type": AttnMaskType.padding},
-                    submodules=SelfAttentionSubmodules(
-                        linear_qkv=TELayerNormColumnParallelLinear,
-                        core_attention=core_attention,
-                        linear_proj=TERowParallelLinear,
-                        q_layernorm=IdentityOp,
-                        k_layernorm=IdentityOp,
-                    ),
-                ),
-                self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=IdentityOp,
-                mlp=ModuleSpec(
-                    module=MLP,
-                    submodules=MLPSubmodules(
-                        linear_fc1=TELayerNormColumnParallelLinear,
-                        linear_fc2=TERowParallelLinear,
-                    ),
-                ),
-                mlp_bda=get_bias_dropout_add,
-            ),
-        )
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNormFactory,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.padding},  # not causal: whole image
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNormFactory,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(_LOCAL_KEYS_MAP),
-        ),
-    )
-
-
-def rice_vit_block_spec(
-    config: TransformerConfig, use_te: bool, core_attention: type
-) -> TransformerBlockSubmodules:
-    """All ``config.num_layers`` layers (the tower is never split over pipeline stages)."""
-    layer = rice_vit_layer_spec(use_te, core_attention)
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
-
-
-def _norm_impl(use_te: bool) -> type:
-    if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        return TENorm
-    return TorchNormFactory
-
-
-def patch_merger_submodules(use_te: bool) -> MLPSubmodules:
-    """Column-parallel fc1, row-parallel fc2 (TE or local linears)."""
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TERowParallelLinear,
-        )
-
-        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
-    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
 def vision_process_groups() -> ProcessGroupCollection | None:
@@ -337,15 +232,6 @@ class PackedImages:
         patches = self.patch_positions(device)
         index[patches] = self.num_images + torch.arange(patches.numel(), device=device)
         return index
-
-    def attention_mask(self, device: torch.device) -> torch.Tensor:
-        """``[1, 1, s, s]`` bool, True where query and key belong to different images (a test
-        reference; the model itself uses :meth:`packed_seq_params`)."""
-        image = torch.repeat_interleave(
-            torch.arange(self.num_images, device=device),
-            torch.tensor(self.seqlens, device=device),
-        )
-        return (image[:, None] != image[None, :])[None, None]
 
     def packed_seq_params(self, device: torch.device) -> PackedSeqParams:
         """THD parameters: one packed sequence per image, no padding."""
@@ -601,7 +487,7 @@ class PatchMerger(MegatronModule):
 
 def build_rice_vit(cfg: RunConfig, config: TransformerConfig | None = None) -> RiceViT:
     """The Rice ViT of ``cfg`` with the TE spec (THD attention) or the local spec (mask)."""
-    v = _vision(cfg)
+    v = vision_of(cfg)
     config = config or rice_vit_transformer_config(cfg)
     te = use_transformer_engine(cfg)
     return RiceViT(
@@ -611,19 +497,19 @@ def build_rice_vit(cfg: RunConfig, config: TransformerConfig | None = None) -> R
         in_channels=v.in_channels,
         spatial_merge_size=v.spatial_merge_size,
         rope_theta=v.rope_theta,
-        norm=_norm_impl(te),
+        norm=vit_modules(te).norm,
         pg_collection=vision_process_groups(),
     )
 
 
 def build_patch_merger(cfg: RunConfig, config: TransformerConfig | None = None) -> PatchMerger:
     """The 2×2 patch merger of ``cfg`` (output width ``cfg.model.language.hidden_size``)."""
-    v = _vision(cfg)
+    v = vision_of(cfg)
     te = use_transformer_engine(cfg)
     return PatchMerger(
         config or patch_merger_transformer_config(cfg),
         patch_merger_submodules(te),
         input_size=v.hidden_size,
         merge_size=v.spatial_merge_size,
-        norm=_norm_impl(te),
+        norm=vit_modules(te).norm,
     )
