@@ -19,6 +19,12 @@ from lov15_megatron.config import (
 )
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_gpt.yaml"
+# A VLM on TINY's 256-token vocabulary names image token ids inside it.
+SMALL_VOCAB_IDS = [
+    "model.vision.image_token_id=255",
+    "model.vision.vision_start_token_id=253",
+    "model.vision.vision_end_token_id=254",
+]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -51,7 +57,9 @@ def test_overrides_and_yaml_round_trip(tmp_path):
             "model.language.kv_channels=null",  # applied in order
             "checkpoint.save=/tmp/ckpt",
             "model.vision={num_layers: 1, hidden_size: 64, ffn_hidden_size: 128, "
-            "num_attention_heads: 4}",
+            "num_attention_heads: 4, image_token_id: 255}",
+            "model.vision.vision_start_token_id=250",  # the vocabulary is 256: ids inside it
+            "model.vision.vision_end_token_id=251",
             "train.trainable=[merger,language]",
             "model.params_dtype=bfloat16",
             "model.language={hidden_size: 128, ffn_hidden_size: 256}",  # mapping onto a section
@@ -67,6 +75,8 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     assert cfg.model.params_dtype == "bfloat16"
     assert cfg.model.language.hidden_size == 128 and cfg.model.language.ffn_hidden_size == 256
     assert cfg.model.language.num_layers == 4  # section merge keeps the other fields
+    v = cfg.model.vision
+    assert (v.image_token_id, v.vision_start_token_id, v.vision_end_token_id) == (255, 250, 251)
 
     text = config_to_yaml(cfg)
     again = load_config(_write(tmp_path / "dump.yaml", text))
@@ -286,6 +296,20 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
             ],
             r"train.recompute.num_layers=3 exceeds the 2 language-model layers of a pipeline chunk",
         ),  # fmt: skip
+        # The VLM's image token ids (defaults: the Qwen ids) must be distinct ids of its vocabulary.
+        (
+            ["model.vision={num_attention_heads: 4}"],
+            r"model.vision.image_token_id=151655 is outside the vocabulary: it must be in "
+            r"\[0, model.language.vocab_size=256\)",
+        ),
+        (
+            ["model.vision={}", *SMALL_VOCAB_IDS, "model.vision.vision_end_token_id=-1"],
+            r"model.vision.vision_end_token_id=-1 is outside the vocabulary",
+        ),
+        (
+            ["model.vision={}", *SMALL_VOCAB_IDS, "model.vision.vision_start_token_id=255"],
+            r"model.vision.vision_start_token_id=255 equals model.vision.image_token_id: ",
+        ),
     ],
 )
 def test_cross_field_validation(overrides, match):
@@ -305,6 +329,7 @@ def test_valid_parallel_layouts_pass():
             "data.loader=energon",
             "data.path=/data/wds",
             "model.vision={num_attention_heads: 4}",
+            *SMALL_VOCAB_IDS,
             "train.trainable=[vision, merger, language]",
         ],
     )
@@ -345,3 +370,50 @@ def test_validate_world_size():
     with pytest.raises(ConfigError, match=r"context_parallel_size=2 = 4"):
         validate_world_size(cp, 6)
     assert validate_world_size(cp, 4) == 1
+
+
+def test_image_token_id_defaults_are_the_qwen_tokenizer_ids():
+    from lov15_megatron.config import VisionModelConfig
+    from lov15_megatron.data import special_tokens as st
+
+    v = VisionModelConfig()
+    assert (v.image_token_id, v.vision_start_token_id, v.vision_end_token_id) == (
+        st.IMAGE_PAD_ID,
+        st.VISION_START_ID,
+        st.VISION_END_ID,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "token"),
+    [
+        ("image_token_id", 151656, "<|image_pad|> id 151655"),
+        ("vision_start_token_id", 151654, "<|vision_start|> id 151652"),
+        ("vision_end_token_id", 0, "<|vision_end|> id 151653"),
+    ],
+)
+def test_training_refuses_image_ids_other_than_the_tokenizers(
+    tmp_path, capsys, field, value, token
+):
+    """The data is tokenized with the tokenizer's ids: a training run whose model.vision ids
+    differ ends in one line naming the field, exit 2, before anything is built."""
+    from lov15_megatron.train import main
+
+    data = tmp_path / "packed"
+    (data / ".nv-meta").mkdir(parents=True)
+    (data / ".nv-meta" / "dataset.yaml").write_text("{}\n")
+    tiny_vlm = str(TINY.parent / "tiny" / "model.yaml")
+    code = main(["--config", tiny_vlm, f"data.path={data}", f"model.vision.{field}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"config error: model.vision.{field}={value} differs from the {token} ")
+    assert "data.tokenizer=qwen-offline" in err
+
+
+def test_image_token_ids_are_checked_only_against_energon_data():
+    from lov15_megatron.training.preflight import check_image_token_ids
+
+    tiny_vlm = TINY.parent / "tiny" / "model.yaml"
+    check_image_token_ids(load_config(tiny_vlm, ["data.path=/data"]))  # the Qwen ids: accepted
+    other = ["data.loader=synthetic", "data.path=null", "model.vision.image_token_id=7"]
+    check_image_token_ids(load_config(tiny_vlm, other))  # no tokenized data to disagree with

@@ -1,12 +1,16 @@
 """LLaVA-OneVision-1.5 on Megatron-Core, checked against the independent HF-side model.
 
-* The session's tiny VLM (conftest ``tiny_vlm``, converted once) through the real CLI: logits
-  equal the HF model (three images of different sizes plus text; fp32, within the bound of
-  docs/tolerances.md) at TP=1, TP=2 and PP=2 (one ``verify --layouts`` launch); Megatron → HF
-  is bit-exact; the export loads with ``trust_remote_code`` and ``generate()`` runs.
-* Inside ranks: packed rows (several sub-samples, micro-batch 2) give the same per-token logits
-  and losses as each sub-sample alone; frozen groups stay bit-identical; bad inputs raise clear
-  errors; image packs train at DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py).
+* A tiny VLM with a 512-token vocabulary and its image token ids inside it (``image_token_id``
+  500; nothing here needs the Qwen tokenizer) through the real CLI: ``hf-to-mcore`` takes the ids
+  from ``config.json``; logits equal the HF model (three images of different sizes plus text;
+  fp32, within the bound of docs/tolerances.md) at TP=1, TP=2 and PP=2 (one ``verify --layouts``
+  launch); Megatron → HF is bit-exact and keeps the ids; the export loads with
+  ``trust_remote_code`` and ``generate()`` runs.
+* Inside ranks, on the session's tiny VLM with the Qwen vocabulary (conftest ``tiny_vlm``,
+  converted once; the text-only checks use the real tokenizer): packed rows (several
+  sub-samples, micro-batch 2) give the same per-token logits and losses as each sub-sample
+  alone; frozen groups stay bit-identical; bad inputs raise clear errors; image packs train at
+  DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py).
 * Text-only packs (a whole step without images, DP ranks / micro-batches / CP ranks without
   images) train at DP=2 (both optimizers), PP=2 and CP=2 as on one rank, and give every tower
   parameter a zero gradient, also straight from the real task encoder.
@@ -14,14 +18,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from helpers import (
     IMAGE_PAD,
-    VISION_END,
-    VISION_START,
+    make_hf_vlm,
     ok,
     pack_rows,
     read_safetensors,
@@ -47,26 +51,52 @@ def converted(tiny_vlm):
     return tiny_vlm
 
 
+# The small-vocabulary VLM: its image block's ids at the end of its 512 tokens (video_token_id
+# too, which the HF configuration checks against the vocabulary; our model does not read it).
+SMALL_VOCAB = 512
+TOKEN_IDS = {"image_token_id": 500, "vision_start_token_id": 498, "vision_end_token_id": 499}
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """``(hf_dir, mcore_dir)``: the small-vocabulary VLM and its ``hf-to-mcore`` (the CLI)."""
+    root = tmp_path_factory.mktemp("small_vocab_vlm")
+    make_hf_vlm(root / "hf", text={"vocab_size": SMALL_VOCAB}, video_token_id=501, **TOKEN_IDS)
+    line = ok("hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(root / "hf"),
+              "--save-dir", str(root / "mcore"))  # fmt: skip
+    assert "hf-to-mcore: wrote" in line
+    return root / "hf", root / "mcore"
+
+
 VERIFY_LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def verified(converted):
+def verified(small_vocab):
     """``verify`` at every layout in one launch of ranks."""
-    return verify_layouts("llava-ov-1.5", *converted, VERIFY_LAYOUTS)
+    return verify_layouts("llava-ov-1.5", *small_vocab, VERIFY_LAYOUTS)
+
+
+def test_hf_to_mcore_reads_the_token_ids(small_vocab):
+    _, mc_dir = small_vocab
+    model = json.loads((mc_dir / "lov15_model.json").read_text())["model_config"]
+    assert model["language"]["vocab_size"] == SMALL_VOCAB
+    assert {k: model["vision"][k] for k in TOKEN_IDS} == TOKEN_IDS
 
 
 @pytest.mark.parametrize("tp,pp", VERIFY_LAYOUTS)
 def test_logit_parity_with_hf_model(verified, tp, pp):
+    # verify's inputs hold image blocks (default_inputs): a Megatron model looking for another
+    # image token id than the HF model's would find no slots for the features and fail.
     result = verified[tp, pp]
     assert (result["tp"], result["pp"]) == (tp, pp)
-    assert result["shape"][-1] == 151936
+    assert result["shape"][-1] == SMALL_VOCAB
     assert within_fp32(result["max_abs_diff"], result["max_rel_diff"], REDUCTION_LEN), result
     assert result["top1_agreement"] == 1.0, result
 
 
-def test_round_trip_and_remote_code_generate(converted, tmp_path, isolated_hf_modules):
-    hf_dir, mc_dir = converted
+def test_round_trip_and_remote_code_generate(small_vocab, tmp_path, isolated_hf_modules):
+    hf_dir, mc_dir = small_vocab
     back = tmp_path / "export"
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(mc_dir), "--save-dir",
        str(back), "--hf-template", str(hf_dir))  # fmt: skip
@@ -75,11 +105,16 @@ def test_round_trip_and_remote_code_generate(converted, tmp_path, isolated_hf_mo
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     assert (back / "modeling_llavaonevision1_5.py").exists()
+    config = json.loads((back / "config.json").read_text())
+    assert {k: config[k] for k in TOKEN_IDS} == TOKEN_IDS
 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(back, trust_remote_code=True, dtype=torch.float32)
-    ids = torch.tensor([[11, 12, VISION_START, IMAGE_PAD, VISION_END, 13]])
+    start, image, end = (
+        TOKEN_IDS[f"{k}_token_id"] for k in ("vision_start", "image", "vision_end")
+    )
+    ids = torch.tensor([[11, 12, start, image, end, 13]])
     pixels = torch.randn(4, 588)
     grid = torch.tensor([[1, 2, 2]])
     out = model.generate(

@@ -393,3 +393,37 @@ def test_release_text_model_type_resolution_and_errors(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "moe_intermediate_size" in err
     assert not (tmp_path / "mc").exists()
+
+
+def test_image_token_ids_come_from_config_json(tmp_path, capsys):
+    """``hf-to-mcore`` reads the image block's ids from ``config.json`` (absent ones: the
+    release's); ``mcore-to-hf`` writes the run config's ids over a template's."""
+    from lov15_megatron.models.registry import get_family
+
+    family = get_family("llava-ov-1.5")
+    released = released_config()
+    names = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+
+    def ids(cfg) -> tuple[int, ...]:
+        return tuple(getattr(cfg.model.vision, name) for name in names)
+
+    assert ids(family.run_config(released)) == (151655, 151652, 151653)
+    other = dict(zip(names, (151000, 151001, 151002), strict=True))
+    cfg = family.run_config({**released, **other})
+    assert ids(cfg) == (151000, 151001, 151002)
+    written = family.hf_config(cfg, released)  # the template says 151655
+    assert {k: written[k] for k in names} == other
+    assert written["video_token_id"] == released["video_token_id"]  # not ours: the template's
+
+    # An id outside the text vocabulary: one line naming the field, exit 2, nothing written.
+    bad = tmp_path / "bad"
+    write_released(bad)
+    (bad / "config.json").write_text(json.dumps({**released, "image_token_id": TEXT_VOCAB}))
+    from lov15_megatron.cli.convert_checkpoint import main
+
+    code = main(["hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(bad),
+                 "--save-dir", str(tmp_path / "mc")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"model.vision.image_token_id={TEXT_VOCAB} is outside the vocabulary" in err
+    assert not (tmp_path / "mc").exists()

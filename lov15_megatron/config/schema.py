@@ -61,6 +61,12 @@ class VisionModelConfig:
     norm_epsilon: float = 1e-5  # LayerNorm eps of the blocks, pre_layernorm and merger
     rope_theta: float = 10000.0  # 2-D RoPE base
     merger_hidden_size: int | None = None  # None -> hidden_size * spatial_merge_size**2
+    # The image block's token ids in the LM vocabulary (the HF config.json fields of the same
+    # names; defaults: the Qwen tokenizer's <|image_pad|>, <|vision_start|>, <|vision_end|>, as
+    # data/special_tokens.py). Merged image features replace the embeddings at image_token_id.
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
 
 
 @dataclass
@@ -392,6 +398,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_moe(cfg)
     if cfg.model.vision is not None:
         _validate_vision(cfg.model.vision, tp)
+        _validate_image_token_ids(cfg.model.vision, lm.vocab_size)
 
     s = cfg.scheduler
     decay = s.decay_iters if s.decay_iters is not None else t.train_iters
@@ -538,6 +545,30 @@ def _validate_vision(v: VisionModelConfig, tp: int) -> None:
         f"parallel.tensor_model_parallel_size={tp} does not divide "
         f"model.vision.num_attention_heads={heads}",
     )
+
+
+#: The VLM's image-block token id fields of ``model.vision``.
+IMAGE_TOKEN_FIELDS = ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def _validate_image_token_ids(v: VisionModelConfig, vocab_size: int) -> None:
+    """The image-block ids must be distinct ids of the LM vocabulary."""
+    for name in IMAGE_TOKEN_FIELDS:
+        value = getattr(v, name)
+        _require(
+            0 <= value < vocab_size,
+            f"model.vision.{name}={value} is outside the vocabulary: it must be in "
+            f"[0, model.language.vocab_size={vocab_size})",
+        )
+    seen: dict[int, str] = {}
+    for name in IMAGE_TOKEN_FIELDS:
+        value = getattr(v, name)
+        _require(
+            value not in seen,
+            f"model.vision.{name}={value} equals model.vision.{seen.get(value)}: the image "
+            f"block's tokens must differ",
+        )
+        seen[value] = name
 
 
 def validate_world_size(cfg: RunConfig, world_size: int) -> int:

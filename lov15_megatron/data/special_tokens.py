@@ -1,8 +1,11 @@
 """Qwen2/Qwen3 special tokens: the one place their strings and ids are defined.
 
 The ids follow the regular BPE vocabulary (151,643 tokens, ids 0..151642), in this order
-(docs/model-reference.md §4 and §10). Everything else (tokenizer, chat template, model)
-imports them from here.
+(docs/model-reference.md §4 and §10). The data side (tokenizer, chat template, packing) imports
+them from here. The model does not: its image-block ids are config fields
+(``model.vision.image_token_id``, ``vision_start_token_id``, ``vision_end_token_id``, read from
+the HF ``config.json`` on conversion), whose defaults are the ids below; a training run checks
+that they equal these (``training/preflight.py``), since the data is tokenized with them.
 """
 
 from __future__ import annotations

@@ -7,13 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from lov15_megatron.config import ConfigError, RunConfig
+from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
+from lov15_megatron.data.special_tokens import (
+    IMAGE_PAD,
+    SPECIAL_TOKEN_IDS,
+    VISION_END,
+    VISION_START,
+)
 
 
 def check_dataset_paths(cfg: RunConfig) -> None:
     """``data.path`` / ``data.valid_path`` must be Energon datasets (or metadataset YAMLs)
-    before any rank starts reading; a ``ConfigError`` names the field and what is wrong."""
+    before any rank starts reading, and a VLM's image token ids must be the ones the data is
+    tokenized with (:func:`check_image_token_ids`); a ``ConfigError`` names the field and what
+    is wrong."""
     if cfg.data.loader != "energon":
         return
+    check_image_token_ids(cfg)
     for field, value in (("data.path", cfg.data.path), ("data.valid_path", cfg.data.valid_path)):
         if value is None:
             continue
@@ -30,4 +40,27 @@ def check_dataset_paths(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{field}={value}: not an Energon dataset (no .nv-meta/dataset.yaml); make one "
                 f"with tools/pack_offline.py"
+            )
+
+
+def check_image_token_ids(cfg: RunConfig) -> None:
+    """A VLM trained on Energon data must look for its images where the data puts them.
+
+    The data pipeline writes each image block with the tokenizer's ``<|vision_start|>``,
+    ``<|image_pad|>`` and ``<|vision_end|>`` ids; ``load_tokenizer`` refuses any tokenizer whose
+    special-token ids differ from :mod:`lov15_megatron.data.special_tokens`, so those are the
+    data's ids. A ``model.vision`` id that differs would place no image (or the wrong tokens):
+    a ``ConfigError`` naming the field, before anything is read.
+    """
+    vision = cfg.model.vision
+    if vision is None or cfg.data.loader != "energon":
+        return
+    tokens = dict(zip(IMAGE_TOKEN_FIELDS, (IMAGE_PAD, VISION_START, VISION_END), strict=True))
+    for name, token in tokens.items():
+        value, data_id = getattr(vision, name), SPECIAL_TOKEN_IDS[token]
+        if value != data_id:
+            raise ConfigError(
+                f"model.vision.{name}={value} differs from the {token} id {data_id} of the "
+                f"tokenizer data.tokenizer={cfg.data.tokenizer} that the training data is "
+                f"tokenized with; set it to {data_id}"
             )

@@ -8,16 +8,17 @@ The HF side is the release's on-disk layout (``visual.…``, ``model.…``, ``lm
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
 from lov15_megatron.convert.converter import conversion_run_config
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
-from lov15_megatron.data.special_tokens import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
+from lov15_megatron.data.special_tokens import FIRST_SPECIAL_ID
 from lov15_megatron.models.llava_ov.hf_mapping import (
     hf_vision_config,
     llava_ov_rows,
@@ -56,7 +57,10 @@ class LLaVAOneVision(ModelFamily):
                 "text_config.tie_word_embeddings=true: LLaVA-OV-1.5 keeps lm_head separate "
                 "(build stage-0 checkpoints with tools/make_stage0.py, which unties them)"
             )
-        vision = vision_config_from_hf(hf_config["vision_config"])
+        # The image block's ids are top-level config.json fields of the same names (absent:
+        # the release's ids, as in the HF configuration class).
+        ids = {name: hf_config[name] for name in IMAGE_TOKEN_FIELDS if name in hf_config}
+        vision = replace(vision_config_from_hf(hf_config["vision_config"]), **ids)
         return conversion_run_config({"language": asdict(lm), "vision": asdict(vision)}, tp, pp)
 
     def accepts(self, cfg: RunConfig) -> bool:
@@ -75,7 +79,7 @@ class LLaVAOneVision(ModelFamily):
     ) -> dict[str, Any]:
         from lov15_megatron.models.llava_ov.step import vlm_model_inputs
 
-        return vlm_model_inputs(batch, layout, IMAGE_PAD_ID)
+        return vlm_model_inputs(batch, layout, vision_of(cfg).image_token_id)
 
     def step_losses(self, cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
         """The language model's (router losses of a qwen3-moe LM)."""
@@ -105,10 +109,8 @@ class LLaVAOneVision(ModelFamily):
                 **hf_vision_config(vision_of(cfg), lm.hidden_size),
             },
             tie_word_embeddings=False,
+            **{name: getattr(vision_of(cfg), name) for name in IMAGE_TOKEN_FIELDS},
         )
-        out.setdefault("image_token_id", IMAGE_PAD_ID)
-        out.setdefault("vision_start_token_id", VISION_START_ID)
-        out.setdefault("vision_end_token_id", VISION_END_ID)
         return out
 
     def write_extra(self, directory: Path, image: Any = None) -> None:
@@ -127,8 +129,12 @@ class LLaVAOneVision(ModelFamily):
         return LLaVAOneVision1_5_ForConditionalGeneration
 
     def default_inputs(self, cfg: RunConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Two rows with text and three images of different sizes (one row text-only)."""
+        """Two rows with text and three images of different sizes (one row text-only); the image
+        blocks use the config's token ids, the text none of them."""
         v = vision_of(cfg)
+        special = torch.tensor([getattr(v, name) for name in IMAGE_TOKEN_FIELDS])
+        text_ids = torch.arange(min(cfg.model.language.vocab_size, FIRST_SPECIAL_ID))
+        text_ids = text_ids[~torch.isin(text_ids, special)]
         gen = torch.Generator().manual_seed(seed)
         grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4]])
         merge = v.spatial_merge_size**2
@@ -137,12 +143,10 @@ class LLaVAOneVision(ModelFamily):
         pixels = torch.randn(int(grids.prod(-1).sum()), patch, generator=gen)
 
         def text(n: int) -> list[int]:
-            return torch.randint(
-                0, min(cfg.model.language.vocab_size, 151643), (n,), generator=gen
-            ).tolist()
+            return text_ids[torch.randint(0, len(text_ids), (n,), generator=gen)].tolist()
 
         def image(n: int) -> list[int]:
-            return [VISION_START_ID, *([IMAGE_PAD_ID] * n), VISION_END_ID]
+            return [v.vision_start_token_id, *([v.image_token_id] * n), v.vision_end_token_id]
 
         row0 = text(3) + image(n_tokens[0]) + text(4) + image(n_tokens[1]) + text(2)
         row1 = text(5) + image(n_tokens[2]) + text(3)

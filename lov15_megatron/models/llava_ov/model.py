@@ -3,8 +3,9 @@
 The vision tower (``vision_model``) and the merger (``vision_projection``) live on the first
 pipeline stage only (first virtual chunk); every stage holds its slice of the Qwen3
 ``language_model`` (a ``GPTModel``). On the first stage the merger output replaces, in order, the
-embeddings at every ``<|image_pad|>`` position (a count mismatch is an error), then — with
-sequence parallelism — the merged embeddings are scattered to the sequence-parallel region.
+embeddings at every ``<|image_pad|>`` position (the id ``model.vision.image_token_id``; a count
+mismatch is an error), then — with sequence parallelism — the merged embeddings are scattered to
+the sequence-parallel region.
 
 Packed sequences (several sub-samples per row, micro-batch size ≥ 1) reach the model as one THD
 stream ``[1, t]`` with ``PackedSeqParams`` (``cu_seqlens``), on every backend: causal attention
@@ -33,7 +34,6 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import TRAINABLE_GROUPS, ConfigError, RunConfig
-from lov15_megatron.data.special_tokens import IMAGE_PAD_ID
 from lov15_megatron.models.llava_ov.rice_vit import build_patch_merger, build_rice_vit
 from lov15_megatron.models.qwen3.model import build_qwen3_model, qwen3_transformer_config
 
@@ -80,7 +80,7 @@ class LLaVAOneVisionModel(MegatronModule):
         self.share_embeddings_and_output_weights = (
             self.language_model.share_embeddings_and_output_weights
         )
-        self.image_token_id = IMAGE_PAD_ID
+        self.image_token_id = cfg.model.vision.image_token_id  # where the features go
 
     # Pipeline / embedding hooks Megatron-Core calls on the outermost module.
     def set_input_tensor(self, input_tensor) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 def vlm_model_inputs(
     batch: dict[str, Any], layout: dict[str, int], image_token_id: int
 ) -> dict[str, Any]:
-    """The VLM's keyword arguments for ``batch`` (already on the model's device)."""
+    """The VLM's keyword arguments for ``batch`` (already on the model's device);
+    ``image_token_id`` is the config's ``model.vision.image_token_id`` (under context
+    parallelism it says which tokens take image features)."""
     from lov15_megatron.models.packed_seq import thd_model_inputs
 
     batch = thd_model_inputs(batch, image_token_id=image_token_id, **layout)
