@@ -62,7 +62,8 @@ def test_hardware_flops_add_the_recomputed_forward():
 
 def test_vision_flops_and_vision_recompute_switch():
     vision = [*LM, "model.vision={num_layers: 1, hidden_size: 4, ffn_hidden_size: 8, "
-              "num_attention_heads: 1, patch_size: 1, in_channels: 1}"]  # fmt: skip
+              "num_attention_heads: 1, patch_size: 1, in_channels: 1, image_token_id: 99, "
+              "vision_start_token_id: 97, vision_end_token_id: 98}"]  # fmt: skip
     c = StepCounts(token_positions=0, loss_positions=0, patches=5, vit_attention_sq=25,
                    image_tokens=1)  # fmt: skip
     # ViT layers: 5·2·1·(4·16 + 2·4·8) = 1280; attention: 4·1·4·25 = 400;

@@ -46,6 +46,8 @@ VISION = {
     "rope_theta": 10000.0,
 }
 TEXT_HIDDEN = 48
+# The VLM's image token ids, inside the language model's default 256-token vocabulary.
+IMAGE_TOKEN_IDS = {"image_token_id": 255, "vision_start_token_id": 253, "vision_end_token_id": 254}
 GRIDS = [[1, 4, 6], [1, 2, 2], [1, 6, 4], [1, 2, 8]]
 BAD_GRIDS = {
     "video": ([[1, 4, 6], [2, 2, 2]], 28),
@@ -61,7 +63,7 @@ def run_config(tp: int):
         {
             "model": {
                 "language": {"hidden_size": TEXT_HIDDEN, "num_attention_heads": 4},
-                "vision": VISION,
+                "vision": {**VISION, **IMAGE_TOKEN_IDS},
             },
             "parallel": {"tensor_model_parallel_size": tp},
             "runtime": {"device": "cpu"},
