@@ -26,7 +26,7 @@ def test_every_family_folder_registers_itself():
     found = registry.families()
     # each folder's family.py registered exactly one family, defined in that folder
     assert {type(f).__module__.split(".")[-2] for f in found.values()} == folders
-    assert sorted(found) == ["llava-ov-1.5", "qwen3", "qwen3-moe"]
+    assert list(found) == ["qwen3", "qwen3-moe", "llava-ov-1.5"]  # language models first
     for family in found.values():
         assert isinstance(family, registry.ModelFamily)
         assert family.summary and family.hf_architecture
@@ -59,7 +59,7 @@ def test_exactly_one_family_takes_each_shipped_config(config: str, expected: str
 
 
 def test_unknown_model_name_lists_the_registered_ones():
-    with pytest.raises(ConversionError, match="registered models: llava-ov-1.5, qwen3, qwen3-moe"):
+    with pytest.raises(ConversionError, match="registered models: qwen3, qwen3-moe, llava-ov-1.5"):
         registry.get_family("qwen2")
 
 
