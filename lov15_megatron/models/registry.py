@@ -111,9 +111,11 @@ def _discover() -> None:
 
 
 def families() -> dict[str, ModelFamily]:
-    """Every registered family by name (in the order the folders are found: alphabetical)."""
+    """Every registered family by name: the language models first (those the others are built
+    over), each group by name."""
     _discover()
-    return dict(_FAMILIES)
+    order = sorted(_FAMILIES.values(), key=lambda f: (not f.is_language_model, f.name))
+    return {f.name: f for f in order}
 
 
 def model_names() -> tuple[str, ...]:
