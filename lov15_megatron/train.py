@@ -10,6 +10,9 @@ checkpoints, SIGTERM, NaN guard) → final checkpoint.
   checkpoint, the latest one is restored exactly (model, optimizer, scheduler, RNG, counters,
   data-loader state). Otherwise ``checkpoint.pretrained`` starts from weights only (a previous
   stage or a converted checkpoint) with a fresh optimizer and iteration 0.
+* With ``peft`` (LoRA, docs/lora.md) only adapters train: the base weights come from
+  ``checkpoint.pretrained`` at every start, resume included, and a resume checks that they are
+  the base the checkpoint's adapters were trained on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lov15_megatron.config import ConfigError, RunConfig, format_config, load_config
+from lov15_megatron.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    format_config,
+    load_config,
+)
 
 # torch, Megatron and everything built on them are imported where they are used, so that
 # ``--print-config`` (the launchers' pre-flight) answers in a fraction of a second.
@@ -115,7 +124,15 @@ def train(cfg: RunConfig) -> TrainResult:
 
     start, progress, data_state = 0, {"consumed_samples": 0}, None
     resume_dir = cfg.checkpoint.load or cfg.checkpoint.save
+    lora_base = None  # a LoRA run: {"path", "fingerprint"} of its base weights
+    if cfg.peft is not None:
+        assert cfg.checkpoint.pretrained is not None  # validated
+        lora_base = checkpointing.load_base_weights(model, cfg.checkpoint.pretrained)
+        for chunk in model:
+            zero_vocab_padding(chunk, cfg.model.language.vocab_size)
+        print_rank_0(f"LoRA base weights from {cfg.checkpoint.pretrained} (frozen)")
     if checkpoint_dir.has_checkpoint(resume_dir):
+        checkpointing.check_lora_resume(resume_dir, lora_base)
         progress, data_state = checkpointing.load_checkpoint(
             resume_dir, model, optimizer, scheduler
         )
@@ -124,7 +141,7 @@ def train(cfg: RunConfig) -> TrainResult:
             cfg, progress.get("data_layout"), data_state, progress["consumed_samples"], resume_dir
         )
         print_rank_0(f"resumed from {resume_dir} at iteration {start}")
-    elif cfg.checkpoint.pretrained:
+    elif cfg.checkpoint.pretrained and lora_base is None:
         checkpointing.load_model_weights(model, cfg.checkpoint.pretrained)
         for chunk in model:
             zero_vocab_padding(chunk, cfg.model.language.vocab_size)
@@ -133,6 +150,8 @@ def train(cfg: RunConfig) -> TrainResult:
     data = build_train_data(cfg, len(model), start, data_state)
     source = cfg.checkpoint.pretrained or resume_dir
     model_file = checkpoint_dir.describe_model(cfg, source, family.name)
+    if cfg.peft is not None:  # what the adapters are and the base they apply to
+        model_file["peft"] = {**config_to_dict(cfg)["peft"], "base": lora_base}
     n_micro = setup.num_microbatches(cfg)
     forward_step = make_forward_step(family, cfg)
     trainable = sum(p.numel() for c in model for p in c.parameters() if p.requires_grad)
@@ -140,6 +159,15 @@ def train(cfg: RunConfig) -> TrainResult:
     print_rank_0(
         f"parameters on rank 0: {total:,} ({trainable:,} trainable); micro-batches/step: {n_micro}"
     )
+    if cfg.peft is not None:
+        from lov15_megatron.models.lora import lora_modules
+
+        adapters = sum(1 for chunk in model for _ in lora_modules(chunk))
+        p = cfg.peft
+        print_rank_0(
+            f"LoRA adapters on rank 0: {adapters} layers (rank {p.rank}, alpha {p.alpha:g}, "
+            f"dropout {p.dropout:g}; {', '.join(p.target_modules)} of {', '.join(p.towers)})"
+        )
     metrics = MetricsLogger(cfg, rt)
     peak = peak_tflops(rt.device)
     exit_signal = ExitSignal()

@@ -214,6 +214,31 @@ class RuntimeConfig:
     deterministic: bool = False  # request deterministic kernels
 
 
+#: LoRA targets: Megatron-Core's names of the linear layers (attention's fused q/k/v and output
+#: projection, the MLP's fused gate/up and down projection).
+PEFT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+#: Which towers can take adapters (the VLM's; a language model has only ``language``).
+PEFT_TOWERS = ("language", "vision", "merger")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters on frozen base weights (docs/lora.md).
+
+    Each targeted linear layer W of the chosen towers computes W·x + (alpha/rank)·B·A·dropout(x)
+    with A [rank, in] and B [out, rank] the only trained parameters; the base weights come from
+    ``checkpoint.pretrained`` at every start (resume included) and stay frozen.
+    """
+
+    type: Literal["lora"] = "lora"
+    rank: int = 16  # r: the adapters' inner width
+    alpha: float = 32.0  # scaling alpha/rank of the adapter's output
+    dropout: float = 0.0  # dropout on the adapter's input (training only), in [0, 1)
+    # Megatron-Core's names: linear_qkv, linear_proj, linear_fc1, linear_fc2.
+    target_modules: list[str] = field(default_factory=lambda: list(PEFT_TARGETS))
+    towers: list[str] = field(default_factory=lambda: ["language"])  # language, vision, merger
+
+
 @dataclass
 class RunConfig:
     """Root of a training run's configuration."""
@@ -227,6 +252,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    peft: PeftConfig | None = None  # None: full fine-tune (of train.trainable)
 
 
 # Fields that must be >= 1 (skipped when None) and >= 0.
@@ -408,6 +434,8 @@ def validate(cfg: RunConfig) -> None:
         f"(scheduler.decay_iters, or train.train_iters when null)",
     )
     _reject_fields_without_effect(cfg)
+    if cfg.peft is not None:
+        _validate_peft(cfg, cfg.peft)
 
 
 def _reject_fields_without_effect(cfg: RunConfig) -> None:
@@ -471,6 +499,58 @@ def _reject_fields_without_effect(cfg: RunConfig) -> None:
             d.num_workers == 0,
             f"data.num_workers={d.num_workers} has no effect with data.loader=synthetic",
         )
+
+
+def _validate_peft(cfg: RunConfig, pe: PeftConfig) -> None:
+    """LoRA settings: known names, a base to adapt, and nothing that would have no effect."""
+    _require(pe.rank >= 1, f"peft.rank={pe.rank} must be >= 1")
+    _require(pe.alpha > 0, f"peft.alpha={pe.alpha} must be > 0")
+    _require(0 <= pe.dropout < 1, f"peft.dropout={pe.dropout} must be in [0, 1)")
+    for what, names, allowed in (
+        ("target_modules", pe.target_modules, PEFT_TARGETS),
+        ("towers", pe.towers, PEFT_TOWERS),
+    ):
+        _require(bool(names), f"peft.{what}=[] adapts nothing; allowed: {list(allowed)}")
+        bad = sorted(set(names) - set(allowed))
+        _require(not bad, f"peft.{what} has unknown name(s) {bad}; allowed: {list(allowed)}")
+        _require(len(set(names)) == len(names), f"peft.{what}={names} names one twice")
+    if cfg.model.vision is None:
+        extra = sorted(set(pe.towers) - {"language"})
+        _require(
+            not extra,
+            f"peft.towers names {extra}, but this is a language-only model (model.vision is null)",
+        )
+    fc = {"linear_fc1", "linear_fc2"}
+    _require(
+        "merger" not in pe.towers or bool(fc & set(pe.target_modules)),
+        f"peft.towers includes merger, but the merger has only linear_fc1/linear_fc2 and "
+        f"peft.target_modules={pe.target_modules} names neither",
+    )
+    moe_fc = sorted(fc & set(pe.target_modules))
+    _require(
+        cfg.model.language.num_experts is None or "language" not in pe.towers or not moe_fc,
+        f"peft.target_modules names {moe_fc}, but the language model's MLPs are experts "
+        f"(model.language.num_experts={cfg.model.language.num_experts}), which take no adapters: "
+        f"use peft.target_modules=[linear_qkv, linear_proj] for its attention",
+    )
+    t, o = cfg.train, cfg.optimizer
+    _require(
+        t.trainable is None,
+        f"train.trainable={t.trainable} and peft are both set: with peft only the adapters "
+        f"train (choose them with peft.towers); remove train.trainable, or peft for a full "
+        f"fine-tune of those groups",
+    )
+    idle = sorted(set(o.lr_mult) - set(pe.towers))
+    _require(
+        not idle,
+        f"optimizer.lr_mult names {idle}, which take no adapters (peft.towers={pe.towers}): "
+        f"its multiplier would have no effect",
+    )
+    _require(
+        cfg.checkpoint.pretrained is not None,
+        "peft adapts a base model: set checkpoint.pretrained to its weights (loaded at every "
+        "start, resume included; the LoRA checkpoint holds only the adapters)",
+    )
 
 
 _MOE_FIELDS = ("moe_ffn_hidden_size", "moe_router_topk", "moe_norm_topk_prob", "moe_aux_loss_coeff",

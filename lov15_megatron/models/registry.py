@@ -56,6 +56,14 @@ class ModelFamily(Converter):
         """
         raise NotImplementedError
 
+    def tower_prefixes(self) -> dict[str, str]:
+        """Each tower of the model (``language``, ``vision``, ``merger``: the names of
+        ``peft.towers``) by the module-name prefix of its layers. A language model is one tower
+        (the default); the VLM names its three."""
+        if self.is_language_model:
+            return {"language": ""}
+        raise NotImplementedError(f"{self.name} does not say which modules are which tower")
+
     def step_losses(self, cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
         """Auxiliary losses of the last step for the training log (every rank calls it)."""
         return {}

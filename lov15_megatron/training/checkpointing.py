@@ -13,6 +13,12 @@ Two kinds are written here:
   (``dataloader/dp_rank_XXX.pt``) — everything an exact resume needs. Layout:
   ``<save>/iter_0000100/`` plus ``<save>/latest_checkpointed_iteration.txt``.
 
+A **LoRA run** (``peft``) keeps its base weights out of its training checkpoints: those hold
+the adapters (``*.lora_A``/``*.lora_B``), their optimizer state and the rest as above, and the
+base is loaded from ``checkpoint.pretrained`` at every start (:func:`load_base_weights`). The
+checkpoint's ``lov15_model.json`` names the base (``peft.base``: its path and
+:func:`base_fingerprint`), and a resume onto another base is refused (:func:`check_lora_resume`).
+
 Every directory is written under a temporary name and renamed when complete; the ``latest``
 file is replaced atomically after the rename, and only the last ``keep_last`` are kept. A
 half-written checkpoint never looks like a checkpoint.
@@ -20,44 +26,75 @@ half-written checkpoint never looks like a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
 
 from lov15_megatron.checkpoint_dir import (
     MODEL_FILE,
     iteration_dir,
     model_file_text,
     read_latest,
+    read_model_file,
     resolve,
     saved_iterations,
     write_latest,
 )
+from lov15_megatron.config import ConfigError
+from lov15_megatron.models.lora import is_adapter_key, lora_modules
+
+Part = Literal["all", "base", "adapters"]
 
 
 def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
-    """Sharded state dict of all chunks (``model`` or ``model0``, ``model1`` … under VPP)."""
+def has_adapters(chunks: list) -> bool:
+    """Whether the model carries LoRA adapters (a ``peft`` run)."""
+    return any(True for c in chunks for _ in lora_modules(c))
+
+
+def _part(sharded: dict, part: Part) -> dict:
+    if part == "all":
+        return sharded
+    adapters = part == "adapters"
+    return {k: v for k, v in sharded.items() if is_adapter_key(k) == adapters}
+
+
+def model_sharded_state_dict(chunks: list, part: Part = "all") -> dict:
+    """Sharded state dict of all chunks (``model`` or ``model0``, ``model1`` … under VPP);
+    ``part`` keeps only the base weights or only the LoRA adapters."""
     if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": _part(_unwrap(chunks[0]).sharded_state_dict(), part)}
+    return {f"model{i}": _part(_unwrap(c).sharded_state_dict(), part) for i, c in enumerate(chunks)}
 
 
-def _load_model_state(chunks: list, state: dict, strict: bool = True) -> None:
+def _load_model_state(chunks: list, state: dict, strict: bool = True, part: Part = "all") -> None:
+    """Copy loaded tensors into the chunks; a ``part`` must cover exactly that part."""
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks, strict=True):
-        _unwrap(chunk).load_state_dict(state[key], strict=strict)
+        if part == "all":
+            _unwrap(chunk).load_state_dict(state[key], strict=strict)
+            continue
+        result = _unwrap(chunk).load_state_dict(state[key], strict=False)
+        adapters = part == "adapters"
+        missing = [k for k in result.missing_keys if is_adapter_key(k) == adapters]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"loading the {part}: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
 
 
 def _atomic_dir_save(final: Path, write) -> Path:
@@ -86,12 +123,82 @@ def save_model_weights(chunks: list, path: str | os.PathLike) -> Path:
 
 def load_model_weights(chunks: list, path: str | os.PathLike, strict: bool = True) -> None:
     """Load weights written by :func:`save_model_weights`, the converter or a training
-    checkpoint, at any layout (collective call)."""
+    checkpoint, at any layout (collective call). A model with LoRA adapters loads its base
+    weights only (:func:`load_base_weights`)."""
     path = resolve(path)  # a training checkpoint root: its latest iteration
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint")
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
-    _load_model_state(chunks, state, strict)
+    if (read_model_file(path) or {}).get("peft"):
+        raise ConfigError(f"{path} is a LoRA checkpoint (adapters only), not model weights")
+    part: Part = "base" if has_adapters(chunks) else "all"
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks, part), str(path))
+    _load_model_state(chunks, state, strict, part)
+
+
+# ------------------------------------------------------------------ LoRA: the base weights
+
+FINGERPRINT_ELEMENTS = 8  # per tensor: the first elements of its first row
+
+
+def load_base_weights(chunks: list, path: str | os.PathLike) -> dict[str, str]:
+    """Load a LoRA run's frozen base weights from ``path`` (``checkpoint.pretrained``); returns
+    ``{"path", "fingerprint"}`` naming the base (collective call).
+
+    A LoRA training checkpoint is no base (it holds no base weights): one-line ConfigError.
+    """
+    load_model_weights(chunks, path)
+    return {"path": str(Path(path).resolve()), "fingerprint": base_fingerprint(chunks)}
+
+
+def base_fingerprint(chunks: list) -> str:
+    """A digest of the base weights that is the same at every TP/PP/DP layout and cheap: the
+    first ``FINGERPRINT_ELEMENTS`` values (fp32) of the first row of every base tensor, by its
+    global checkpoint key (collective call).
+
+    Each tensor's first row starts in the shard at the global origin, which exactly one rank
+    holds as its main replica; the ranks' samples are gathered and hashed in key order. Two
+    bases that differ in training differ there almost surely.
+    """
+    samples: dict[str, bytes] = {}
+    for value in nested_values(model_sharded_state_dict(chunks, "base")):
+        if not isinstance(value, ShardedTensor) or not is_main_replica(value.replica_id):
+            continue
+        if any(value.global_offset) or value.data is None:
+            continue
+        row = value.data.detach().reshape(-1, value.data.shape[-1])[0]
+        count = min(FINGERPRINT_ELEMENTS, value.global_shape[-1])
+        samples[value.key] = row[:count].float().cpu().numpy().tobytes()
+    gathered: list[dict[str, bytes] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, samples)
+    digest = hashlib.sha256()
+    merged = {k: v for part in gathered for k, v in (part or {}).items()}
+    for key in sorted(merged):
+        digest.update(key.encode() + b"\0" + merged[key])
+    return digest.hexdigest()
+
+
+def check_lora_resume(resume_dir: str | os.PathLike, base: dict[str, str] | None) -> None:
+    """Refuse (one-line ConfigError) a resume that would put a checkpoint's adapters on another
+    base than they were trained on, or mix a LoRA checkpoint with a full run."""
+    saved = (read_model_file(resume_dir) or {}).get("peft")
+    if base is None and saved:
+        raise ConfigError(
+            f"{resume_dir} is a LoRA checkpoint (adapters on {saved['base']['path']}); "
+            f"resume it with its peft section, or save this full run elsewhere"
+        )
+    if base is None:
+        return
+    if not saved:
+        raise ConfigError(
+            f"{resume_dir} holds a full training checkpoint, not LoRA adapters; save this "
+            f"peft run elsewhere (checkpoint.save) or remove peft"
+        )
+    if saved["base"]["fingerprint"] != base["fingerprint"]:
+        raise ConfigError(
+            f"the adapters in {resume_dir} were trained on the base {saved['base']['path']}, "
+            f"but checkpoint.pretrained={base['path']} holds other weights (fingerprint "
+            f"{base['fingerprint'][:12]} != {saved['base']['fingerprint'][:12]})"
+        )
 
 
 # ------------------------------------------------------------------ training checkpoints
@@ -207,7 +314,8 @@ def _restore_torch_adam_step(optimizer, saved: dict) -> None:
 def _training_state_dict(chunks, optimizer, scheduler, progress, is_loading: bool) -> dict:
     if is_loading:
         _init_torch_adam_state(optimizer)
-    model_sd = model_sharded_state_dict(chunks)
+    # A LoRA run's checkpoint holds the adapters, not the frozen base (loaded at every start).
+    model_sd = model_sharded_state_dict(chunks, "adapters" if has_adapters(chunks) else "all")
     return {
         **model_sd,
         "optimizer": optimizer.sharded_state_dict(
@@ -276,7 +384,7 @@ def load_checkpoint(
     directory = iteration_dir(root, read_latest(root))
     template = _training_state_dict(chunks, optimizer, scheduler, {}, is_loading=True)
     state = dist_checkpointing.load(template, str(directory))
-    _load_model_state(chunks, state)
+    _load_model_state(chunks, state, part="adapters" if has_adapters(chunks) else "all")
     with torch.no_grad():  # fp32 training: the optimizer's main params are the model's leaves
         if _optimizer_metadata(chunks) is MOE_OPTIMIZER_METADATA:
             _load_reshardable_optimizer(optimizer, state["optimizer"])

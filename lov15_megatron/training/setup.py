@@ -33,13 +33,30 @@ ModelProvider = Callable[[RunConfig, int | None], MegatronModule]
 
 
 def build_model_chunks(cfg: RunConfig, provider: ModelProvider) -> list[MegatronModule]:
-    """Unwrapped model chunks for this rank: one per virtual pipeline stage."""
+    """Unwrapped model chunks for this rank: one per virtual pipeline stage, with LoRA adapters
+    on the targeted layers (all else frozen) when ``cfg.peft`` is set."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = [None] if vpp is None else list(range(vpp))
     chunks = [provider(cfg, vp) for vp in stages]
+    if cfg.peft is not None:
+        apply_peft(cfg, chunks)
     if torch.cuda.is_available() and cfg.runtime.device != "cpu":
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks
+
+
+def apply_peft(cfg: RunConfig, chunks: list[MegatronModule]) -> int:
+    """Put ``cfg.peft``'s LoRA adapters into every chunk (before DDP wrapping, so that only the
+    adapters get gradient buffers and reach the optimizer); returns this rank's adapter count.
+
+    The towers are the registered family's (``ModelFamily.tower_prefixes``).
+    """
+    from lov15_megatron.models.lora import apply_lora
+    from lov15_megatron.models.registry import family_for_config
+
+    assert cfg.peft is not None
+    prefixes = family_for_config(cfg).tower_prefixes()
+    return sum(len(apply_lora(c, cfg.peft, prefixes, cfg.runtime.seed)) for c in chunks)
 
 
 def wrap_ddp(cfg: RunConfig, chunks: list[MegatronModule]) -> list[DistributedDataParallel]:

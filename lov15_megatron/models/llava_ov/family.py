@@ -74,6 +74,13 @@ class LLaVAOneVision(ModelFamily):
 
         return build_llava_ov_model(cfg, vp_stage=vp_stage)
 
+    def tower_prefixes(self) -> dict[str, str]:
+        """The freeze groups' modules: ``vision_model.``, ``vision_projection.``,
+        ``language_model.``."""
+        from lov15_megatron.models.llava_ov.model import GROUP_MODULES
+
+        return {group: f"{module}." for group, module in GROUP_MODULES.items()}
+
     def forward_inputs(
         self, cfg: RunConfig, batch: dict[str, Any], layout: dict[str, int]
     ) -> dict[str, Any]:

@@ -1,0 +1,459 @@
+"""LoRA (``peft:``, docs/lora.md): parity with ``peft`` on transformers' Qwen3, training at
+TP 2 + SP, PP 2 and DP 2 against one rank, frozen base, adapter-only optimizer, checkpoints
+(exact resume after SIGTERM and SIGKILL, a different base refused) and config errors.
+
+Two tiny random ``Qwen3ForCausalLM`` (written here with transformers, two seeds) are converted
+in-process; base ``a`` is what the runs adapt, base ``b`` is "another base". One 1-rank launch
+converts both, checks the forward against ``peft`` and trains the references; one 2-rank launch
+trains every parallel layout (and checks what the optimizer holds); the resume checks run the
+real CLI (``python -m lov15_megatron.train``) and kill it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import assert_close_fp32, assert_close_training, fp32_abs_tol, training_rel_tol
+
+from lov15_megatron.runtime.launch import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ, GLOBAL_BATCH, STEPS = 32, 4, 4
+PEFT = "peft={rank: 4, alpha: 8.0}"  # every target of the language model
+# Longest reductions: the 128 tokens of a step a weight gradient sums over (4 × 32); the MLP's
+# 96 (hidden 64); the 250-word vocabulary's cross entropy counts as 9 (log_sum_exp_len).
+REDUCTION_LEN = GLOBAL_BATCH * SEQ
+FORWARD_REDUCTION_LEN = 96
+LAYOUTS = {
+    "tp2": ["parallel.tensor_model_parallel_size=2"],  # the VLM's towers run TP without SP
+    "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "dp2": [],
+}
+
+
+def make_hf_qwen3(path: Path, seed: int) -> None:
+    """A tiny random Qwen3 with transformers' own class (untied, vocab 250 so Megatron pads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms and larger weights than the default init
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- inside ranks
+
+
+def _cfg(root: Path, overrides: list[str], base: str = "mc_a"):
+    from lov15_megatron.config import apply_override, validate
+    from lov15_megatron.convert.core import run_config_of_checkpoint
+
+    cfg = run_config_of_checkpoint(root / base)
+    for override in [
+        "runtime.device=cpu", f"data.seq_length={SEQ}", "train.micro_batch_size=1",
+        f"train.global_batch_size={GLOBAL_BATCH}", "optimizer.lr=1e-2", "logging.log_interval=1",
+        f"checkpoint.pretrained={root / base}", PEFT, *overrides,
+    ]:  # fmt: skip
+        apply_override(cfg, override)
+    validate(cfg)
+    return cfg
+
+
+def _random_b(global_name: str, layout, seed: int) -> torch.Tensor:
+    """Test-only ``B`` init: random instead of zero (the same full matrix at every layout), so
+    that the first step's gradients of ``A`` and ``B`` both count."""
+    import zlib
+
+    gen = torch.Generator().manual_seed(zlib.crc32(global_name.encode()))
+    return 0.3 * torch.randn(layout.out_features, layout.rank, generator=gen)
+
+
+def _train(root: Path, overrides: list[str], random_b: bool) -> dict:
+    from lov15_megatron.models import lora
+    from lov15_megatron.train import train
+
+    initial_b = lora._initial_b
+    if random_b:
+        lora._initial_b = _random_b
+    try:
+        result = train(_cfg(root, overrides))
+    finally:
+        lora._initial_b = initial_b
+    return {"losses": result.losses, "grad_norms": result.grad_norms}
+
+
+def _convert(hf: Path, out: Path) -> None:
+    from lov15_megatron.convert import core
+    from lov15_megatron.models.registry import get_family
+    from lov15_megatron.runtime import distributed
+
+    distributed.initialize(core.converter_runtime_config())
+    try:
+        core.hf_to_mcore(get_family("qwen3"), str(hf), str(out))
+    finally:
+        distributed.shutdown()
+
+
+def _peft_parity(root: Path) -> dict[str, torch.Tensor]:
+    """Logits of (1) our base model, (2) ours with LoRA fresh from init, (3) ours and (4) peft's
+    on transformers' Qwen3 with the same random adapters (one rank, fp32)."""
+    import peft
+    from transformers import Qwen3ForCausalLM
+
+    from lov15_megatron.models.lora import lora_modules, set_full_adapter
+    from lov15_megatron.models.registry import get_family
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training import checkpointing, setup
+
+    cfg = _cfg(root, [])
+    distributed.initialize(cfg)
+    family = get_family("qwen3")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 250, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+
+    def logits(chunk) -> torch.Tensor:
+        chunk.eval()
+        with torch.no_grad():
+            out = chunk(input_ids=ids, position_ids=positions, attention_mask=None)
+        return out[..., :250].float()
+
+    (plain,) = setup.build_model_chunks(_cfg(root, ["peft=null"]), family.build_model)
+    checkpointing.load_model_weights([plain], root / "mc_a")
+    (ours,) = setup.build_model_chunks(cfg, family.build_model)
+    checkpointing.load_base_weights([ours], root / "mc_a")
+    out = {"base": logits(plain), "fresh": logits(ours)}
+
+    hf = Qwen3ForCausalLM.from_pretrained(root / "hf_a", dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    reference = peft.get_peft_model(hf, config)
+    table = family.table(cfg)
+    for name, layer in lora_modules(ours):
+        lay = layer.lora_layout
+        a = torch.randn(lay.rank, lay.in_features, generator=gen) / lay.in_features**0.5
+        b = 0.5 * torch.randn(lay.out_features, lay.rank, generator=gen)
+        set_full_adapter(layer, a, b)
+        # The fused layer's B rows go to the HF modules through the weight's own transform
+        # (GroupedQKV for q/k/v, Concat for gate/up); each HF module shares the one A.
+        row, hf_names = table.resolve(f"{name}.weight")
+        for hf_name, b_part in zip(hf_names, row.transform.to_hf(b), strict=True):
+            module = reference.base_model.model.get_submodule(hf_name.removesuffix(".weight"))
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b_part)
+    out["ours"] = logits(ours)
+    reference.eval()
+    with torch.no_grad():
+        out["peft"] = reference(input_ids=ids).logits.float()
+    distributed.shutdown()
+    return out
+
+
+def single_rank(root: str) -> dict:
+    """Convert both bases; the forward parity; the reference runs and a LoRA checkpoint."""
+    from lov15_megatron.config import ConfigError
+
+    root_ = Path(root)
+    for name in ("a", "b"):
+        _convert(root_ / f"hf_{name}", root_ / f"mc_{name}")
+    out = {
+        "parity": _peft_parity(root_),
+        "reference": _train(root_, [f"train.train_iters={STEPS}"], random_b=True),
+        "straight": _train(root_, [*RESUME_RUN, f"checkpoint.save={root_ / 'straight'}"], False),
+    }
+    try:  # a LoRA checkpoint is no base
+        _train(root_, ["train.train_iters=1", f"checkpoint.pretrained={root_ / 'straight'}"], False)
+    except ConfigError as e:
+        out["lora_as_base"] = str(e)
+    return out
+
+
+def _optimizer_holds_only_adapters(root: Path, overrides: list[str]) -> dict:
+    """Two steps with the real setup: what reaches DDP's grad buffers and the optimizer, and
+    whether the base weights moved."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from lov15_megatron.models.lora import is_adapter_key
+    from lov15_megatron.models.registry import get_family
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training import checkpointing, setup, synthetic
+    from lov15_megatron.training.step import train_step
+
+    cfg = _cfg(root, overrides)
+    distributed.initialize(cfg)
+    model = setup.wrap_ddp(cfg, setup.build_model_chunks(cfg, get_family("qwen3").build_model))
+    optimizer = setup.build_optimizer(cfg, model)
+    scheduler = setup.build_scheduler(cfg, optimizer)
+    checkpointing.load_base_weights(model, root / "mc_a")
+    params = {n: p for c in model for n, p in c.module.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    data = synthetic.synthetic_batches(cfg)
+    for _ in range(2):
+        train_step(cfg, data, model, optimizer, scheduler, setup.num_microbatches(cfg))
+    state = torch.tensor(0)  # Adam's first-moment elements held by this DP rank
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        state += sum(s["exp_avg"].numel() for s in chained.optimizer.state.values())
+    dist.all_reduce(state, group=parallel_state.get_data_parallel_group())
+    adapters = [n for n in params if is_adapter_key(n)]
+    result = {
+        "adapters": adapters,
+        "adapter_numel": sum(params[n].numel() for n in adapters),
+        "optimizer_state_numel": int(state),
+        "grad_buffers": sorted(n for n, p in params.items() if hasattr(p, "main_grad")),
+        "trainable": sorted(n for n, p in params.items() if p.requires_grad),
+        "base_moved": [n for n in params if n not in adapters and not torch.equal(before[n],
+                                                                                  params[n])],
+        "adapters_moved": [n for n in adapters if not torch.equal(before[n], params[n])],
+    }  # fmt: skip
+    distributed.shutdown()
+    return result
+
+
+def two_ranks(root: str) -> dict:
+    root_ = Path(root)
+    runs = {
+        name: _train(root_, [f"train.train_iters={STEPS}", *extra], random_b=True)
+        for name, extra in LAYOUTS.items()
+    }
+    runs["optimizer"] = _optimizer_holds_only_adapters(root_, LAYOUTS["dp2"])
+    return runs
+
+
+# ----------------------------------------------------------------------------- the test side
+
+
+RESUME_RUN = ["train.train_iters=8", "checkpoint.save_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict, dict]:
+    root = tmp_path_factory.mktemp("lora")
+    make_hf_qwen3(root / "hf_a", seed=0)
+    make_hf_qwen3(root / "hf_b", seed=1)
+    (single,) = run_ranks(1, single_rank, str(root))
+    per_rank = run_ranks(2, two_ranks, str(root))
+    return root, single, per_rank[0]
+
+
+def test_forward_equals_peft_on_transformers_qwen3(runs):
+    _, single, _ = runs
+    logits = single["parity"]
+    # B = 0 at init: the adapted model is the base, bit for bit.
+    assert torch.equal(logits["fresh"], logits["base"])
+    assert_close_fp32(logits["ours"], logits["peft"], FORWARD_REDUCTION_LEN)
+    # The adapters change the logits far beyond that bound (the comparison is not vacuous).
+    shift = float((logits["ours"] - logits["base"]).abs().max())
+    assert shift > 100 * fp32_abs_tol(FORWARD_REDUCTION_LEN, float(logits["peft"].abs().max()))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_rank(runs, layout):
+    _, single, layouts = runs
+    reference, got = single["reference"], layouts[layout]
+    assert len(got["losses"]) == STEPS
+    assert_close_training(reference["losses"], got["losses"], REDUCTION_LEN, f"{layout} loss")
+    assert_close_training(reference["grad_norms"], got["grad_norms"], REDUCTION_LEN,
+                          f"{layout} grad norm", grad_norm=True)  # fmt: skip
+    # The adapters do train: the loss moves far more than the tolerance allows.
+    losses = reference["losses"]
+    assert max(losses) - min(losses) > 100 * training_rel_tol(STEPS, REDUCTION_LEN) * losses[0]
+
+
+def test_only_adapters_train_and_the_base_stays(runs):
+    _, _, layouts = runs
+    opt = layouts["optimizer"]
+    # 2 layers × (qkv, proj, fc1, fc2) × (A, B)
+    assert len(opt["adapters"]) == 16
+    assert opt["trainable"] == opt["grad_buffers"] == sorted(opt["adapters"])
+    assert opt["optimizer_state_numel"] == opt["adapter_numel"]  # DP-sharded, summed over DP
+    assert opt["base_moved"] == []
+    assert sorted(opt["adapters_moved"]) == sorted(opt["adapters"])
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``torch_dist`` checkpoint, read in this process without ranks."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from lov15_megatron.checkpoint_dir import resolve
+
+    reader = FileSystemReader(str(resolve(path)))
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+def test_checkpoint_holds_adapters_and_names_its_base(runs):
+    root, single, _ = runs
+    from lov15_megatron.checkpoint_dir import read_model_file, resolve
+
+    saved = _read_checkpoint(root / "straight")
+    model_keys = {k for k in saved if not k.startswith(("optimizer", "rng_state"))}
+    assert model_keys and all(k.endswith((".lora_A", ".lora_B")) for k in model_keys), model_keys
+    assert {k.rsplit(".", 2)[-2] for k in model_keys} == {
+        "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
+    }  # fmt: skip
+    meta = read_model_file(root / "straight")["peft"]
+    assert (meta["rank"], meta["alpha"], meta["towers"]) == (4, 8.0, ["language"])
+    assert meta["base"]["path"] == str((root / "mc_a").resolve())
+    assert len(meta["base"]["fingerprint"]) == 64
+    latest = resolve(root / "straight")
+    assert (
+        single["lora_as_base"]
+        == f"{latest} is a LoRA checkpoint (adapters only), not model weights"
+    )
+
+
+# ----------------------------------------------------------------------------- the real CLI
+
+
+def _cli(config: Path, *overrides: str, stderr: int = subprocess.STDOUT) -> subprocess.Popen:
+    """The trainer in a process group of its own (stderr into stdout unless asked apart)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lov15_megatron.train", "--config", str(config), *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _watchdog(proc: subprocess.Popen, seconds: float = 600.0):
+    timer = threading.Timer(seconds, proc.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _run_until(proc: subprocess.Popen, line_start: str, sig: signal.Signals) -> list[str]:
+    """Read the trainer's lines; at the first starting with ``line_start`` send ``sig`` (to
+    its whole process group for SIGKILL, as a node failure would)."""
+    lines: list[str] = []
+    with _watchdog(proc):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(line_start):
+                if sig == signal.SIGKILL:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.send_signal(sig)
+                break
+        lines.extend(proc.stdout)
+        proc.wait()
+    return lines
+
+
+def test_resume_exact_after_sigterm_and_sigkill_and_refuses_another_base(runs, tmp_path):
+    from lov15_megatron.checkpoint_dir import LATEST
+    from lov15_megatron.config import config_to_yaml
+
+    root, single, _ = runs
+    save = tmp_path / "killed"
+    config = tmp_path / "run.yaml"
+    config.write_text(config_to_yaml(_cfg(root, [*RESUME_RUN, f"checkpoint.save={save}"])))
+
+    # 1. SIGTERM during the run: the trainer saves the iteration it is in and stops (exit 0).
+    proc = _cli(config)
+    log = "".join(_run_until(proc, "iter 2/", signal.SIGTERM))
+    assert proc.returncode == 0 and "SIGTERM received" in log, log[-2000:]
+    stopped = int((save / LATEST).read_text())
+    assert 2 <= stopped <= 5, stopped
+
+    # 2. Resumed, then SIGKILLed (no handler runs) after a later iteration.
+    proc = _cli(config)
+    log = "".join(_run_until(proc, f"iter {stopped + 2}/", signal.SIGKILL))
+    assert proc.returncode == -signal.SIGKILL, log[-2000:]
+    assert f"resumed from {save} at iteration {stopped}" in log, log[-2000:]
+    assert "LoRA base weights from" in log and "LoRA adapters on rank 0: 8 layers" in log
+
+    # 3. The adapters onto another base: one error line (after the library warnings any run
+    # prints while building the model and loading the base), no traceback, exit 2.
+    proc = _cli(config, f"checkpoint.pretrained={root / 'mc_b'}", stderr=subprocess.PIPE)
+    with _watchdog(proc):
+        _, stderr = proc.communicate()
+    assert proc.returncode == 2, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in stderr and errors == stderr.splitlines()[-1:], stderr[-2000:]
+    assert errors[0].startswith(f"config error: the adapters in {save} "), errors
+    assert "holds other weights" in errors[0]
+
+    # 4. Resumed to the end: bit-identical to the uninterrupted run.
+    proc = _cli(config)
+    with _watchdog(proc):
+        out, err = proc.communicate()
+    assert proc.returncode == 0, (out + err)[-2000:]
+    assert int((save / LATEST).read_text()) == 8
+    summary = json.loads((save / "train_summary.json").read_text())
+    assert summary["last_loss"] == single["straight"]["losses"][-1]
+    straight, resumed = _read_checkpoint(root / "straight"), _read_checkpoint(save)
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert different == [], different  # adapters and their Adam state
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def test_config_errors_are_one_line():
+    from lov15_megatron.config import ConfigError, load_config
+
+    lm = ["checkpoint.pretrained=/base"]
+    moe = ["model.language.num_experts=4", "model.language.moe_ffn_hidden_size=32"]
+    cases = {
+        "peft={type: qlora}": "peft.type: 'qlora' is not allowed",
+        "peft={rank: 0}": "peft.rank=0 must be >= 1",
+        "peft={dropout: 1.0}": "peft.dropout=1.0 must be in [0, 1)",
+        "peft={target_modules: [q_proj]}": "peft.target_modules has unknown name(s) ['q_proj']",
+        "peft={towers: [text]}": "peft.towers has unknown name(s) ['text']",
+        "peft={towers: [vision]}": "peft.towers names ['vision'], but this is a language-only",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            load_config("configs/tiny_gpt.yaml", [override, *lm])
+    with pytest.raises(ConfigError, match=r"^train.trainable=\['language'\] and peft are both"):
+        load_config("configs/tiny_gpt.yaml", [PEFT, "train.trainable=[language]", *lm])
+    with pytest.raises(ConfigError, match=r"^peft adapts a base model: set checkpoint.pretrained"):
+        load_config("configs/tiny_gpt.yaml", [PEFT])
+    with pytest.raises(ConfigError, match=r"language model's MLPs are experts"):
+        load_config("configs/tiny_gpt.yaml", [PEFT, *moe, *lm])
+    attention_only = "peft={target_modules: [linear_qkv, linear_proj]}"
+    assert load_config("configs/tiny_gpt.yaml", [attention_only, *moe, *lm]).peft is not None
+
+    # Through the trainer's command line: exit 2, one line on stderr, nothing else.
+    res = subprocess.run(
+        [sys.executable, "-m", "lov15_megatron.train", "--config", "configs/tiny_gpt.yaml",
+         "runtime.device=cpu", "peft={rank: 4, towers: [merger]}", *lm],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.splitlines() == [
+        "config error: peft.towers names ['merger'], but this is a language-only model "
+        "(model.vision is null)"
+    ]
