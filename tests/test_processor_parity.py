@@ -37,8 +37,8 @@ from lov15_megatron.data.image_processing import (
     smart_resize,
 )
 from lov15_megatron.data.tokenizer import load_tokenizer
-from lov15_megatron.hf import processing_llavaonevision1_5 as hf_processing
 from lov15_megatron.hf.export import write_hf_assets
+from lov15_megatron.hf.remote_code import processing_llavaonevision1_5 as hf_processing
 
 #: Largest |ours - transformers| allowed on normalised pixels (both float32; measured 4.8e-7):
 #: elementwise rescale and normalise, no reduction, values up to (1 - 0.408) / 0.276 = 2.15.
