@@ -38,6 +38,7 @@ LAYOUTS = {
     "tp2": ["parallel.tensor_model_parallel_size=2"],  # the VLM's towers run TP without SP
     "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
+    "cp2": ["parallel.context_parallel_size=2"],
     "dp2": [],
 }
 
@@ -106,10 +107,7 @@ def _convert(hf: Path, out: Path) -> None:
     from lov15_megatron.runtime import distributed
 
     distributed.initialize(core.converter_runtime_config())
-    try:
-        core.hf_to_mcore(get_family("qwen3"), str(hf), str(out))
-    finally:
-        distributed.shutdown()
+    core.hf_to_mcore(get_family("qwen3"), str(hf), str(out))
 
 
 def _peft_parity(root: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +116,6 @@ def _peft_parity(root: Path) -> dict[str, torch.Tensor]:
     import peft
     from transformers import Qwen3ForCausalLM
 
-    from lov15_megatron.models.lora import lora_modules, set_full_adapter
     from lov15_megatron.models.registry import get_family
     from lov15_megatron.runtime import distributed
     from lov15_megatron.training import checkpointing, setup
@@ -146,30 +143,87 @@ def _peft_parity(root: Path) -> dict[str, torch.Tensor]:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     reference = peft.get_peft_model(hf, config)
-    table = family.table(cfg)
+    assert _adapt_alike(ours, reference, family.table(cfg), gen) == 2 * len(targets)
+    out["ours"] = logits(ours)
+    reference.eval()
+    with torch.no_grad():
+        out["peft"] = reference(input_ids=ids).logits.float()
+    return out
+
+
+def _adapt_alike(ours, reference, table, gen: torch.Generator) -> int:
+    """Random global ``A``/``B`` into every adapted layer of ``ours`` and, through the mapping
+    table's rows, the same into ``peft``'s modules of ``reference``: each fused layer's ``B``
+    rows go to their HF modules by the weight's own transform (GroupedQKV for q/k/v, Concat for
+    gate/up), and every HF part shares the one ``A``. Returns the number of HF modules set."""
+    from lov15_megatron.models.lora import lora_modules, set_full_adapter
+
+    count = 0
     for name, layer in lora_modules(ours):
         lay = layer.lora_layout
         a = torch.randn(lay.rank, lay.in_features, generator=gen) / lay.in_features**0.5
         b = 0.5 * torch.randn(lay.out_features, lay.rank, generator=gen)
         set_full_adapter(layer, a, b)
-        # The fused layer's B rows go to the HF modules through the weight's own transform
-        # (GroupedQKV for q/k/v, Concat for gate/up); each HF module shares the one A.
         row, hf_names = table.resolve(f"{name}.weight")
         for hf_name, b_part in zip(hf_names, row.transform.to_hf(b), strict=True):
             module = reference.base_model.model.get_submodule(hf_name.removesuffix(".weight"))
             with torch.no_grad():
                 module.lora_A["default"].weight.copy_(a)
                 module.lora_B["default"].weight.copy_(b_part)
-    out["ours"] = logits(ours)
+            count += 1
+    return count
+
+
+def _hf_targets(chunk, table) -> list[str]:
+    """The HF module names of every adapted layer of ``chunk`` (through the mapping table)."""
+    from lov15_megatron.models.lora import lora_modules
+
+    names = [table.resolve(f"{name}.weight")[1] for name, _ in lora_modules(chunk)]
+    return sorted(n.removesuffix(".weight") for hf_names in names for n in hf_names)
+
+
+def _vlm_peft_parity(vlm_hf: str, vlm_mc: str) -> dict[str, torch.Tensor]:
+    """Our VLM with adapters on all three towers against ``peft`` on our HF VLM (one rank)."""
+    import peft
+
+    from lov15_megatron.config import apply_override, validate
+    from lov15_megatron.convert.core import run_config_of_checkpoint
+    from lov15_megatron.models.qwen3.model import zero_vocab_padding
+    from lov15_megatron.models.registry import get_family
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training import checkpointing, setup
+
+    family = get_family("llava-ov-1.5")
+    cfg = run_config_of_checkpoint(vlm_mc)
+    for override in ["runtime.device=cpu", "data.seq_length=64", f"checkpoint.pretrained={vlm_mc}",
+                     "peft={rank: 4, alpha: 8.0, towers: [language, vision, merger]}"]:  # fmt: skip
+        apply_override(cfg, override)
+    validate(cfg)
+    distributed.initialize(cfg)
+    (ours,) = setup.build_model_chunks(cfg, family.build_model)
+    checkpointing.load_base_weights([ours], vlm_mc)
+    zero_vocab_padding(ours, cfg.model.language.vocab_size)
+    table = family.table(cfg)
+    hf = family.hf_model_class().from_pretrained(vlm_hf, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                             target_modules=_hf_targets(ours, table))  # fmt: skip
+    reference = peft.get_peft_model(hf, config)
+    modules = _adapt_alike(ours, reference, table, torch.Generator().manual_seed(11))
+    inputs = family.default_inputs(cfg)
+    seq = inputs["input_ids"].shape[1]
+    positions = torch.arange(seq).expand(inputs["input_ids"].shape[0], seq)
+    ours.eval()
     reference.eval()
     with torch.no_grad():
-        out["peft"] = reference(input_ids=ids).logits.float()
-    distributed.shutdown()
-    return out
+        out = ours(attention_mask=None, position_ids=positions, **inputs)
+        ref = reference(**inputs).logits.float()
+    vocab = cfg.model.language.vocab_size
+    return {"ours": out[..., :vocab].float(), "peft": ref, "modules": torch.tensor(modules)}
 
 
-def single_rank(root: str) -> dict:
-    """Convert both bases; the forward parity; the reference runs and a LoRA checkpoint."""
+def single_rank(root: str, vlm_hf: str, vlm_mc: str) -> dict:
+    """Convert both bases; the forward parities; the reference runs and a LoRA checkpoint (one
+    process group throughout; each step rebuilds the model-parallel groups)."""
     from lov15_megatron.config import ConfigError
 
     root_ = Path(root)
@@ -177,6 +231,7 @@ def single_rank(root: str) -> dict:
         _convert(root_ / f"hf_{name}", root_ / f"mc_{name}")
     out = {
         "parity": _peft_parity(root_),
+        "vlm_parity": _vlm_peft_parity(vlm_hf, vlm_mc),
         "reference": _train(root_, [f"train.train_iters={STEPS}"], random_b=True),
         "straight": _train(root_, [*RESUME_RUN, f"checkpoint.save={root_ / 'straight'}"], False),
     }
@@ -225,17 +280,66 @@ def _optimizer_holds_only_adapters(root: Path, overrides: list[str]) -> dict:
                                                                                   params[n])],
         "adapters_moved": [n for n in adapters if not torch.equal(before[n], params[n])],
     }  # fmt: skip
-    distributed.shutdown()
     return result
 
 
+def _moe_attention_adapters(root: Path) -> dict:
+    """A Qwen3-MoE LM at TP 2 + SP × EP 2 with adapters on attention (its experts take none):
+    2 steps, a training checkpoint, 2 more; a fresh model that loads it continues identically."""
+    from lov15_megatron.config import load_config
+    from lov15_megatron.models.registry import family_for_config
+    from lov15_megatron.runtime import distributed
+    from lov15_megatron.training import checkpointing, setup, synthetic
+    from lov15_megatron.training.step import train_step
+
+    # The base is random and never loaded (the trainer's set-up without train()): a
+    # checkpoint.pretrained is required by the config and unread here.
+    moe = ["model.language.num_experts=4", "model.language.moe_ffn_hidden_size=32"]
+    layout = [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert_model_parallel_size=2",
+        "parallel.expert_tensor_parallel_size=1",
+    ]
+    lora = ["peft={rank: 4, target_modules: [linear_qkv, linear_proj]}", "checkpoint.pretrained=x"]
+    cfg = load_config("configs/tiny_gpt.yaml", ["runtime.device=cpu", *moe, *layout, *lora])
+
+    distributed.initialize(cfg)
+
+    def build() -> tuple:
+        distributed.set_seed(cfg.runtime.seed)  # the same random base in both builds
+        model = setup.wrap_ddp(
+            cfg, setup.build_model_chunks(cfg, family_for_config(cfg).build_model)
+        )
+        optimizer = setup.build_optimizer(cfg, model)
+        return model, optimizer, setup.build_scheduler(cfg, optimizer)
+
+    def steps(state: tuple, data, n: int) -> list[float]:
+        return [train_step(cfg, data, *state, setup.num_microbatches(cfg)).loss for _ in range(n)]
+
+    first = build()
+    data = synthetic.synthetic_batches(cfg)
+    losses = steps(first, data, 2)
+    checkpointing.save_checkpoint(root / "moe", 2, *first, {"iteration": 2})
+    losses += steps(first, data, 2)
+    second = build()
+    checkpointing.load_checkpoint(root / "moe", *second)
+    resumed = steps(second, synthetic.synthetic_batches(cfg, 2), 2)
+    trainable = {n.split("layers.")[-1].split(".", 1)[-1] for c in first[0]
+                 for n, p in c.module.named_parameters() if p.requires_grad}  # fmt: skip
+    return {"losses": losses, "resumed": resumed, "trainable": sorted(trainable)}
+
+
 def two_ranks(root: str) -> dict:
+    """Every layout, then the optimizer and MoE checks, in one world (its process group stays
+    up from check to check: only the model-parallel groups are rebuilt)."""
     root_ = Path(root)
     runs = {
         name: _train(root_, [f"train.train_iters={STEPS}", *extra], random_b=True)
         for name, extra in LAYOUTS.items()
     }
     runs["optimizer"] = _optimizer_holds_only_adapters(root_, LAYOUTS["dp2"])
+    runs["moe"] = _moe_attention_adapters(root_)
     return runs
 
 
@@ -246,11 +350,12 @@ RESUME_RUN = ["train.train_iters=8", "checkpoint.save_interval=1"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, dict, dict]:
+def runs(tmp_path_factory, tiny_vlm) -> tuple[Path, dict, dict]:
     root = tmp_path_factory.mktemp("lora")
     make_hf_qwen3(root / "hf_a", seed=0)
     make_hf_qwen3(root / "hf_b", seed=1)
-    (single,) = run_ranks(1, single_rank, str(root))
+    vlm_hf, vlm_mc = tiny_vlm  # the session's converted tiny VLM, only read here
+    (single,) = run_ranks(1, single_rank, str(root), str(vlm_hf), str(vlm_mc))
     per_rank = run_ranks(2, two_ranks, str(root))
     return root, single, per_rank[0]
 
@@ -264,6 +369,16 @@ def test_forward_equals_peft_on_transformers_qwen3(runs):
     # The adapters change the logits far beyond that bound (the comparison is not vacuous).
     shift = float((logits["ours"] - logits["base"]).abs().max())
     assert shift > 100 * fp32_abs_tol(FORWARD_REDUCTION_LEN, float(logits["peft"].abs().max()))
+
+
+def test_vlm_forward_equals_peft_on_our_hf_vlm(runs):
+    """Adapters on the language model, the Rice ViT (its stacked q/k/v: one HF module) and the
+    merger; the longest reduction is the patch embedding's 588 inputs (as test_llava_ov)."""
+    _, single, _ = runs
+    logits = single["vlm_parity"]
+    # language: 2 layers × 7 HF modules; vision: 2 × (qkv, proj, fc1, fc2); merger: mlp.0, mlp.2
+    assert int(logits["modules"]) == 14 + 8 + 2
+    assert_close_fp32(logits["ours"], logits["peft"], 588)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -288,6 +403,17 @@ def test_only_adapters_train_and_the_base_stays(runs):
     assert opt["optimizer_state_numel"] == opt["adapter_numel"]  # DP-sharded, summed over DP
     assert opt["base_moved"] == []
     assert sorted(opt["adapters_moved"]) == sorted(opt["adapters"])
+
+
+def test_moe_attention_adapters_train_and_resume(runs):
+    _, _, layouts = runs
+    moe = layouts["moe"]
+    assert moe["trainable"] == [
+        "self_attention.linear_proj.lora_A", "self_attention.linear_proj.lora_B",
+        "self_attention.linear_qkv.lora_A", "self_attention.linear_qkv.lora_B",
+    ]  # fmt: skip
+    assert moe["resumed"] == moe["losses"][2:]  # bit-identical after loading the checkpoint
+    assert len(set(moe["losses"])) == 4
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
