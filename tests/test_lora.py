@@ -611,3 +611,21 @@ def test_config_errors_are_one_line():
         "config error: peft.towers names ['merger'], but this is a language-only model "
         "(model.vision is null)"
     ]
+
+
+def test_mcore_to_hf_of_a_lora_checkpoint_is_refused_in_one_line(tmp_path):
+    """Until the LoRA export exists, exporting an adapters-only checkpoint says so (exit 2)
+    instead of failing on the base tensors it does not hold."""
+    from helpers import cli
+
+    load = tmp_path / "lora" / "iter_0000004"
+    load.mkdir(parents=True)
+    (tmp_path / "lora" / "latest_checkpointed_iteration.txt").write_text("4")
+    meta = {"model": "qwen3", "model_config": {}, "peft": {"type": "lora", "base": {"path": "B"}}}
+    (load / "lov15_model.json").write_text(json.dumps(meta))
+    out = cli("mcore-to-hf", "--model", "qwen3", "--load-dir", str(tmp_path / "lora"),
+              "--save-dir", str(tmp_path / "hf"))  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a LoRA checkpoint" in lines[0] and "base B" in lines[0], lines
+    assert not (tmp_path / "hf").exists()

@@ -229,6 +229,12 @@ def mcore_to_hf(
     start = time.perf_counter()
     load_dir = resolve(load_dir)  # a training root exports its latest iteration
     meta = read_model_file(load_dir)
+    if meta.get("peft"):  # adapters only: the base weights are not in this checkpoint
+        raise ConversionError(
+            f"{load_dir} is a LoRA checkpoint (adapters only, base "
+            f"{meta['peft'].get('base', {}).get('path', '?')}); exporting LoRA runs is not "
+            f"supported yet (docs/lora.md)"
+        )
     cfg = run_config_of_checkpoint(load_dir)
     torch_dtype = TORCH_DTYPES[meta.get("dtype", "float32")]
     model = _layout_model(converter, cfg, torch_dtype)
