@@ -1,5 +1,6 @@
 """lov15-megatron: LLaVA-OneVision-1.5 pretraining on Megatron-Core."""
 
+import logging
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
@@ -11,8 +12,21 @@ from importlib.metadata import PackageNotFoundError, version
 for _message in (
     r"Transformer Engine and Apex are not installed\. Falling back to ",
     r"Apex is not installed\. Falling back to Torch Norm",
+    r"absl\.logging is not installed\. Using logging\.getLogger",  # megatron-core 0.19
 ):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning, module="megatron")
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """PyTorch logs "No CUDA runtime is found, using CUDA_HOME=…" when a CUDA toolkit directory
+    exists on a machine without a GPU (Megatron-Core 0.19 imports ``torch.utils.cpp_extension``).
+    On CPU that is the intended situation; only this record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 
 def _version() -> str:
