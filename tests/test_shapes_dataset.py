@@ -194,6 +194,7 @@ def test_summary_metadata_and_layout(dataset):
         assert record["messages"][0]["content"].startswith("<image>\n")
     # Whole set: a few hundred bytes per image.
     assert summary["bytes"] < 400 * sum(SMALL.values()) + 60_000
+    assert summary["layout"] == meta["layout"] == "free"
 
 
 def test_images_are_small_multiples_of_28_and_decode(dataset):
@@ -228,12 +229,30 @@ def test_captions_match_the_pixels(dataset):
             _check_caption(row["caption"], _perceive(image))
 
 
+def _scenes_file(root: Path) -> dict[str, dict]:
+    """``scenes.jsonl`` of the instruct split: the scene of each image, by image name."""
+    lines = (root / "instruct" / "scenes.jsonl").read_text().splitlines()
+    return {record["image"]: record["scene"] for record in map(json.loads, lines)}
+
+
+def _as_seen(scene: dict) -> dict:
+    """A scene of ``scenes.jsonl`` in the form :func:`_perceive` returns."""
+    shapes = {s["position"]: (s["shape"], s["colour"]) for s in scene["shapes"]}
+    return {"background": scene["background"], "shapes": shapes}
+
+
 def test_instruct_answers_match_the_pixels(dataset):
     out, _ = dataset
     checked = 0
+    scenes = _scenes_file(out)
+    assert len(scenes) == SMALL["n_instruct"]
     for record in json.loads((out / "instruct" / "instruct.json").read_text()):
         with Image.open(out / "instruct" / record["images"][0]) as image:
             seen = _perceive(image)
+            size = image.size
+        scene = scenes[record["images"][0]]  # the labels a vision tower is pretrained on
+        assert _as_seen(scene) == seen and (scene["width"], scene["height"]) == size
+        assert scene["layout"] == "free"
         messages = record["messages"]
         for question, answer in zip(messages[::2], messages[1::2], strict=True):
             text = question["content"].removeprefix("<image>\n")
@@ -356,4 +375,119 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "_eval_split", broken)
     with pytest.raises(RuntimeError, match="boom"):
         sd.generate_shapes_dataset(tmp_path / "d", n_caption=2, n_instruct=2, n_eval=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- grid layout
+
+GRID_SIZES = {(84, 84), (140, 84), (84, 140)}  # 3×3, 5×3 and 3×5 cells of 28 px
+
+
+def _grid_cell_of(position: str, columns: int, rows: int) -> tuple[int, int]:
+    """Where a position name says a shape is: the middle of an edge, or the centre cell."""
+    middle_column, middle_row = (columns - 1) // 2, (rows - 1) // 2
+    return {
+        "top": (middle_column, 0),
+        "bottom": (middle_column, rows - 1),
+        "left": (0, middle_row),
+        "right": (columns - 1, middle_row),
+        "center": (middle_column, middle_row),
+    }[position]
+
+
+def _perceive_grid(image: Image.Image) -> dict:
+    """Background, and shape/colour per position, read from the pixels of a ``grid`` image.
+
+    Independent of the generator's geometry: each non-background colour's pixels must lie in one
+    28-px cell (one LM image token), the cell names the position, and the filled corners of the
+    colour's bounding box tell the shape (square: all four; triangle: the two lower ones only;
+    circle: none).
+    """
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    assert (width, height) in GRID_SIZES
+    columns, rows = width // 28, height // 28
+    background = {v: k for k, v in sd.BACKGROUNDS.items()}[rgb.getpixel((0, 0))]
+    colour_of = {v: k for k, v in sd.COLOURS.items()}
+    pixels: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for y in range(height):
+        for x in range(width):
+            value = rgb.getpixel((x, y))
+            if value != sd.BACKGROUNDS[background]:
+                pixels.setdefault(value, []).append((x, y))
+    cell_names = {_grid_cell_of(p, columns, rows): p for p in sd.POSITIONS}
+    shapes = {}
+    for value, points in pixels.items():
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        cells = {(x // 28, y // 28) for x, y in points}
+        assert len(cells) == 1, f"colour {value} spans cells {cells}"  # one LM token per shape
+        (cell,) = cells
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        assert x1 - x0 >= 20 and y1 - y0 >= 20  # large in its cell: 23 px of 28
+
+        def filled(x: int, y: int, value=value) -> bool:
+            return rgb.getpixel((x, y)) == value
+
+        corners = [filled(x0, y0), filled(x1, y0), filled(x0, y1), filled(x1, y1)]
+        shape = {
+            (True, True, True, True): "square",
+            (False, False, True, True): "triangle",
+            (False, False, False, False): "circle",
+        }[tuple(corners)]
+        shapes[cell_names[cell]] = (shape, colour_of[value])
+    return {"background": background, "shapes": shapes}
+
+
+@pytest.fixture(scope="module")
+def grid_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_grid") / "data"
+    summary = sd.generate_shapes_dataset(out, seed=5, layout="grid", **SMALL)
+    return out, summary
+
+
+def test_grid_layout_one_shape_per_lm_token_and_answers_match_the_pixels(grid_dataset):
+    out, summary = grid_dataset
+    meta = json.loads((out / sd.METADATA_NAME).read_text())
+    assert summary["layout"] == meta["layout"] == "grid"
+    assert meta["image_tokens"] == {"84x84": 9, "140x84": 15, "84x140": 15}
+    assert meta["scene_space"] == 3 * 3 * (3 * 4 * 5 + 3 * 12 * 20 + 1 * 24 * 60)
+    sizes = set()
+    for record in json.loads((out / "caption" / "llava.json").read_text()):
+        with Image.open(out / "caption" / record["image"]) as image:
+            _check_caption(record["conversations"][1]["value"], _perceive_grid(image))
+    for row in pq.read_table(out / "caption" / "mid.parquet").to_pylist():
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
+            _check_caption(row["caption"], _perceive_grid(image))
+    scenes = _scenes_file(out)
+    for record in json.loads((out / "instruct" / "instruct.json").read_text()):
+        with Image.open(out / "instruct" / record["images"][0]) as image:
+            seen = _perceive_grid(image)
+            sizes.add(image.size)
+        scene = scenes[record["images"][0]]
+        assert _as_seen(scene) == seen and scene["layout"] == "grid"
+        messages = record["messages"]
+        for question, answer in zip(messages[::2], messages[1::2], strict=True):
+            text = question["content"].removeprefix("<image>\n")
+            assert answer["content"] == _answer_from_pixels(text, seen), text
+    train_pixels = set()
+    for data in _training_images(out):
+        with Image.open(io.BytesIO(data)) as image:
+            train_pixels.add((image.size, image.convert("RGB").tobytes()))
+    for item in sd.load_eval(summary["eval"]["path"]):
+        with Image.open(item["image"]) as image:
+            seen = _perceive_grid(image)
+            assert (image.size, image.convert("RGB").tobytes()) not in train_pixels
+        assert item["answer"] == _answer_from_pixels(item["question"], seen)
+        assert item["scene"]["layout"] == "grid"
+    assert sizes == GRID_SIZES  # every size occurs
+
+
+def test_unknown_layout_is_refused(tmp_path, capsys):
+    from lov15_megatron.demo import make_shapes_dataset as tool
+
+    with pytest.raises(ValueError, match="unknown layout 'diagonal'"):
+        sd.generate_shapes_dataset(tmp_path / "d", layout="diagonal")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--out", str(tmp_path / "d"), "--layout", "diagonal"])
+    assert exit_info.value.code == 2 and "--layout" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,7 @@
 """Generate the procedural shapes vision-language data set (captions, instruct QA, held-out eval).
 
     python tools/make_shapes_dataset.py --out DIR [--seed S] [--n-caption N] [--n-instruct N]
-        [--n-eval N] [--max-shapes 1|2|3] [--overwrite]
+        [--n-eval N] [--max-shapes 1|2|3] [--layout free|grid] [--overwrite]
 
 Deterministic from the seed; written atomically. See docs/shapes-dataset.md. Bad arguments or an
 existing DIR without ``--overwrite``: one line ``error: …`` on stderr, exit status 2.
@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from lov15_megatron.demo.shapes_dataset import (
+    LAYOUTS,
     MAX_SHAPES,
     format_summary,
     generate_shapes_dataset,
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-instruct", type=int, default=600, help="instruct samples (stage 2)")
     p.add_argument("--n-eval", type=int, default=60, help="held-out eval questions")
     p.add_argument("--max-shapes", type=int, default=MAX_SHAPES, help="shapes per image, at most")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="free",
+        help="free: shapes at fixed fractions of the image; grid: one 28-px cell (LM token) each",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -46,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             n_eval=args.n_eval,
             overwrite=args.overwrite,
             max_shapes=args.max_shapes,
+            layout=args.layout,
         )
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,9 +5,12 @@
 working directory, with the real tools and the real training entry point (each as its own
 process, each found through the installed package):
 
-1. generate the procedural shapes data set (captions, multi-turn QA, held-out eval);
-2. make tiny random Rice ViT (MLCD layout) and Qwen3 checkpoints with the offline Qwen
-   vocabulary, and build the stage-0 checkpoint with ``lov15-make-stage0``;
+1. generate the procedural shapes data set (captions, multi-turn QA, held-out eval) in its
+   ``grid`` layout (each shape in one 28-pixel cell, i.e. one LM image token);
+2. make the source checkpoints: a tiny Rice ViT (MLCD layout) pretrained for a few hundred
+   steps on the shapes *training* images (multi-label, as MLCD is; ``demo/vision_pretrain.py``)
+   and a random Qwen3 with the offline Qwen vocabulary; build the stage-0 checkpoint with
+   ``lov15-make-stage0``;
 3. pack the caption and instruct sets with ``lov15-pack-offline``;
 4. convert stage-0 to Megatron with ``lov15-convert-checkpoint hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
@@ -16,9 +19,13 @@ process, each found through the installed package):
    its whole output is in ``OUT/<stage>.log``;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
    ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
-7. print a summary: per stage steps, first/last loss, tokens/s and checkpoint; packing fill;
-   the answers next to the expected ones, and the accuracy per question type and overall beside
-   the always-majority baseline (always the most frequent held-out answer) and chance.
+7. print a summary: the vision pretraining (loss, and what its head reads from the held-out
+   images); per stage steps, first/last loss, tokens/s and checkpoint; packing fill; the answers
+   next to the expected ones, and the accuracy per question type and overall beside the
+   always-majority baseline (always the most frequent held-out answer) and chance.
+
+``--seed`` (default 0) seeds the data set and the sources' initialisation. ``docs/quickstart.md``
+has the measured accuracy and time.
 """
 
 from __future__ import annotations
@@ -30,16 +37,25 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lov15_megatron.config.bundled import configs_dir
+from lov15_megatron.demo.vision_pretrain import PretrainReport, pretrain_vision
 
-SIZES = {  # data counts and steps per stage
-    "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "steps": (10, 20, 400)},
-    "small": {"caption": 120, "instruct": 1000, "eval": 60, "valid": 48, "steps": (6, 8, 200)},
-}
+if TYPE_CHECKING:
+    from transformers import MLCDVisionModel
+
+SIZES = {  # data counts, vision pretraining steps and steps per stage
+    "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "vision": 600,
+                "steps": (10, 20, 400)},
+    "small": {"caption": 120, "instruct": 1000, "eval": 150, "valid": 48, "vision": 400,
+              "steps": (6, 8, 200)},
+}  # fmt: skip
+LAYOUT = "grid"  # shapes data layout (demo/shapes_dataset.py): one shape per LM image token
 
 
 #: ``--stop-after`` choices, in order (the numbered steps above).
@@ -76,19 +92,31 @@ def tool(module: str, *args: str) -> str:
     return run(sys.executable, "-m", f"lov15_megatron.{module}", *args)
 
 
-def make_sources(out: Path) -> tuple[Path, Path]:
-    """Tiny random MLCD-layout ViT and Qwen3 (tied, offline Qwen vocabulary) checkpoints."""
-    from transformers import MLCDVisionConfig, MLCDVisionModel, Qwen3Config, Qwen3ForCausalLM
+def tiny_vit(seed: int = 0) -> MLCDVisionModel:
+    """The quickstart's random tiny MLCD ViT (2 layers, hidden 64, patch 14) before pretraining."""
+    from transformers import MLCDVisionConfig, MLCDVisionModel
+
+    torch.manual_seed(seed)
+    return MLCDVisionModel(MLCDVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        patch_size=14, image_size=56, num_channels=3,
+    ))  # fmt: skip
+
+
+def make_sources(
+    out: Path, scenes: Path, held_out: Path, vision_steps: int, seed: int = 0
+) -> tuple[Path, Path, PretrainReport]:
+    """A tiny MLCD-layout ViT pretrained on the training images' ``scenes`` (labels; scored on
+    the ``held_out`` eval images) and a random Qwen3 (tied, offline Qwen vocabulary); their
+    checkpoints and the pretraining's report."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.utils.logging import disable_progress_bar
 
     from lov15_megatron.data.tokenizer import load_tokenizer
 
     disable_progress_bar()  # no "Writing model shards" bars between the quickstart's lines
-    torch.manual_seed(0)
-    vit = MLCDVisionModel(MLCDVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        patch_size=14, image_size=56, num_channels=3,
-    ))  # fmt: skip
+    vit = tiny_vit(seed)
+    pretrained = pretrain_vision(vit, scenes, held_out=held_out, steps=vision_steps, seed=seed)
     vit.save_pretrained(out / "rice_vit")
     llm = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -97,7 +125,7 @@ def make_sources(out: Path) -> tuple[Path, Path]:
     ))  # fmt: skip
     llm.save_pretrained(out / "qwen3")
     load_tokenizer("qwen-offline").save_pretrained(out / "qwen3")
-    return out / "rice_vit", out / "qwen3"
+    return out / "rice_vit", out / "qwen3", pretrained
 
 
 def stage(out: Path, name: str, config: str, overrides: list[str]) -> dict:
@@ -120,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--size", choices=list(SIZES), default="default")
     parser.add_argument(
+        "--seed", type=int, default=0, help="data and initialisation seed (default 0)"
+    )
+    parser.add_argument(
         "--stop-after", choices=STEPS, default=STEPS[-1], help="stop after this step (default: all)"
     )
     args = parser.parse_args(argv)
@@ -140,16 +171,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped after step {step!r}; outputs in {out}", flush=True)
         return True
 
-    print("[1/7] generating the shapes data set", flush=True)
-    data = generate_shapes_dataset(out / "data", seed=0, n_caption=size["caption"],
-                                   n_instruct=size["instruct"], n_eval=size["eval"])  # fmt: skip
+    print(f"[1/7] generating the shapes data set ({LAYOUT} layout)", flush=True)
+    data = generate_shapes_dataset(out / "data", seed=args.seed, n_caption=size["caption"],
+                                   n_instruct=size["instruct"], n_eval=size["eval"],
+                                   layout=LAYOUT)  # fmt: skip
     # Held-out sets for the validation loss: drawn with another seed (other images and texts).
-    held_out = generate_shapes_dataset(out / "data_valid", seed=1, n_caption=size["valid"],
-                                       n_instruct=size["valid"], n_eval=4)  # fmt: skip
+    held_out = generate_shapes_dataset(out / "data_valid", seed=args.seed + 1,
+                                       n_caption=size["valid"],
+                                       n_instruct=size["valid"], n_eval=4,
+                                       layout=LAYOUT)  # fmt: skip
     if done("data"):
         return 0
-    print("[2/7] tiny random Rice ViT + Qwen3 -> stage-0 (make_stage0)", flush=True)
-    vit, llm = make_sources(out / "sources")
+    print(f"[2/7] tiny Rice ViT pretrained on the {data['instruct']['count']} training images "
+          f"({size['vision']} steps, multi-label) + random Qwen3 -> stage-0 (make_stage0)",
+          flush=True)  # fmt: skip
+    vit, llm, pretrained = make_sources(
+        out / "sources", Path(data["instruct"]["scenes"]), Path(data["eval"]["path"]),
+        size["vision"], args.seed,
+    )  # fmt: skip
+    print(f"      {vision_line(pretrained)}", flush=True)
     tool("cli.make_stage0", "--vit-dir", str(vit), "--llm-dir", str(llm),
         "--save-dir", str(out / "stage0_hf"), "--quiet")  # fmt: skip
     if done("stage0"):
@@ -213,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((out / "eval_report.json").read_text())
     results = report["answers"]
     summary = {
+        "vision_pretraining": asdict(pretrained),
         "stages": stages, "packing": fill, "accuracy": report["accuracy"],
         "accuracy_per_type": {  # each type's always-majority baseline beside its accuracy
             name: {**entry, "majority": data["eval"]["majority_answer_accuracy_per_type"][name]}
@@ -227,8 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def vision_line(report: PretrainReport) -> str:
+    """One line on the vision pretraining: loss, and what its head reads from held-out images."""
+    read = ", ".join(f"{name} {value:.2f}" for name, value in report.held_out_accuracy.items())
+    return (f"vision pretraining {report.steps} steps on {report.images} training images: loss "
+            f"{report.first_loss:.3f} -> {report.last_loss:.3f} in {report.seconds:.0f}s; read "
+            f"from {report.held_out_images} held-out images: {read}")  # fmt: skip
+
+
 def print_summary(s: dict, out: Path) -> None:
     print("\n[7/7] summary")
+    print(f"  {vision_line(PretrainReport(**s['vision_pretraining']))}")
     for st in s["stages"]:
         steps = f"{st['first_iteration'] + 1}-{st['last_iteration']}"
         loss = f"{st['first_loss']:.3f} -> {st['last_loss']:.3f}"
@@ -244,10 +294,12 @@ def print_summary(s: dict, out: Path) -> None:
     for r in shown:
         mark = "ok " if r["correct"] else "   "
         print(f"    {mark}{r['question']!r:45s} -> {r['predicted']!r} / {r['answer']!r}")
-    print("  accuracy per question type (always-majority baseline, chance):")
+    print("  accuracy per question type, against always answering its most frequent held-out "
+          "answer (majority: the best an image-blind model can do) and chance:")  # fmt: skip
     for name, t in s["accuracy_per_type"].items():
         print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
-              f"(majority {t['majority']:.2f}, chance {t['chance']:.2f})")  # fmt: skip
+              f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
+              f"chance {t['chance']:.2f})")  # fmt: skip
     print(
         f"  accuracy {s['accuracy']:.2f} against always-majority "
         f"{s['majority_answer_accuracy']:.2f} (chance {s['chance_accuracy']:.2f}); "

@@ -2,15 +2,20 @@
 
 Every image is a plain background with 1–3 shapes (circle, square, triangle; at most
 ``max_shapes``) of distinct colours at distinct coarse positions (top, left, center, right,
-bottom), drawn with PIL without anti-aliasing at one of four small native sizes whose sides are
-multiples of 28 (4–12 LM image tokens with patch 14 and a 2×2 merge). The text is regular and
-tiny-vocabulary:
+bottom), drawn with PIL without anti-aliasing at small native sizes whose sides are multiples of
+28. Two layouts (:data:`LAYOUTS`): ``free`` (the default) places shapes at fixed fractions of
+one of four sizes (4–12 LM image tokens with patch 14 and a 2×2 merge), where a shape may
+straddle the 28-pixel cells that become LM tokens; ``grid`` centres every shape, larger, in one
+28-pixel cell of one of three sizes (9–15 tokens), so that each LM image token shows at most one
+shape (what the quickstart uses: a tiny model learns to read it in minutes). The text is regular
+and tiny-vocabulary:
 
 - ``caption`` (stages 1 / 1.5): ``"two shapes: a red circle on the left and a blue square at the
   top, white background"``, in two raw layouts the packer reads: LLaVA JSON with an image folder
   and a mid-training-style parquet (``id``, ``image`` = ``{bytes, path}``, ``caption``);
 - ``instruct`` (stage 2): "messages/images" JSON, multi-turn one-word question answering about
-  one image (see :data:`QUESTION_TYPES`);
+  one image (see :data:`QUESTION_TYPES`), and each image's scene (``scenes.jsonl``: labels for
+  pretraining a vision tower, see ``demo/vision_pretrain.py``);
 - ``eval``: a JSONL of held-out ``(image, question, answer)`` items whose scenes (and therefore
   images) never occur in ``caption`` or ``instruct``.
 
@@ -37,8 +42,18 @@ from PIL import Image, ImageDraw
 FORMAT_VERSION = 1
 METADATA_NAME = "metadata.json"
 
-#: Native image sizes (width, height); multiples of 28, so the resize keeps them unchanged.
+#: Native image sizes (width, height) of the ``free`` layout; multiples of 28, so the resize
+#: keeps them unchanged.
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((56, 56), (84, 56), (56, 112), (112, 84))
+#: ``free``: shapes at fixed fractions of the image (:data:`POSITION_FRACTIONS`); ``grid``: each
+#: shape centred in one :data:`GRID_CELL` cell (:func:`grid_cell`), so one LM token per shape.
+LAYOUTS: tuple[str, ...] = ("free", "grid")
+#: The ``grid`` layout's cell: one LM image token (patch 14 × the 2×2 merge).
+GRID_CELL = 28
+#: ``grid`` sizes: odd numbers of cells per side, so that there is a middle row and column.
+GRID_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((84, 84), (140, 84), (84, 140))
+#: ``grid`` shape "radius" in pixels: the shape is 23 px wide in its 28-px cell.
+GRID_RADIUS = 11
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -93,6 +108,7 @@ class Scene:
     height: int
     background: str
     shapes: tuple[ShapeSpec, ...]
+    layout: str = "free"  # one of LAYOUTS: where a position is in the image
 
     def shape_at(self, position: str) -> ShapeSpec:
         return next(spec for spec in self.shapes if spec.position == position)
@@ -108,7 +124,16 @@ class Scene:
             "shapes": [
                 {"shape": s.shape, "colour": s.colour, "position": s.position} for s in self.shapes
             ],
+            "layout": self.layout,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Scene:
+        """The scene of :meth:`to_json`'s output (``layout`` defaults to ``free``)."""
+        shapes = tuple(ShapeSpec(s["shape"], s["colour"], s["position"]) for s in data["shapes"])
+        return cls(
+            data["width"], data["height"], data["background"], shapes, data.get("layout", "free")
+        )
 
 
 @dataclass(frozen=True)
@@ -182,8 +207,33 @@ QUESTION_TYPES: dict[str, QuestionType] = question_types()
 # ----------------------------------------------------------------------------- drawing
 
 
+def image_sizes(layout: str = "free") -> tuple[tuple[int, int], ...]:
+    """The native sizes a layout draws from."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    return GRID_IMAGE_SIZES if layout == "grid" else IMAGE_SIZES
+
+
+def grid_cell(width: int, height: int, position: str) -> tuple[int, int]:
+    """``(column, row)`` of a position's cell in the ``grid`` layout: the middle cell of an edge
+    (top, left, right, bottom) or the centre cell."""
+    columns, rows = width // GRID_CELL, height // GRID_CELL
+    cells = {
+        "top": (columns // 2, 0),
+        "left": (0, rows // 2),
+        "center": (columns // 2, rows // 2),
+        "right": (columns - 1, rows // 2),
+        "bottom": (columns // 2, rows - 1),
+    }
+    return cells[position]
+
+
 def shape_geometry(scene: Scene, spec: ShapeSpec) -> tuple[int, int, int]:
     """``(cx, cy, r)`` in pixels of a shape in its scene (integer, so drawing is exact)."""
+    if scene.layout == "grid":
+        column, row = grid_cell(scene.width, scene.height, spec.position)
+        half = GRID_CELL // 2
+        return column * GRID_CELL + half, row * GRID_CELL + half, GRID_RADIUS
     fx, fy = POSITION_FRACTIONS[spec.position]
     radius = round(RADIUS_FRACTION * min(scene.width, scene.height))
     return round(fx * scene.width), round(fy * scene.height), radius
@@ -227,11 +277,14 @@ def caption_of(scene: Scene) -> str:
 
 
 def random_scene(
-    rng: random.Random, num_shapes: int | None = None, max_shapes: int = MAX_SHAPES
+    rng: random.Random,
+    num_shapes: int | None = None,
+    max_shapes: int = MAX_SHAPES,
+    layout: str = "free",
 ) -> Scene:
     """A uniformly drawn scene of 1..``max_shapes`` distinct shape types, colours, positions."""
     count = num_shapes if num_shapes is not None else rng.randint(1, max_shapes)
-    width, height = rng.choice(IMAGE_SIZES)
+    width, height = rng.choice(image_sizes(layout))
     background = rng.choice(tuple(BACKGROUNDS))
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(tuple(COLOURS), count)
@@ -240,18 +293,18 @@ def random_scene(
         (ShapeSpec(s, c, p) for s, c, p in zip(shapes, colours, positions, strict=True)),
         key=lambda spec: POSITIONS.index(spec.position),
     )
-    return Scene(width, height, background, tuple(specs))
+    return Scene(width, height, background, tuple(specs), layout)
 
 
-def scene_space_size(max_shapes: int = MAX_SHAPES) -> int:
+def scene_space_size(max_shapes: int = MAX_SHAPES, layout: str = "free") -> int:
     """Number of distinct scenes of 1..``max_shapes`` shapes (sizes × backgrounds × shape sets)."""
     from math import comb, perm
 
-    per_layout = sum(
+    shape_sets = sum(
         comb(len(SHAPES), n) * perm(len(COLOURS), n) * perm(len(POSITIONS), n)
         for n in range(1, max_shapes + 1)
     )
-    return len(IMAGE_SIZES) * len(BACKGROUNDS) * per_layout
+    return len(image_sizes(layout)) * len(BACKGROUNDS) * shape_sets
 
 
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
@@ -274,11 +327,12 @@ def _make_images(
     prefix: str,
     count: int,
     max_shapes: int,
+    layout: str,
     avoid: set[Scene] | None = None,
 ) -> list[_Image]:
     images = []
     for index in range(count):
-        scene = random_scene(rng, max_shapes=max_shapes)
+        scene = random_scene(rng, max_shapes=max_shapes, layout=layout)
         if avoid is not None:
             attempts = 0
             while scene in avoid:
@@ -286,9 +340,10 @@ def _make_images(
                 if attempts > 10_000:
                     raise ValueError(
                         "cannot draw held-out scenes: the training sets cover the scene space "
-                        f"({scene_space_size(max_shapes)} scenes); use fewer training samples"
+                        f"({scene_space_size(max_shapes, layout)} scenes); use fewer training "
+                        "samples"
                     )
-                scene = random_scene(rng, len(scene.shapes))
+                scene = random_scene(rng, len(scene.shapes), layout=layout)
             avoid.add(scene)
         images.append(
             _Image(f"images/{prefix}{index:05d}.png", scene, encode_png(draw_scene(scene)))
@@ -316,12 +371,14 @@ def _write_images(root: Path, images: Sequence[_Image]) -> None:
         _write(root / image.name, image.data)
 
 
-def _caption_split(root: Path, rng: random.Random, count: int, max_shapes: int) -> dict[str, Any]:
+def _caption_split(
+    root: Path, rng: random.Random, count: int, max_shapes: int, layout: str
+) -> dict[str, Any]:
     """Half LLaVA JSON (stage-1 style, with a prompt), half parquet (mid-training style)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = _make_images(rng, "c", count, max_shapes)
+    images = _make_images(rng, "c", count, max_shapes, layout)
     n_llava = (count + 1) // 2
     llava = [
         {
@@ -366,9 +423,11 @@ def _caption_split(root: Path, rng: random.Random, count: int, max_shapes: int) 
     }
 
 
-def _instruct_split(root: Path, rng: random.Random, count: int, max_shapes: int) -> dict[str, Any]:
-    """'messages/images' JSON; 2–4 one-word QA turns of distinct types per image."""
-    images = _make_images(rng, "i", count, max_shapes)
+def _instruct_split(
+    root: Path, rng: random.Random, count: int, max_shapes: int, layout: str
+) -> dict[str, Any]:
+    """'messages/images' JSON; 2–4 one-word QA turns of distinct types per image; the scenes."""
+    images = _make_images(rng, "i", count, max_shapes, layout)
     types = tuple(question_types(max_shapes))
     records = []
     turns = Counter[str]()
@@ -387,9 +446,12 @@ def _instruct_split(root: Path, rng: random.Random, count: int, max_shapes: int)
         )
     _write_images(root, images)
     _write(root / "instruct.json", _dump(records))
+    scenes = [json.dumps({"image": i.name, "scene": i.scene.to_json()}) for i in images]
+    _write(root / "scenes.jsonl", "\n".join(scenes) + "\n")
     return {
         "kind": "instruct",
         "sources": ["instruct/instruct.json"],
+        "scenes_file": "instruct/scenes.jsonl",
         "samples": count,
         "qa_turns": dict(sorted(turns.items())),
         "scenes": [image.scene for image in images],
@@ -397,10 +459,10 @@ def _instruct_split(root: Path, rng: random.Random, count: int, max_shapes: int)
 
 
 def _eval_split(
-    root: Path, rng: random.Random, count: int, max_shapes: int, seen: set[Scene]
+    root: Path, rng: random.Random, count: int, max_shapes: int, layout: str, seen: set[Scene]
 ) -> dict[str, Any]:
     """One question per held-out image, question types in rotation."""
-    images = _make_images(rng, "e", count, max_shapes, avoid=seen)
+    images = _make_images(rng, "e", count, max_shapes, layout, avoid=seen)
     types = question_types(max_shapes)
     kinds = tuple(types)
     lines = []
@@ -440,15 +502,19 @@ def _eval_split(
     }
 
 
-def _metadata(seed: int, max_shapes: int, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _metadata(
+    seed: int, max_shapes: int, layout: str, splits: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    sizes = image_sizes(layout)
     return {
         "name": "lov15-shapes",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "max_shapes": max_shapes,
-        "image_sizes": [f"{w}x{h}" for w, h in IMAGE_SIZES],
-        "image_tokens": {f"{w}x{h}": (w // 28) * (h // 28) for w, h in IMAGE_SIZES},
-        "scene_space": scene_space_size(max_shapes),
+        "layout": layout,
+        "image_sizes": [f"{w}x{h}" for w, h in sizes],
+        "image_tokens": {f"{w}x{h}": (w // 28) * (h // 28) for w, h in sizes},
+        "scene_space": scene_space_size(max_shapes, layout),
         "caption_prompt": CAPTION_PROMPT,
         "question_types": {
             q.name: {
@@ -474,6 +540,7 @@ def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "metadata": str(root / METADATA_NAME),
         "seed": meta["seed"],
         "max_shapes": meta["max_shapes"],
+        "layout": meta["layout"],
         "caption": {
             "sources": [str(root / p) for p in splits["caption"]["sources"]],
             "count": splits["caption"]["samples"],
@@ -483,6 +550,7 @@ def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "sources": [str(root / p) for p in splits["instruct"]["sources"]],
             "count": splits["instruct"]["samples"],
             "kind": "instruct",
+            "scenes": str(root / splits["instruct"]["scenes_file"]),
         },
         "eval": {
             "path": str(root / splits["eval"]["path"]),
@@ -507,6 +575,7 @@ def generate_shapes_dataset(
     n_eval: int = 60,
     overwrite: bool = False,
     max_shapes: int = MAX_SHAPES,
+    layout: str = "free",
 ) -> dict[str, Any]:
     """Generate the data set into ``out_dir`` (atomically: a temp folder renamed at the end).
 
@@ -516,21 +585,24 @@ def generate_shapes_dataset(
         out_dir/caption/llava.json     LLaVA records, images under caption/images/
         out_dir/caption/mid.parquet    id, image {bytes, path}, caption
         out_dir/instruct/instruct.json "messages/images" records, images under instruct/images/
+        out_dir/instruct/scenes.jsonl  {image, scene} per instruct image
         out_dir/eval/eval.jsonl        {id, image, question, answer, type, chance, scene}
 
     Returns a summary: ``root``, ``metadata``, ``seed``, ``caption``/``instruct`` (``sources``:
-    absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``), ``eval``
+    absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``; ``instruct`` also
+    ``scenes``, the path of ``scenes.jsonl``), ``eval``
     (``path``, ``count``, ``chance_accuracy``, ``majority_answer_accuracy`` and its
     ``…_per_type``), ``chance`` (per
     question type) and ``bytes``. Every image has 1..``max_shapes`` shapes (at most
-    :data:`MAX_SHAPES`). Raises :class:`FileExistsError` if ``out_dir`` exists and ``overwrite``
-    is false.
+    :data:`MAX_SHAPES`), drawn in ``layout`` (one of :data:`LAYOUTS`). Raises
+    :class:`FileExistsError` if ``out_dir`` exists and ``overwrite`` is false.
     """
     if n_caption < 2 or n_instruct < 1 or n_eval < 0:
         # Two caption samples at least: one per layout (LLaVA JSON and parquet).
         raise ValueError("need n_caption >= 2, n_instruct >= 1 and n_eval >= 0")
     if not 1 <= max_shapes <= MAX_SHAPES:
         raise ValueError(f"need 1 <= max_shapes <= {MAX_SHAPES}, got {max_shapes}")
+    image_sizes(layout)  # an unknown layout raises here, before anything is written
     root = Path(out_dir).expanduser().resolve()
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True / --overwrite to replace it)")
@@ -538,17 +610,25 @@ def generate_shapes_dataset(
     temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
     try:
         caption = _caption_split(
-            temp / "caption", random.Random(f"shapes-{seed}-caption"), n_caption, max_shapes
+            temp / "caption",
+            random.Random(f"shapes-{seed}-caption"),
+            n_caption,
+            max_shapes,
+            layout,
         )
         instruct = _instruct_split(
-            temp / "instruct", random.Random(f"shapes-{seed}-instruct"), n_instruct, max_shapes
+            temp / "instruct",
+            random.Random(f"shapes-{seed}-instruct"),
+            n_instruct,
+            max_shapes,
+            layout,
         )
         seen = set(caption.pop("scenes")) | set(instruct.pop("scenes"))
         evaluation = _eval_split(
-            temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, max_shapes, seen
+            temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, max_shapes, layout, seen
         )
         splits = {"caption": caption, "instruct": instruct, "eval": evaluation}
-        meta = _metadata(seed, max_shapes, splits)
+        meta = _metadata(seed, max_shapes, layout, splits)
         _write(temp / METADATA_NAME, _dump(meta))
         os.chmod(temp, 0o755)  # mkdtemp makes it 0700
         if root.exists():
@@ -581,8 +661,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     chance = ", ".join(f"{name} {value:.3f}" for name, value in summary["chance"].items())
     ev = summary["eval"]
     lines = [
-        f"shapes data set (seed {summary['seed']}) in {summary['root']}: "
-        f"{summary['bytes'] / 1024:.0f} KiB",
+        f"shapes data set (seed {summary['seed']}, {summary['layout']} layout) in "
+        f"{summary['root']}: {summary['bytes'] / 1024:.0f} KiB",
         f"  caption : {summary['caption']['count']} samples in "
         + ", ".join(summary["caption"]["sources"]),
         f"  instruct: {summary['instruct']['count']} samples in "
