@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -307,3 +309,34 @@ def rice_vit_from_mlcd(
     unused = sorted(set(state) - used - set(MLCD_DROPPED))
     assert not unused, f"MLCD tensors the table does not use: {unused}"
     return out
+
+
+def make_hf_qwen3(path: Path, tied: bool = False, seed: int = 0, **overrides):
+    """A tiny random ``Qwen3ForCausalLM`` (transformers' own class; vocab 250 so Megatron pads),
+    saved to ``path`` with a tokenizer config; returns the model."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms and larger weights than the default init
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+    return model
+
+
+@contextlib.contextmanager
+def watchdog(proc: subprocess.Popen, seconds: float = 900.0):
+    """Kill ``proc`` if it is still running after ``seconds`` (a hang must not block CI)."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -14,28 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, ok, read_safetensors, verify_layouts
+from helpers import cli, make_hf_qwen3, ok, read_safetensors, verify_layouts
 from tolerances import assert_close_fp32, within_fp32
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 # The longest reduction is the MLP's 96 (hidden 64, sequences ≤ 16): docs/tolerances.md.
 REDUCTION_LEN = 96
-
-
-def make_hf_qwen3(path: Path, tied: bool, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, **overrides,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():  # non-trivial norms and larger weights than the default init
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,17 @@ real CLI (``python -m lov15_megatron.train``) and kill it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_hf_qwen3, watchdog
 from tolerances import assert_close_fp32, assert_close_training, fp32_abs_tol, training_rel_tol
 
 from lov15_megatron.runtime.launch import run_ranks
@@ -45,23 +44,6 @@ LAYOUTS = {
     "cp2": ["parallel.context_parallel_size=2"],
     "dp2": [],
 }
-
-
-def make_hf_qwen3(path: Path, seed: int) -> None:
-    """A tiny random Qwen3 with transformers' own class (untied, vocab 250 so Megatron pads)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():  # non-trivial norms and larger weights than the default init
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- inside ranks
@@ -499,21 +481,11 @@ def _cli(config: Path, *overrides: str, stderr: int = subprocess.STDOUT) -> subp
     )  # fmt: skip
 
 
-@contextlib.contextmanager
-def _watchdog(proc: subprocess.Popen, seconds: float = 600.0):
-    timer = threading.Timer(seconds, proc.kill)
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
 def _run_until(proc: subprocess.Popen, line_start: str, sig: signal.Signals) -> list[str]:
     """Read the trainer's lines; at the first starting with ``line_start`` send ``sig`` (to
     its whole process group for SIGKILL, as a node failure would)."""
     lines: list[str] = []
-    with _watchdog(proc):
+    with watchdog(proc, 600.0):
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
@@ -554,7 +526,7 @@ def test_resume_exact_after_sigterm_and_sigkill_and_refuses_another_base(runs, t
     # 3. The adapters onto another base: one error line (after the library warnings any run
     # prints while building the model and loading the base), no traceback, exit 2.
     proc = _cli(config, f"checkpoint.pretrained={root / 'mc_b'}", stderr=subprocess.PIPE)
-    with _watchdog(proc):
+    with watchdog(proc, 600.0):
         _, stderr = proc.communicate()
     assert proc.returncode == 2, stderr[-2000:]
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
@@ -564,7 +536,7 @@ def test_resume_exact_after_sigterm_and_sigkill_and_refuses_another_base(runs, t
 
     # 4. Resumed to the end: bit-identical to the uninterrupted run.
     proc = _cli(config)
-    with _watchdog(proc):
+    with watchdog(proc, 600.0):
         out, err = proc.communicate()
     assert proc.returncode == 0, (out + err)[-2000:]
     assert int((save / LATEST).read_text()) == 8

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import watchdog
 from tolerances import assert_close_training, log_sum_exp_len
 
 from lov15_megatron.runtime.launch import run_ranks
@@ -89,17 +90,6 @@ def train_runs(root: str, runs: dict[str, list[str]]) -> dict[str, dict]:
             "checkpoint": result.checkpoint,
         }
     return out
-
-
-@contextlib.contextmanager
-def _watchdog(proc: subprocess.Popen, seconds: float = 900.0):
-    """Kill ``proc`` if it is still running after ``seconds`` (a hang must not block CI)."""
-    timer = threading.Timer(seconds, proc.kill)
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 def _cli(config: Path) -> subprocess.Popen:
@@ -272,7 +262,7 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
     proc, lines = _cli(config), []
     _drain(proc, lines)
     half_written = None
-    with _watchdog(proc):
+    with watchdog(proc):
         while proc.poll() is None and half_written is None:
             tmp = sorted(save.glob("iter_*.tmp")) if save.exists() else []
             if tmp and int(tmp[-1].name[5:12]) >= 2:
@@ -291,7 +281,7 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
 
     # 2. Resume, and kill in the middle of a later step.
     proc, lines = _cli(config), []
-    with _watchdog(proc):
+    with watchdog(proc):
         for line in proc.stdout:
             lines.append(line)
             if line.startswith(f"iter {complete + 2}/"):
@@ -304,7 +294,7 @@ def test_sigkill_mid_save_and_mid_step_resume_exactly(setup_dirs, straight, tmp_
 
     # 3. Resume to the end: bit-identical to the uninterrupted run.
     proc, lines = _cli(config), []
-    with _watchdog(proc):
+    with watchdog(proc):
         lines.extend(proc.stdout)
     assert proc.wait() == 0, "".join(lines[-30:])
     assert "resumed from" in "".join(lines)
@@ -388,7 +378,7 @@ def test_sigterm_stage_chain_and_export(setup_dirs, tmp_path, isolated_hf_module
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines = []
-    with _watchdog(proc):  # a hang ends in a kill (exit -9), not in a timing assertion
+    with watchdog(proc):  # a hang ends in a kill (exit -9), not in a timing assertion
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("iter 2/"):
