@@ -81,7 +81,8 @@ def inputs(tmp_path_factory) -> Path:
     data = generate_shapes_dataset(root / "raw", seed=0, n_caption=40, n_instruct=4, n_eval=2)
     pack(data["caption"]["sources"], root / "packed", seq_len=512, kind="caption",
          max_packs_per_shard=8)  # fmt: skip
-    vit, llm = make_sources(root / "sources")
+    vit, llm, _ = make_sources(root / "sources", Path(data["instruct"]["scenes"]),
+                               Path(data["eval"]["path"]), vision_steps=20)  # fmt: skip
     make_stage0(vit, llm, root / "stage0_hf", progress=False)
     ok("hf-to-mcore", "--model", "llava-ov-1.5", "--hf-dir", str(root / "stage0_hf"),
        "--save-dir", str(root / "ckpt" / "tiny" / "stage0"))  # fmt: skip
