@@ -7,8 +7,9 @@
 
 ``SRC``: LLaVA / messages-images JSON or JSONL (``PATH::IMAGE_ROOT`` sets its image folder),
 WebDataset ``.tar`` shards (ours, and the release's image, mix and packed caption shards),
-parquet with image bytes (Mid-Training-85M, Instruct-Data), or folders of these; videos are
-skipped and counted. ``TOK``: a Hugging Face
+parquet with image bytes (Mid-Training-85M, Instruct-Data), or folders of these. Videos are
+skipped and counted, or with ``--videos pack`` decoded, sampled by the release's rule
+(``--fps`` …) and packed. ``TOK``: a Hugging Face
 tokenizer directory, or ``qwen-offline``. ``--phase`` runs one phase; measure and write split
 their work over ``--num-tasks`` tasks (defaults: the Slurm array's ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``). Every phase and task resumes where it stopped when re-run with the
@@ -25,6 +26,8 @@ import sys
 from lov15_megatron.data.image_processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from lov15_megatron.data.offline_packing import (
     PHASES,
+    VIDEO_FIELDS,
+    VIDEO_MODES,
     PackConfig,
     PackingError,
     Task,
@@ -82,6 +85,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bo
     parser.add_argument(
         "--records-per-unit", type=int, default=512, help="JSON(L) records per measure work unit"
     )
+    parser.add_argument(
+        "--videos",
+        choices=VIDEO_MODES,
+        default="skip",
+        help="skip: count video samples as video_not_supported (training cannot use them yet); "
+        "pack: decode, sample and pack them",
+    )
+    video = parser.add_argument_group("video sampling (--videos pack; the release's defaults)")
+    for name, default in VIDEO_FIELDS.items():
+        kind = float if isinstance(default, float) else int
+        video.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--phase", choices=("all", *PHASES), default="all")
     parser.add_argument(
         "--task-index",
@@ -123,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PackConfig, str, Task, bo
         balance_vision=args.balance_vision,
         records_per_unit=args.records_per_unit,
         workers=args.workers,
+        videos=args.videos,
+        **{name: getattr(args, name) for name in VIDEO_FIELDS},
     )
     return config, args.phase, Task(index, count), not args.no_progress
 

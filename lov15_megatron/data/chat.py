@@ -12,6 +12,11 @@ Each ``<image>`` placeholder in user text becomes
 resized image. A conversation without placeholders gets all its image blocks at the start of the
 first user turn; any other placeholder/image count mismatch is an error.
 
+Videos (only in a sample that has videos; elsewhere ``<video>`` is plain text, as before videos
+were read): each ``<video>`` placeholder becomes ``<|vision_start|>`` + ``<|video_pad|>`` × n +
+``<|vision_end|>`` with n = frames · H·W/28² (:mod:`.video`); the same placement and count rules
+as images, video blocks placed after the image blocks when neither has placeholders.
+
 Tokenisation is per piece: the role header, each text piece between image blocks and the
 ``\\n`` separators are encoded separately and special tokens are inserted as ids. This equals
 tokenising the whole rendered string except when a text piece begins with whitespace that BPE
@@ -31,6 +36,7 @@ sub-sample ever predicts a token of the next one, and ``loss_mask = labels != -1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -47,6 +53,7 @@ from .special_tokens import (
     IM_END_ID,
     IM_START_ID,
     IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
     VISION_END_ID,
     VISION_START_ID,
     VISION_TOKEN_IDS,
@@ -56,6 +63,7 @@ from .tokenizer import Tokenizer
 Kind = Literal["caption", "instruct"]
 KINDS: tuple[str, ...] = ("caption", "instruct")
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 
@@ -124,11 +132,15 @@ def check_kind(kind: str) -> Kind:
     return kind  # type: ignore[return-value]
 
 
-def normalize_messages(messages: Sequence[Message], num_images: int) -> list[Message]:
-    """Validate turn structure and place image placeholders; returns the messages to render.
+def normalize_messages(
+    messages: Sequence[Message], num_images: int, num_videos: int = 0
+) -> list[Message]:
+    """Validate turn structure and place image (and video) placeholders; returns the messages
+    to render.
 
     Adds the default system prompt when there is none; puts ``<image>`` × n at the start of the
-    first user turn when no placeholder is present. Raises :class:`BadSample`.
+    first user turn when no placeholder is present (``<video>`` × m after them, for a sample
+    with videos). Raises :class:`BadSample`.
     """
     if not messages:
         raise BadSample(MALFORMED_RECORD, "no messages")
@@ -138,11 +150,11 @@ def normalize_messages(messages: Sequence[Message], num_images: int) -> list[Mes
             raise BadSample(MALFORMED_RECORD, f"message {index}: bad role/content {message!r}")
         if message.role == "system" and index != 0:
             raise BadSample(MALFORMED_RECORD, f"message {index}: system turn not first")
-        if message.role != "user" and IMAGE_PLACEHOLDER in message.content:
-            raise BadSample(
-                IMAGE_COUNT_MISMATCH,
-                f"message {index}: {IMAGE_PLACEHOLDER} in a {message.role} turn",
-            )
+        for placeholder in _placeholders(num_videos):
+            if message.role != "user" and placeholder in message.content:
+                raise BadSample(
+                    IMAGE_COUNT_MISMATCH, f"message {index}: {placeholder} in a {message.role} turn"
+                )
     if turns[0].role != "system":
         turns.insert(0, Message("system", DEFAULT_SYSTEM_PROMPT))
     dialogue = turns[1:]
@@ -154,16 +166,22 @@ def normalize_messages(messages: Sequence[Message], num_images: int) -> list[Mes
             )
     if len(dialogue) < 2 or dialogue[-1].role != "assistant":
         raise BadSample(MALFORMED_RECORD, "needs user/assistant turns ending with the assistant")
-    placeholders = sum(message.content.count(IMAGE_PLACEHOLDER) for message in dialogue)
-    if placeholders == 0 and num_images > 0:
-        first = dialogue[0]
-        dialogue[0] = Message("user", IMAGE_PLACEHOLDER * num_images + first.content)
-    elif placeholders != num_images:
-        raise BadSample(
-            IMAGE_COUNT_MISMATCH,
-            f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {num_images} images",
-        )
+    counts = [(VIDEO_PLACEHOLDER, num_videos, "videos")] if num_videos else []
+    for placeholder, count, what in [*counts, (IMAGE_PLACEHOLDER, num_images, "images")]:
+        placeholders = sum(message.content.count(placeholder) for message in dialogue)
+        if placeholders == 0 and count > 0:
+            first = dialogue[0]
+            dialogue[0] = Message("user", placeholder * count + first.content)
+        elif placeholders != count:
+            raise BadSample(
+                IMAGE_COUNT_MISMATCH, f"{placeholders} {placeholder} placeholders, {count} {what}"
+            )
     return [turns[0], *dialogue]
+
+
+def _placeholders(num_videos: int) -> tuple[str, ...]:
+    """The placeholders of a sample: ``<video>`` only counts in a sample with videos."""
+    return (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if num_videos else (IMAGE_PLACEHOLDER,)
 
 
 def _encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -180,10 +198,13 @@ def encode_conversation(
     messages: Sequence[Message],
     image_token_counts: Sequence[int],
     kind: str,
+    video_token_counts: Sequence[int] = (),
 ) -> EncodedText:
-    """Render, tokenise and label one sample. ``image_token_counts[k]`` = pads of image k."""
+    """Render, tokenise and label one sample. ``image_token_counts[k]`` = pads of image k,
+    ``video_token_counts[k]`` = pads of video k."""
     check_kind(kind)
-    turns = normalize_messages(messages, len(image_token_counts))
+    turns = normalize_messages(messages, len(image_token_counts), len(video_token_counts))
+    split = re.compile("(" + "|".join(map(re.escape, _placeholders(len(video_token_counts)))) + ")")
     ids: list[int] = []
     train: list[bool] = []  # per token: is it a loss target?
     caption = kind == "caption"
@@ -193,21 +214,26 @@ def encode_conversation(
         train.extend([is_target] * len(tokens))
 
     newline = _encode_text(tokenizer, "\n")
-    next_image = 0
+    next_image = next_video = 0
     for index, message in enumerate(turns):
         if index:
             emit(newline, caption)
         emit([IM_START_ID], caption)
         emit(_encode_text(tokenizer, f"{message.role}\n"), caption)
         answer = message.role == "assistant"
-        pieces = message.content.split(IMAGE_PLACEHOLDER)
+        pieces = split.split(message.content)  # text, placeholder, text, …
         for piece_index, piece in enumerate(pieces):
-            if piece_index:
-                count = image_token_counts[next_image]
-                next_image += 1
+            if piece_index % 2:
+                if piece == IMAGE_PLACEHOLDER:
+                    pad, count = IMAGE_PAD_ID, image_token_counts[next_image]
+                    next_image += 1
+                else:
+                    pad, count = VIDEO_PAD_ID, video_token_counts[next_video]
+                    next_video += 1
                 emit([VISION_START_ID], False)
-                emit([IMAGE_PAD_ID] * count, False)
+                emit([pad] * count, False)
                 emit([VISION_END_ID], False)
+                continue
             emit(_encode_text(tokenizer, piece), caption or answer)
         emit([IM_END_ID], caption or answer)
     labels = [

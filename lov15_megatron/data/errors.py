@@ -10,8 +10,12 @@ IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 NO_LOSS_TOKENS = "no_loss_tokens"
 TOO_LONG = "too_long"
-#: A video sample (mix ``media: "video"``, a ``video`` field, video members): not trained on.
+#: A video sample (mix ``media: "video"``, a ``video`` field, video members) when the packer
+#: runs with ``--videos skip`` (the default): valid data it does not pack.
 VIDEO_NOT_SUPPORTED = "video_not_supported"
+#: ``--videos pack``: a video file or frame image that is not there / cannot be decoded.
+MISSING_VIDEO = "missing_video"
+CORRUPT_VIDEO = "corrupt_video"
 
 REASONS = (
     MALFORMED_RECORD,
@@ -22,6 +26,8 @@ REASONS = (
     NO_LOSS_TOKENS,
     TOO_LONG,
     VIDEO_NOT_SUPPORTED,
+    MISSING_VIDEO,
+    CORRUPT_VIDEO,
 )
 #: Reasons that are not bad input (valid data we do not train on): counted as skips even when
 #: the packer runs with ``--on-error fail``.

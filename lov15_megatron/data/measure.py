@@ -1,5 +1,7 @@
 """Token length of a raw sample: the exact code path training uses (chat template, label rules,
-image token counts from the resized size), with image sizes read from file headers."""
+image token counts from the resized size), with image sizes read from file headers; a video's
+frames and frame size from the release's rule (:mod:`.video`), its frames counted by decoding
+it (:func:`video_plan`)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,17 @@ from .image_processing import (
     image_token_count,
     read_image_size,
 )
-from .sources import ImageRef, RawSample, corrupt_image_error
+from .sources import ImageRef, RawSample, VideoRef, corrupt_image_error, corrupt_video_error
 from .tokenizer import Tokenizer
+from .video import (
+    DEFAULT_VIDEO_CONFIG,
+    VideoConfig,
+    VideoError,
+    VideoPlan,
+    plan_frame_list,
+    plan_video,
+    probe_video,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,9 @@ class MeasuredSample:
     length: int  # tokens, = len(input_ids) the task encoder produces
     num_patches: int  # vision patches Σ h·w over its images (ViT cost, linear part)
     patches_sq: int  # Σ (h·w)² over its images (ViT attention cost)
-    image_bytes: int  # encoded bytes of its images
+    image_bytes: int  # encoded bytes of its images (and videos)
+    videos: int = 0  # its videos
+    frames: int = 0  # Σ sampled frames over its videos
 
 
 def encode_sample_text(
@@ -40,10 +53,61 @@ def encode_sample_text(
     image_sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...],
     kind: str,
     image_config: ImageConfig,
+    video_token_counts: list[int] | tuple[int, ...] = (),
 ) -> EncodedText:
-    """Token ids and labels of a sample given its images' original (width, height)."""
+    """Token ids and labels of a sample given its images' original (width, height) and its
+    videos' token counts."""
     counts = [image_token_count(height, width, image_config) for width, height in image_sizes]
-    return encode_conversation(tokenizer, messages, counts, kind)
+    return encode_conversation(tokenizer, messages, counts, kind, video_token_counts)
+
+
+@dataclass(frozen=True)
+class MeasuredVideo:
+    """One video as measured: what is taken from it, and what it is."""
+
+    plan: VideoPlan
+    num_bytes: int  # encoded bytes (the file, or the frame images)
+    width: int  # original frame size
+    height: int
+    total_frames: int  # decoded frames, or frame images
+    fps: float | None  # the stream's average frame rate (None for frame images)
+    extension: str  # of the video file ("" for frame images)
+
+
+def video_plan(
+    ref: VideoRef, data: bytes | None, config: VideoConfig = DEFAULT_VIDEO_CONFIG
+) -> MeasuredVideo:
+    """Measure one video: a file is decoded to count its frames; frame images are read from
+    their headers (every frame's, so a broken one is found here).
+
+    Raises :class:`BadSample` (``corrupt_video`` naming the file, ``missing_video``)."""
+    try:
+        if ref.file is not None:
+            if data is None:
+                data = ref.read_bytes()
+            info = probe_video(data)
+            plan = plan_video(info.total_frames, info.fps, info.height, info.width, config)
+            return MeasuredVideo(
+                plan,
+                len(data),
+                info.width,
+                info.height,
+                info.total_frames,
+                info.fps,
+                info.extension,
+            )
+        sizes, total = [], 0
+        for frame in ref.frames:
+            try:
+                sizes.append(read_image_size(frame.path))
+            except ImageError as error:
+                raise VideoError(f"frame image {error}") from error
+            total += _file_size(frame.path)
+        width, height = sizes[0]
+        plan = plan_frame_list(len(sizes), height, width, config)
+        return MeasuredVideo(plan, total, width, height, len(sizes), None, "")
+    except VideoError as error:
+        raise corrupt_video_error(ref, str(error)) from error
 
 
 def _image_size(ref: ImageRef, data: bytes | None, verify: bool) -> tuple[tuple[int, int], int]:
@@ -76,21 +140,34 @@ def measure_sample(
     image_config: ImageConfig,
     seq_len: int,
     verify_images: bool = False,
+    video_config: VideoConfig = DEFAULT_VIDEO_CONFIG,
 ) -> MeasuredSample:
     """Measure one sample; raises :class:`BadSample` located at ``raw.origin``."""
     try:
-        sizes, total_bytes = [], 0
+        plans, total_bytes = [], 0
+        for index, video in enumerate(raw.videos):
+            data = raw.video_data[index] if raw.video_data is not None else None
+            measured = video_plan(video, data, video_config)
+            plans.append(measured.plan)
+            total_bytes += measured.num_bytes
+        sizes = []
         for index, ref in enumerate(raw.images):
             data = raw.image_data[index] if raw.image_data is not None else None
             size, num_bytes = _image_size(ref, data, verify_images)
             sizes.append(size)
             total_bytes += num_bytes
-        encoded = encode_sample_text(tokenizer, raw.messages, sizes, kind, image_config)
+        encoded = encode_sample_text(
+            tokenizer, raw.messages, sizes, kind, image_config, [p.num_tokens for p in plans]
+        )
         patches = patches_sq = 0
         for width, height in sizes:
             _, grid_h, grid_w = image_grid(height, width, image_config)
             patches += grid_h * grid_w
             patches_sq += (grid_h * grid_w) ** 2
+        for plan in plans:  # every frame is its own ViT segment
+            frames, grid_h, grid_w = plan.grid_thw
+            patches += frames * grid_h * grid_w
+            patches_sq += frames * (grid_h * grid_w) ** 2
         if len(encoded) > seq_len:
             raise BadSample(TOO_LONG, f"{len(encoded)} tokens > --seq-len {seq_len}")
     except ImageError as error:  # degenerate sizes from smart_resize
@@ -105,4 +182,6 @@ def measure_sample(
         num_patches=patches,
         patches_sq=patches_sq,
         image_bytes=total_bytes,
+        videos=len(plans),
+        frames=sum(len(plan.indices) for plan in plans),
     )

@@ -49,8 +49,8 @@ from .image_processing import (
     read_image_size,
 )
 from .image_processing import image_format_extension as _extension
-from .measure import MeasuredSample, measure_sample
-from .pack_format import JSON_PART, add_member, dumps, image_part, pack_key
+from .measure import MeasuredSample, measure_sample, video_plan
+from .pack_format import JSON_PART, add_member, dumps, image_part, pack_key, video_part
 from .pack_plan import PLAN_DIR, load_plan, make_plan, save_plan
 from .sample_store import (
     MEASURE_DIR,
@@ -62,8 +62,15 @@ from .sample_store import (
     skip_summary,
     write_unit,
 )
-from .source_counts import PACKED, SourceCounts, merge_source_counts
+from .source_counts import (
+    PACKED,
+    SourceCounts,
+    merge_media_counts,
+    merge_source_counts,
+    save_media_counts,
+)
 from .sources import (
+    RawSample,
     Source,
     WorkUnit,
     corrupt_image_error,
@@ -73,10 +80,31 @@ from .sources import (
     read_unit,
 )
 from .tokenizer import load_tokenizer
+from .video import (
+    DEFAULT_FPS,
+    DEFAULT_FRAME_MAX_PIXELS,
+    DEFAULT_FRAME_MIN_PIXELS,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MIN_FRAMES,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    VideoConfig,
+)
 
 REPORT_NAME = "pack_report.json"
 SHARD_DIR = "shards"
 PHASES = ("measure", "plan", "write", "finalise")
+#: ``--videos``: ``skip`` counts video samples as ``video_not_supported`` (training cannot
+#: use them yet); ``pack`` decodes, measures and packs them.
+VIDEO_MODES = ("skip", "pack")
+#: The video sampling fields of :class:`PackConfig` and their defaults (the release's).
+VIDEO_FIELDS = {
+    "fps": DEFAULT_FPS,
+    "fps_min_frames": DEFAULT_MIN_FRAMES,
+    "fps_max_frames": DEFAULT_MAX_FRAMES,
+    "frame_min_pixels": DEFAULT_FRAME_MIN_PIXELS,
+    "frame_max_pixels": DEFAULT_FRAME_MAX_PIXELS,
+    "video_max_pixels": DEFAULT_VIDEO_MAX_PIXELS,
+}
 
 
 class PackingError(RuntimeError):
@@ -105,10 +133,25 @@ class PackConfig:
     balance_vision: bool = False
     records_per_unit: int = 512
     workers: int = 1
+    videos: str = "skip"
+    fps: float = DEFAULT_FPS
+    fps_min_frames: int = DEFAULT_MIN_FRAMES
+    fps_max_frames: int = DEFAULT_MAX_FRAMES
+    frame_min_pixels: int = DEFAULT_FRAME_MIN_PIXELS
+    frame_max_pixels: int = DEFAULT_FRAME_MAX_PIXELS
+    video_max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
         self.image_config  # noqa: B018 - validates the image settings
+        if self.videos not in VIDEO_MODES:
+            raise ValueError(f"--videos: must be one of {VIDEO_MODES}, got {self.videos!r}")
+        self.video_config  # noqa: B018 - validates the video settings
+        if self.videos == "skip":
+            for name, default in VIDEO_FIELDS.items():
+                if getattr(self, name) != default:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"{flag}: has no effect without --videos pack")
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         for name in ("seq_len", "workers", "max_packs_per_shard", "records_per_unit"):
@@ -120,6 +163,17 @@ class PackConfig:
     @property
     def image_config(self) -> ImageConfig:
         return ImageConfig(self.min_pixels, self.max_pixels, self.max_image_side)
+
+    @property
+    def video_config(self) -> VideoConfig:
+        return VideoConfig(
+            self.fps,
+            self.fps_min_frames,
+            self.fps_max_frames,
+            self.frame_min_pixels,
+            self.frame_max_pixels,
+            self.video_max_pixels,
+        )
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The arguments the output depends on (not ``output`` location, not ``workers``)."""
@@ -196,7 +250,7 @@ def open_run(config: PackConfig) -> tuple[Run, list[Source]]:
     run = Run(Path(config.output).expanduser().resolve())
     if run.output.exists():
         raise PackingError(f"{run.output}: already exists; remove it or choose another --output")
-    sources = discover_sources(config.inputs, config.image_root)
+    sources = discover_sources(config.inputs, config.image_root, config.videos == "pack")
     identity = {
         "config": config.fingerprint_fields(),
         "sources": [
@@ -281,6 +335,7 @@ def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
     samples: list[MeasuredSample] = []
     skips: list[tuple[int, int, str, str]] = []
     counts = SourceCounts()
+    media = {"videos": 0, "frames": 0}
     for item in read_unit(unit):
         if isinstance(item, BadSample):
             skip = (item.source, item.record, item.reason, item.describe())  # type: ignore[attr-defined]
@@ -288,16 +343,18 @@ def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
         else:
             name = item.source_name
             try:
-                samples.append(
-                    measure_sample(
-                        item,
-                        _WORKER["tokenizer"],
-                        config.kind,
-                        config.image_config,
-                        config.seq_len,
-                        config.verify_images,
-                    )
+                measured = measure_sample(
+                    item,
+                    _WORKER["tokenizer"],
+                    config.kind,
+                    config.image_config,
+                    config.seq_len,
+                    config.verify_images,
+                    config.video_config,
                 )
+                samples.append(measured)
+                media["videos"] += measured.videos
+                media["frames"] += measured.frames
                 counts.add(name, PACKED)
                 continue
             except BadSample as error:
@@ -307,6 +364,7 @@ def _measure_unit(job: tuple[int, WorkUnit]) -> tuple[int, int, str | None]:
         skips.append(skip)
         counts.add(name, skip[2])
     counts.save(_WORKER["measure_dir"], index)  # before the table, which marks the unit done
+    save_media_counts(_WORKER["measure_dir"], index, media)
     write_unit(_WORKER["measure_dir"], index, samples, skips)
     return len(samples), len(skips), None
 
@@ -377,6 +435,7 @@ def plan(config: PackConfig, progress: bool = True) -> dict[str, Any]:
         samples_skipped=reasons,
         skipped_examples=examples,
         samples_per_source=merge_source_counts(run.measure_dir, num_units),
+        videos=merge_media_counts(run.measure_dir, num_units),
     )
     save_plan(result, run.plan_dir)
     _record_task(run, "plan", Task(), started, samples=len(table))
@@ -391,9 +450,50 @@ def _init_write(config: PackConfig, run: Run, sources: list[Source]) -> None:
     _WORKER["plan"] = load_plan(run.plan_dir)
 
 
+def _video_records(
+    raw: RawSample, first: int, config: PackConfig
+) -> tuple[list[dict[str, Any]], list[tuple[str, bytes]]]:
+    """The ``videos`` entries of one sub-sample (:mod:`.pack_format`) and their parts, videos
+    numbered from ``first`` in the pack: the frames measured again by the same rule."""
+    records, parts = [], []
+    for index, ref in enumerate(raw.videos):
+        data = raw.video_data[index] if raw.video_data else None
+        if ref.file is not None and data is None:
+            data = ref.read_bytes()
+        try:
+            measured = video_plan(ref, data, config.video_config)
+        except BadSample as error:
+            raise error.at(raw.origin) from None
+        number = first + index
+        if ref.file is not None and data is not None:
+            names = [video_part(number, measured.extension)]
+            parts.append((names[0], data))
+            frames = list(measured.plan.indices)
+        else:  # frame images: only those sampled, renumbered in order
+            used = sorted(set(measured.plan.indices))
+            names = []
+            for position, frame in enumerate(used):
+                path = ref.frames[frame].path
+                names.append(video_part(number, path.rsplit(".", 1)[-1].lower(), position))
+                parts.append((names[-1], ref.frames[frame].read_bytes()))
+            frames = [used.index(frame) for frame in measured.plan.indices]
+        records.append(
+            {
+                "parts": names,
+                "frames": frames,
+                "size": [measured.width, measured.height],
+                "grid_thw": list(measured.plan.grid_thw),
+                "total_frames": measured.total_frames,
+                "fps": measured.fps,
+            }
+        )
+    return records, parts
+
+
 def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     sources: list[Source] = _WORKER["sources"]
     samples, images = [], []
+    num_videos = 0
     for row in rows:
         raw = read_sample(sources[int(row["source"])], int(row["record"]), int(row["loc"]))
         names, sizes = [], []
@@ -407,17 +507,20 @@ def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, byte
             name = image_part(len(images), extension)
             images.append((name, data))
             names.append(name)
-        samples.append(
-            {
-                "id": raw.uid,
-                "origin": raw.origin,
-                "length": int(row["length"]),
-                "num_patches": int(row["patches"]),
-                "image_sizes": sizes,
-                "messages": [message.to_json() for message in raw.messages],
-                "images": names,
-            }
-        )
+        sample: dict[str, Any] = {
+            "id": raw.uid,
+            "origin": raw.origin,
+            "length": int(row["length"]),
+            "num_patches": int(row["patches"]),
+            "image_sizes": sizes,
+            "messages": [message.to_json() for message in raw.messages],
+            "images": names,
+        }
+        if raw.videos:
+            sample["videos"], parts = _video_records(raw, num_videos, _WORKER["config"])
+            num_videos += len(raw.videos)
+            images.extend(parts)
+        samples.append(sample)
     return {"samples": samples}, images
 
 
@@ -522,6 +625,11 @@ def build_report(
         "min_pixels": config.min_pixels,
         "max_pixels": config.max_pixels,
         "max_image_side": config.max_image_side,
+        "videos": {
+            "mode": config.videos,
+            **info.get("videos", {"videos": 0, "frames": 0}),
+            **_video_settings(config),
+        },
         "algorithm": "one_sample_per_pack" if config.one_sample_per_pack else "best_fit_decreasing",
         "tokens": info["tokens"],
         "samples_per_pack": info["samples_per_pack"],
@@ -539,6 +647,13 @@ def build_report(
             "per_sample": round(peak["max"] / max(1, info["samples_in"]), 1),
         },
     }
+
+
+def _video_settings(config: PackConfig) -> dict[str, Any]:
+    """The video sampling settings, in the report when videos are packed."""
+    if config.videos != "pack":
+        return {}
+    return {name: getattr(config, name) for name in VIDEO_FIELDS}
 
 
 #: Report keys that depend on the run (timing, memory, how it was split), not on the data.
@@ -604,6 +719,8 @@ def format_summary(report: dict[str, Any], output: str) -> str:
         f"{report['padding_compression'] or float('inf'):.2f}x  "
         f"(lower bound {report['packs_lower_bound']} packs)  {spread}",
         f"  skipped {skipped}: {report['samples_skipped'] or '{}'}",
+        f"  videos ({report['videos']['mode']}): {report['videos']['videos']} packed, "
+        f"{report['videos']['frames']} frames",
         f"  sources {len(per_source)} (packed/in): "
         + ", ".join(f"{name} {c['packed']}/{c['in']}" for name, c in list(per_source.items())[:8])
         + (" …" if len(per_source) > 8 else ""),

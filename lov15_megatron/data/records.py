@@ -17,7 +17,13 @@ Record layouts:
 A turn is ``{"from", "value"}`` or ``{"role", "content"}``; both pairs may be present with the
 unused one null (a parquet list of structs unifies its fields over all rows), and extra fields
 (e.g. ``markdown``) are ignored. Content is a string with ``<image>`` placeholders, or a list of
-``{"type": "text" | "image"}`` parts. Videos are refused as ``video_not_supported``.
+``{"type": "text" | "image" | "video"}`` parts.
+
+Videos (read only when the packer packs them, ``videos=True``; otherwise refused as
+``video_not_supported``): ``<video>`` placeholders (or ``{"type": "video"}`` parts) in the text;
+a mix record with ``media: "video"`` names its video members; a JSON record's ``video`` is one
+video (a file, a frame folder, or a list of frame images) and ``videos`` a list of them
+(:func:`video_entries`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .chat import IMAGE_PLACEHOLDER, Message
+from .chat import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message
 from .errors import MALFORMED_RECORD, VIDEO_NOT_SUPPORTED, BadSample
 
 ROLE_ALIASES = {
@@ -44,7 +50,7 @@ SOURCE_NAME_FIELD = "data_source"
 MIX_MEDIA = ("image", "video", "text")
 
 
-def _content_to_text(content: Any, where: str) -> str:
+def _content_to_text(content: Any, where: str, videos: bool = False) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -55,6 +61,8 @@ def _content_to_text(content: Any, where: str) -> str:
                 parts.append(part["text"])
             elif kind == "image":
                 parts.append(IMAGE_PLACEHOLDER)
+            elif kind == "video" and videos:
+                parts.append(VIDEO_PLACEHOLDER)
             elif kind == "video":
                 raise BadSample(VIDEO_NOT_SUPPORTED, "a video content part", where)
             else:
@@ -79,7 +87,7 @@ def _one_of(
     return values[0]
 
 
-def parse_turns(turns: Any, where: str) -> list[Message]:
+def parse_turns(turns: Any, where: str, videos: bool = False) -> list[Message]:
     """Messages of a list of ``from``/``value`` or ``role``/``content`` turns (or its JSON)."""
     if isinstance(turns, str):
         try:
@@ -96,7 +104,7 @@ def parse_turns(turns: Any, where: str) -> list[Message]:
         if role not in ROLE_ALIASES:
             raise BadSample(MALFORMED_RECORD, f"turn {index}: unknown role {role!r}", where)
         content = _one_of(turn, ("content", "value"), index, where, {})
-        messages.append(Message(ROLE_ALIASES[role], _content_to_text(content, where)))
+        messages.append(Message(ROLE_ALIASES[role], _content_to_text(content, where, videos)))
     return messages
 
 
@@ -111,22 +119,25 @@ def _check_no_video(record: dict[str, Any], where: str) -> None:
         raise BadSample(VIDEO_NOT_SUPPORTED, "a video sample", where)
 
 
-def parse_record(record: Any, where: str) -> tuple[list[Message], list[Any]]:
+def parse_record(record: Any, where: str, videos: bool = False) -> tuple[list[Message], list[Any]]:
     """``(messages, image entries)`` of one record (see the module docstring). Entries are
-    paths (LLaVA, messages/images, caption), member names (mix), or empty (bare turn list)."""
+    paths (LLaVA, messages/images, caption), member names (mix), or empty (bare turn list).
+    Without ``videos`` a video sample is a ``video_not_supported`` :class:`BadSample`; with it
+    its videos are :func:`video_entries`."""
     if isinstance(record, list):
-        return parse_turns(record, where), []
+        return parse_turns(record, where, videos), []
     if not isinstance(record, dict):
         raise BadSample(
             MALFORMED_RECORD, f"record is {type(record).__name__}, not an object", where
         )
-    _check_no_video(record, where)
+    if not videos:
+        _check_no_video(record, where)
     if is_release_mix(record):
-        return parse_turns(record["texts"], where), _mix_members(record, where)
+        return parse_turns(record["texts"], where, videos), _mix_members(record, where)
     layout = next((name for name in TURN_FIELDS if record.get(name) is not None), None)
     images = _as_list(record.get("images", record.get("image")))
     if layout is not None:
-        return parse_turns(record[layout], where), images
+        return parse_turns(record[layout], where, videos), images
     if "caption" in record:
         caption, prompt = record["caption"], record.get("prompt") or ""
         if not isinstance(caption, str) or not isinstance(prompt, str):
@@ -142,11 +153,29 @@ def _mix_members(record: dict[str, Any], where: str) -> list[str]:
     if media not in MIX_MEDIA:
         raise BadSample(MALFORMED_RECORD, f"media is {media!r}, not one of {MIX_MEDIA}", where)
     names = _as_list(record.get("name"))
-    if media == "image" and not names:
-        raise BadSample(MALFORMED_RECORD, "media 'image' without a 'name' list", where)
+    if media in ("image", "video") and not names:
+        raise BadSample(MALFORMED_RECORD, f"media {media!r} without a 'name' list", where)
     if not all(isinstance(name, str) for name in names):
         raise BadSample(MALFORMED_RECORD, f"name entries must be strings: {names!r}", where)
     return names if media == "image" else []
+
+
+def video_entries(record: Any, where: str) -> list[str | list[str]]:
+    """The videos of a record, each a path (file or frame folder), a list of frame image
+    paths, or (mix ``media: "video"``) a member name."""
+    if not isinstance(record, dict):
+        return []
+    if is_release_mix(record):
+        return list(_as_list(record.get("name"))) if record.get("media") == "video" else []
+    entries: list[Any] = []
+    if record.get("video") is not None:
+        entries.append(record["video"])
+    entries.extend(_as_list(record.get("videos")))
+    for entry in entries:
+        frames = entry if isinstance(entry, list | tuple) else [entry]
+        if not frames or not all(isinstance(frame, str) and frame for frame in frames):
+            raise BadSample(MALFORMED_RECORD, f"video entry {entry!r} is not a path", where)
+    return [list(entry) if isinstance(entry, list | tuple) else entry for entry in entries]
 
 
 def is_release_mix(record: Any) -> bool:

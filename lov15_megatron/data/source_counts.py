@@ -1,4 +1,5 @@
-"""Per-source sample counts for ``pack_report.json`` (``samples_per_source``).
+"""Per-source sample counts for ``pack_report.json`` (``samples_per_source``), and the video
+totals (``videos``).
 
 A sample's source name is the data set it came from (:attr:`.sources.RawSample.source_name`:
 the record's ``data_source``, else the folder or file it was read from). The measure phase
@@ -39,17 +40,22 @@ class SourceCounts:
         atomic_write(unit_counts_path(directory, unit), lambda stream: stream.write(text))
 
 
+def _read_unit_file(path: Path) -> dict[str, Any]:
+    """One unit's counts file; a finished unit always has it (else: an older version's)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing (the unit was measured by an older version); remove the "
+            "partial output and run again"
+        )
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
 def merge_source_counts(directory: Path, num_units: int) -> dict[str, dict[str, Any]]:
     """``{name: {"in", "packed", "skipped": {reason: n}}}`` over all units, sorted by name."""
     totals: dict[str, Counter[str]] = {}
     for unit in range(num_units):
-        path = unit_counts_path(directory, unit)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: missing (the unit was measured by an older version); remove the "
-                "partial output and run again"
-            )
-        for name, counts in json.loads(path.read_text()).items():
+        for name, counts in _read_unit_file(unit_counts_path(directory, unit)).items():
             totals.setdefault(name, Counter()).update(counts)
     return {
         name: {
@@ -59,3 +65,26 @@ def merge_source_counts(directory: Path, num_units: int) -> dict[str, dict[str, 
         }
         for name, counts in sorted(totals.items())
     }
+
+
+#: The report's media totals (``videos``): videos packed and their sampled frames.
+MEDIA_KEYS = ("videos", "frames")
+
+
+def unit_media_path(directory: Path, unit: int) -> Path:
+    return directory / f"u{unit:07d}.media.json"
+
+
+def save_media_counts(directory: Path, unit: int, counts: dict[str, int]) -> None:
+    """One unit's totals of :data:`MEDIA_KEYS` over its usable samples (written before its
+    table, as the source counts are)."""
+    text = json.dumps({key: int(counts.get(key, 0)) for key in MEDIA_KEYS}).encode()
+    atomic_write(unit_media_path(directory, unit), lambda stream: stream.write(text))
+
+
+def merge_media_counts(directory: Path, num_units: int) -> dict[str, int]:
+    """:data:`MEDIA_KEYS` summed over all units."""
+    totals: Counter[str] = Counter({key: 0 for key in MEDIA_KEYS})
+    for unit in range(num_units):
+        totals.update(_read_unit_file(unit_media_path(directory, unit)))
+    return {key: totals[key] for key in MEDIA_KEYS}

@@ -17,7 +17,14 @@ sorted):
 Every sample gets a stable position ``(source, record)``, an ``origin`` naming the file, the
 record and the record's published ``id``, and a source name for the report (the record's
 ``data_source``, else the first folder below the ``--input`` folder, else that folder's or the
-given file's name); every problem is a :class:`BadSample` carrying that origin. A packed caption
+given file's name); every problem is a :class:`BadSample` carrying that origin.
+
+Videos are read only from sources made with ``videos=True`` (``--videos pack``); other sources
+refuse them as ``video_not_supported``. A sample's videos (:class:`VideoRef`) are, in order: a
+JSON record's ``video``/``videos`` entries (a file, a folder of frame images, or a list of frame
+images, relative to the image root), a mix record's named video members or, in other tars, every
+video member in natural order, and a parquet row's ``video``/``videos`` cells (bytes or
+``{"bytes", "path"}`` structs, or lists of them). A packed caption
 record's pairs take consecutive record numbers; its ``loc`` adds the pair's index to the tar
 position (:data:`TAR_LOC_STRIDE`).
 """
@@ -35,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from .chat import Message
-from .errors import CORRUPT_IMAGE, MALFORMED_RECORD, MISSING_IMAGE, VIDEO_NOT_SUPPORTED, BadSample
+from .errors import (
+    CORRUPT_IMAGE,
+    CORRUPT_VIDEO,
+    MALFORMED_RECORD,
+    MISSING_IMAGE,
+    MISSING_VIDEO,
+    VIDEO_NOT_SUPPORTED,
+    BadSample,
+)
 from .records import (
     caption_pairs,
     is_packed_captions,
@@ -43,7 +58,9 @@ from .records import (
     parse_record,
     record_id,
     record_source_name,
+    video_entries,
 )
+from .video import VideoError, list_frame_files
 
 JSON_SUFFIXES = (".json", ".jsonl")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -94,6 +111,27 @@ class ImageRef:
             ) from error
 
 
+@dataclass(frozen=True)
+class VideoRef:
+    """One video: an encoded video file (``file``), or frame images in order (``frames``)."""
+
+    file: ImageRef | None = None
+    frames: tuple[ImageRef, ...] = ()
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return self.file.describe()
+        return f"{self.frames[0].describe()} … ({len(self.frames)} frame images)"
+
+    def read_bytes(self) -> bytes:
+        """The encoded video file's bytes; :class:`BadSample` (missing_video) if unreadable."""
+        assert self.file is not None
+        try:
+            return self.file.read_bytes()
+        except BadSample as error:
+            raise BadSample(MISSING_VIDEO, error.message) from error
+
+
 @dataclass
 class RawSample:
     """One sample as read from its source; ``image_data`` holds bytes a reader already had."""
@@ -109,6 +147,9 @@ class RawSample:
     loc: int = -1
     #: The data set it belongs to, for the report's per-source counts.
     source_name: str = ""
+    videos: list[VideoRef] = field(default_factory=list)
+    #: A video file's bytes where the reader already had them (tar, parquet), else None.
+    video_data: list[bytes | None] | None = field(default=None, repr=False)
 
     @property
     def uid(self) -> str:
@@ -126,6 +167,8 @@ class Source:
     image_root: str
     #: Its samples' source name unless a record names its own (``data_source``).
     name: str = ""
+    #: Whether its video samples are read (``--videos pack``) or refused.
+    videos: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,9 +188,11 @@ class WorkUnit:
 # ----------------------------------------------------------------------------- sources
 
 
-def discover_sources(inputs: Sequence[str], image_root: str | None = None) -> list[Source]:
+def discover_sources(
+    inputs: Sequence[str], image_root: str | None = None, videos: bool = False
+) -> list[Source]:
     """Expand ``--input`` values (files or folders; ``PATH::IMAGE_ROOT`` sets a JSON source's
-    image root) into sources in a deterministic order."""
+    image root) into sources in a deterministic order; ``videos``: read video samples."""
     sources: list[Source] = []
     for spec in inputs:
         path_text, _, root = spec.partition("::")
@@ -165,7 +210,8 @@ def discover_sources(inputs: Sequence[str], image_root: str | None = None) -> li
         for file in files:
             file_root = root or image_root or str(file.parent)
             name = _source_name(path, file)
-            sources.append(Source(len(sources), str(file), _format_of(file), file_root, name))
+            fmt = _format_of(file)
+            sources.append(Source(len(sources), str(file), fmt, file_root, name, videos))
     return sources
 
 
@@ -316,7 +362,8 @@ def _json_sample(source: Source, record_index: int, raw: Any, loc: int) -> RawSa
             except json.JSONDecodeError as error:
                 raise BadSample(MALFORMED_RECORD, f"invalid JSON: {error}") from error
         where, name = _with_id(where, record), record_source_name(record)
-        messages, entries = parse_record(record, where)
+        messages, entries = parse_record(record, where, source.videos)
+        videos = _json_videos(root, video_entries(record, where)) if source.videos else []
         images = []
         for entry in entries:
             if not isinstance(entry, str):
@@ -335,7 +382,33 @@ def _json_sample(source: Source, record_index: int, raw: Any, loc: int) -> RawSa
         images,
         loc=loc,
         source_name=name or source.name,
+        videos=videos,
     )
+
+
+def _json_videos(root: Path, entries: list[str | list[str]]) -> list[VideoRef]:
+    """A JSON record's videos: files, frame folders and frame lists below ``root``."""
+    videos = []
+    for entry in entries:
+        if isinstance(entry, list):
+            frames = [root / frame for frame in entry]
+            missing = next((frame for frame in frames if not frame.is_file()), None)
+            if missing is not None:
+                raise BadSample(MISSING_VIDEO, f"frame image {missing} not found")
+            videos.append(VideoRef(frames=tuple(ImageRef(str(frame)) for frame in frames)))
+            continue
+        path = root / entry
+        if path.is_dir():
+            try:
+                files = list_frame_files(path)
+            except VideoError as error:
+                raise BadSample(MISSING_VIDEO, str(error)) from error
+            videos.append(VideoRef(frames=tuple(ImageRef(str(file)) for file in files)))
+        elif path.is_file():
+            videos.append(VideoRef(file=ImageRef(str(path))))
+        else:
+            raise BadSample(MISSING_VIDEO, f"video {path} not found")
+    return videos
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -432,14 +505,21 @@ def _tar_items(
         where, name = _with_id(where, record), record_source_name(record)
         if is_packed_captions(record):
             return _caption_items(archive, source, first, group, record, where, name, pair)
-        videos = sorted(part for part in group.parts if _extension(part) in VIDEO_EXTENSIONS)
-        if videos:
-            raise BadSample(VIDEO_NOT_SUPPORTED, f"video members {videos}")
-        messages, names = parse_record(record, where)
-        if not is_release_mix(record):  # all image members, in natural order
+        video_parts = [part for part in group.parts if _extension(part) in VIDEO_EXTENSIONS]
+        if video_parts and not source.videos:
+            raise BadSample(VIDEO_NOT_SUPPORTED, f"video members {sorted(video_parts)}")
+        messages, names = parse_record(record, where, source.videos)
+        video_names: list[Any] = sorted(video_parts, key=_natural_key)
+        if is_release_mix(record):
+            video_names = video_entries(record, where) if source.videos else []
+        else:  # all image members, in natural order
             names = [part for part in group.parts if _extension(part) in IMAGE_EXTENSIONS]
             names.sort(key=_natural_key)
         images, data = _tar_images(archive, source, group, names)
+        try:
+            video_files, video_data = _tar_images(archive, source, group, video_names)
+        except BadSample as error:
+            raise BadSample(MISSING_VIDEO, error.message) from error
     except BadSample as error:
         return [_bad(error, source, first, where, name)]
     sample = RawSample(
@@ -451,6 +531,8 @@ def _tar_items(
         data,
         loc=group.offset * TAR_LOC_STRIDE,
         source_name=name or source.name,
+        videos=[VideoRef(file=ref) for ref in video_files],
+        video_data=list(video_data),
     )
     return [sample]
 
@@ -517,12 +599,13 @@ def _reread_tar_sample(source: Source, record_index: int, loc: int) -> RawSample
             return items[0]
 
 
-def _parquet_cell_image(cell: Any, index: int) -> bytes:
+def _parquet_cell_image(cell: Any, index: int, what: str = "image") -> bytes:
     value = cell[index] if index >= 0 else cell
     if isinstance(value, dict):
         value = value.get("bytes")
     if not isinstance(value, bytes | bytearray) or not value:
-        raise BadSample(MISSING_IMAGE, "no image bytes in parquet cell")
+        reason = MISSING_IMAGE if what == "image" else MISSING_VIDEO
+        raise BadSample(reason, f"no {what} bytes in parquet cell")
     return bytes(value)
 
 
@@ -537,6 +620,26 @@ def _parquet_rows(path: str, row_group: int) -> tuple[list[dict[str, Any]], str]
     return parquet.read_row_group(row_group).to_pylist(), image_column
 
 
+#: Parquet columns that hold video bytes (read with ``--videos pack``).
+VIDEO_COLUMNS = ("video", "videos")
+
+
+def _parquet_cells(
+    source: Source, row_group: int, offset: int, column: str, cell: Any, what: str
+) -> tuple[list[ImageRef], list[bytes]]:
+    """The refs and bytes of one media cell: one value, a list of them, or null."""
+    if isinstance(cell, dict) and cell.get("bytes") is None and cell.get("path") is None:
+        cell = None  # a null struct, as a row without this medium may hold
+    indices = range(len(cell)) if isinstance(cell, list) else [] if cell is None else [-1]
+    refs, data = [], []
+    for index in indices:
+        refs.append(
+            ImageRef(source.path, row_group=row_group, row=offset, column=column, index=index)
+        )
+        data.append(_parquet_cell_image(cell, index, what))
+    return refs, data
+
+
 def _read_parquet_group(source: Source, row_group: int) -> Iterator[RawSample | BadSample]:
     rows, _ = _parquet_rows(source.path, row_group)
     for offset in range(len(rows)):
@@ -549,23 +652,32 @@ def _parquet_sample(source: Source, row_group: int, offset: int) -> RawSample | 
     record_index = _parquet_group_starts(source.path)[row_group] + offset
     where = _with_id(f"{source.path}:row {record_index}", row)
     name = record_source_name(row) or source.name
+    media = ("image", "images", *VIDEO_COLUMNS) if source.videos else ("image", "images")
     try:
-        text_record = {k: v for k, v in row.items() if k not in ("image", "images")}
-        messages, _ = parse_record(text_record, where)
+        text_record = {k: v for k, v in row.items() if k not in media}
+        messages, _ = parse_record(text_record, where, source.videos)
         cell = row.get(image_column) if image_column else None
-        if cell == {"bytes": None, "path": None}:
-            cell = None  # a null image struct, as a text-only row may hold
-        images, data = [], []
-        indices = range(len(cell)) if isinstance(cell, list) else [] if cell is None else [-1]
-        for index in indices:
-            ref = ImageRef(
-                source.path, row_group=row_group, row=offset, column=image_column, index=index
+        images, data = _parquet_cells(source, row_group, offset, image_column, cell, "image")
+        videos, video_data = [], []
+        for column in VIDEO_COLUMNS if source.videos else ():
+            refs, cells = _parquet_cells(
+                source, row_group, offset, column, row.get(column), "video"
             )
-            images.append(ref)
-            data.append(_parquet_cell_image(cell, index))
+            videos += [VideoRef(file=ref) for ref in refs]
+            video_data += cells
     except BadSample as error:
         return _bad(error, source, record_index, where, name)
-    return RawSample(source.index, record_index, where, messages, images, data, source_name=name)
+    return RawSample(
+        source.index,
+        record_index,
+        where,
+        messages,
+        images,
+        data,
+        source_name=name,
+        videos=videos,
+        video_data=list(video_data),
+    )
 
 
 def read_sample(source: Source, record: int, loc: int) -> RawSample:
@@ -593,3 +705,8 @@ def read_sample(source: Source, record: int, loc: int) -> RawSample:
 def corrupt_image_error(ref: ImageRef, detail: str) -> BadSample:
     """A :class:`BadSample` for an image whose bytes are not a readable image."""
     return BadSample(CORRUPT_IMAGE, f"{ref.describe()}: {detail}")
+
+
+def corrupt_video_error(ref: VideoRef, detail: str) -> BadSample:
+    """A :class:`BadSample` for a video (or frame image) that cannot be decoded."""
+    return BadSample(CORRUPT_VIDEO, f"{ref.describe()}: {detail}")

@@ -20,6 +20,10 @@ Batch layout (:class:`VLMBatch`, micro-batch size B ≥ 1):
   ``max_seqlen`` is the longest segment;
 - ``pixel_values`` ``[Σ h·w, 588]`` and ``image_grid_thw`` ``[n_images, 3]``: all images of the
   batch in the order of their ``<|image_pad|>`` runs in the flattened token stream.
+
+Videos are not trained on yet: a pack holding a sub-sample with ``videos`` (``pack_offline.py
+--videos pack``) raises :class:`VideoNotSupportedError` (one line naming the pack and sample)
+rather than reading its ``<video>`` placeholders as text.
 """
 
 from __future__ import annotations
@@ -87,6 +91,19 @@ def encode_subsample(
     return text, processed
 
 
+class VideoNotSupportedError(ValueError):
+    """A pack with videos reached the task encoder, which cannot train on them yet."""
+
+
+def refuse_videos(key: str, record: dict[str, Any]) -> None:
+    """Raise :class:`VideoNotSupportedError` if the sub-sample ``record`` holds videos."""
+    if record.get("videos"):
+        raise VideoNotSupportedError(
+            f"{key}/{record.get('origin') or record.get('id')}: video training is not supported "
+            "yet (this data set was packed with --videos pack; pack it with --videos skip)"
+        )
+
+
 class VLMTaskEncoder(DefaultTaskEncoder[PackedVLMSample, EncodedPack, VLMBatch, VLMBatch]):
     """Task encoder for packed and unpacked VLM datasets.
 
@@ -137,6 +154,7 @@ class VLMTaskEncoder(DefaultTaskEncoder[PackedVLMSample, EncodedPack, VLMBatch, 
         pixels: list[np.ndarray] = []
         grids: list[tuple[int, int, int]] = []
         for record in sample.samples:
+            refuse_videos(sample.__key__, record)
             text, processed = encode_subsample(
                 record, sample.images, self.tokenizer, kind, self.image_config
             )
