@@ -245,6 +245,7 @@ def _decoded(source: bytes | str | Path) -> Iterator[tuple[float, str, object]]:
             if not container.streams.video:
                 raise VideoError(f"{name}: no video stream")
             stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1  # one thread: the packer runs a worker per core
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
             fmt = container.format.name
