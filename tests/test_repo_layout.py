@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 6,
     "train": 6,
     "verify": 6,
+    "plan": 6,
     "cli": 7,
     "demo": 8,
 }

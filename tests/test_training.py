@@ -344,10 +344,13 @@ def test_parallel_layouts_match_single_rank(setup_dirs):
     common = ["train.train_iters=3"]
     (single,) = run_ranks(1, train_runs, str(root), {"single": common})
     mb2 = "train.micro_batch_size=2"
+    vit_stage = "parallel.num_layers_in_first_pipeline_stage=0"
     layouts = {  # every layout runs the packed THD stream through the torch attention core
         "tp2": [*common, "parallel.tensor_model_parallel_size=2"],
         "pp2": [*common, "parallel.pipeline_model_parallel_size=2"],
         "pp2_mb2": [*common, "parallel.pipeline_model_parallel_size=2", mb2],
+        # a vision-only first stage: 0 LM layers (the embedding, the ViT and the merger)
+        "pp2_vit_stage": [*common, "parallel.pipeline_model_parallel_size=2", vit_stage],
         "cp2": [*common, "parallel.context_parallel_size=2"],
         "cp2_mb2": [*common, "parallel.context_parallel_size=2", mb2],
     }

@@ -100,6 +100,52 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1  # MoE experts split over this many ranks (EP)
     expert_tensor_parallel_size: int | None = None  # TP inside each expert; None -> TP size
     use_distributed_optimizer: bool = True  # shard optimizer state over DP ranks
+    # Uneven pipeline stages (Megatron-Core's fields of the same names; null: an even split).
+    # The first stage also holds the vision tower, merger and embedding, the last the final
+    # norm and LM head: fewer LM layers there balance the stages (``lov15-plan`` proposes a
+    # split). 0 on the first stage = a vision-only first stage (only for a VLM). The layers left
+    # are split evenly over the middle stages; under VPP each stage's count splits evenly over
+    # its model chunks.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Language-model layers on each pipeline stage, first to last (no validation)."""
+        pp = self.pipeline_model_parallel_size
+        first, last = (
+            self.num_layers_in_first_pipeline_stage,
+            self.num_layers_in_last_pipeline_stage,
+        )
+        fixed = [n for n in (first, last) if n is not None]
+        middle = pp - len(fixed)
+        rest = num_layers - sum(fixed)
+        each = rest // middle if middle > 0 else 0
+        counts = [each] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+        return counts
+
+    def pipeline_layout(self, num_layers: int) -> list[list[str]] | None:
+        """Megatron-Core's ``pipeline_model_parallel_layout`` of an uneven split, else None.
+
+        The two fields become Megatron's layout (one list per model chunk, virtual stage by
+        virtual stage, pipeline stage by pipeline stage) rather than Megatron's fields of the
+        same names, which refuse 0 layers on the first stage. Each stage's layers split evenly
+        over its virtual chunks; the embedding opens the first chunk, the loss closes the last.
+        Checkpoints store layers by global index, so any split loads any checkpoint.
+        """
+        if self.num_layers_in_first_pipeline_stage is None and (
+            self.num_layers_in_last_pipeline_stage is None
+        ):
+            return None
+        pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_model_parallel_size or 1
+        per_stage = self.stage_layers(num_layers)
+        chunks = [["decoder"] * (per_stage[i] // vpp) for _ in range(vpp) for i in range(pp)]
+        chunks[0].insert(0, "embedding")
+        chunks[-1].append("loss")
+        return chunks
 
 
 @dataclass
@@ -362,12 +408,15 @@ def validate(cfg: RunConfig) -> None:
             f"parallel.pipeline_model_parallel_size > 1 (got {pp})",
         )
     stages = pp * (vpp or 1)
-    _require(
-        lm.num_layers % stages == 0,
-        f"parallel.pipeline_model_parallel_size={pp}"
-        + (f" x parallel.virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
-        + f" does not divide model.language.num_layers={lm.num_layers}",
-    )
+    if p.num_layers_in_first_pipeline_stage is None and p.num_layers_in_last_pipeline_stage is None:
+        _require(
+            lm.num_layers % stages == 0,
+            f"parallel.pipeline_model_parallel_size={pp}"
+            + (f" x parallel.virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
+            + f" does not divide model.language.num_layers={lm.num_layers}",
+        )
+    else:
+        _validate_uneven_pipeline(p, lm.num_layers, vision=cfg.model.vision is not None)
     _require(
         not p.sequence_parallel or tp > 1,
         f"parallel.sequence_parallel=true requires parallel.tensor_model_parallel_size > 1 "
@@ -387,11 +436,12 @@ def validate(cfg: RunConfig) -> None:
 
     r = t.recompute
     if r.granularity == "full" and r.method == "block":
-        per_chunk = lm.num_layers // stages
+        per_chunk = max(p.stage_layers(lm.num_layers)) // (vpp or 1)
         _require(
             r.num_layers <= per_chunk,
             f"train.recompute.num_layers={r.num_layers} exceeds the {per_chunk} language-model "
-            f"layers of a pipeline chunk (method block recomputes the first num_layers of each)",
+            f"layers of the largest pipeline chunk (method block recomputes the first num_layers "
+            f"of each)",
         )
     if r.granularity == "selective":
         _require(bool(r.modules), "train.recompute.modules=[] recomputes nothing; set a module")
@@ -436,6 +486,57 @@ def validate(cfg: RunConfig) -> None:
     _reject_fields_without_effect(cfg)
     if cfg.peft is not None:
         _validate_peft(cfg, cfg.peft)
+
+
+_FIRST, _LAST = (
+    "parallel.num_layers_in_first_pipeline_stage",
+    "parallel.num_layers_in_last_pipeline_stage",
+)
+
+
+def _validate_uneven_pipeline(p: ParallelConfig, num_layers: int, vision: bool) -> None:
+    """An uneven split must be meaningful (PP > 1), add up to the model's layers, leave the
+    middle stages an even share and, under VPP, split evenly into each stage's chunks."""
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    given = ", ".join(
+        f"{name}={n}" for name, n in ((_FIRST, first), (_LAST, last)) if n is not None
+    )
+    _require(pp > 1, f"{given} has no effect with parallel.pipeline_model_parallel_size=1")
+    _require(first is None or first >= 0, f"{_FIRST}={first} must be >= 0")
+    _require(last is None or last >= 1, f"{_LAST}={last} must be >= 1 (the last stage's layers "
+             f"end in the final norm before the LM head)")  # fmt: skip
+    _require(
+        first != 0 or vision,
+        f"{_FIRST}=0 leaves the first stage only the embedding: a vision-only first stage needs "
+        f"a vision tower (model.vision)",
+    )
+    fixed = [n for n in (first, last) if n is not None]
+    middle, rest = pp - len(fixed), num_layers - sum(fixed)
+    split = f"{given} with model.language.num_layers={num_layers}"
+    _require(rest >= 0, f"{split}: the first and last stages alone hold {sum(fixed)} layers")
+    if middle == 0:
+        _require(rest == 0, f"{split} and parallel.pipeline_model_parallel_size={pp}: the "
+                 f"stages hold {sum(fixed)} layers, not {num_layers}")  # fmt: skip
+    else:
+        _require(
+            rest >= middle and rest % middle == 0,
+            f"{split} leaves {rest} layers for the other {middle} pipeline stage(s): "
+            f"they must split evenly, at least one each",
+        )
+    if vpp is not None:
+        _require(
+            first != 0,
+            f"{_FIRST}=0 with parallel.virtual_pipeline_model_parallel_size={vpp}: the first "
+            f"stage's other model chunks would hold nothing (a vision-only first stage is one "
+            f"chunk; drop the virtual pipeline or give the first stage LM layers)",
+        )
+        for stage, n in enumerate(p.stage_layers(num_layers)):
+            _require(
+                n % vpp == 0,
+                f"{split}: pipeline stage {stage} holds {n} layers, not divisible by "
+                f"parallel.virtual_pipeline_model_parallel_size={vpp} (its model chunks)",
+            )
 
 
 def _reject_fields_without_effect(cfg: RunConfig) -> None:

@@ -86,6 +86,8 @@ def qwen3_transformer_config(cfg: RunConfig) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        # an uneven split as Megatron's layout (ParallelConfig.pipeline_layout says why)
+        pipeline_model_parallel_layout=p.pipeline_layout(lm.num_layers),
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=cfg.train.loss_weighting == "token",

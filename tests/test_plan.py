@@ -1,0 +1,239 @@
+"""Uneven pipeline splits (config and Megatron layout) and the layout planner (``lov15-plan``).
+
+No ranks: the PP=2 uneven-split training runs are in ``test_parallel_training.py`` (language
+model) and ``test_training.py`` (the VLM with a vision-only first stage, also under VPP).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lov15_megatron.cli import plan as cli
+from lov15_megatron.config import ConfigError, load_config
+from lov15_megatron.plan import (
+    Hardware,
+    PackShape,
+    balanced_split,
+    pack_flops,
+    plan_layout,
+    stage_flops,
+    total_params,
+    with_parallel,
+)
+
+TINY = "configs/tiny_gpt.yaml"
+VISION = ("model.vision={num_layers: 2, hidden_size: 32, ffn_hidden_size: 64, "
+          "num_attention_heads: 4, image_token_id: 255, vision_start_token_id: 253, "
+          "vision_end_token_id: 254}")  # fmt: skip
+PP = "parallel.pipeline_model_parallel_size"
+VPP = "parallel.virtual_pipeline_model_parallel_size"
+FIRST = "parallel.num_layers_in_first_pipeline_stage"
+LAST = "parallel.num_layers_in_last_pipeline_stage"
+
+
+def _cfg(*overrides: str):
+    return load_config(TINY, ["model.language.num_layers=4", *overrides])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([f"{FIRST}=1"], f"{FIRST}=1 has no effect with {PP}=1"),
+        ([f"{PP}=2", f"{FIRST}=-1"], f"{FIRST}=-1 must be >= 0"),
+        ([f"{PP}=2", f"{LAST}=0"], f"{LAST}=0 must be >= 1 (the last stage's layers end in "
+         "the final norm before the LM head)"),
+        ([f"{PP}=2", f"{FIRST}=0"], f"{FIRST}=0 leaves the first stage only the embedding: a "
+         "vision-only first stage needs a vision tower (model.vision)"),
+        ([f"{PP}=2", f"{FIRST}=1", f"{LAST}=1"], f"{FIRST}=1, {LAST}=1 with "
+         f"model.language.num_layers=4 and {PP}=2: the stages hold 2 layers, not 4"),
+        ([f"{PP}=2", f"{FIRST}=5"], f"{FIRST}=5 with model.language.num_layers=4: the first "
+         "and last stages alone hold 5 layers"),
+        ([f"{PP}=2", f"{FIRST}=4"], f"{FIRST}=4 with model.language.num_layers=4 leaves 0 "
+         "layers for the other 1 pipeline stage(s): they must split evenly, at least one each"),
+        ([f"{PP}=3", f"{FIRST}=1"], f"{FIRST}=1 with model.language.num_layers=4 leaves 3 "
+         "layers for the other 2 pipeline stage(s): they must split evenly, at least one each"),
+        ([f"{PP}=2", f"{VPP}=2", f"{FIRST}=0", VISION], f"{FIRST}=0 with {VPP}=2: the first "
+         "stage's other model chunks would hold nothing (a vision-only first stage is one chunk; "
+         "drop the virtual pipeline or give the first stage LM layers)"),
+        ([f"{PP}=2", f"{VPP}=2", f"{LAST}=3"], f"{LAST}=3 with model.language.num_layers=4: "
+         f"pipeline stage 0 holds 1 layers, not divisible by {VPP}=2 (its model chunks)"),
+    ],
+)  # fmt: skip
+def test_uneven_split_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        _cfg(*overrides)
+    assert str(e.value) == message
+
+
+def pipeline_layout(cfg):
+    return cfg.parallel.pipeline_layout(cfg.model.language.num_layers)
+
+
+def test_uneven_split_layers_and_megatron_layout():
+    cfg = load_config(TINY, ["model.language.num_layers=12", f"{PP}=4", f"{FIRST}=3"])
+    assert cfg.parallel.stage_layers(12) == [3, 3, 3, 3]  # even split spelled out: accepted
+    cfg = load_config(TINY, ["model.language.num_layers=12", f"{PP}=4", f"{FIRST}=0", VISION])
+    assert cfg.parallel.stage_layers(12) == [0, 4, 4, 4]  # LLaVA-OV-2's 0,12,12,12 shape
+    assert pipeline_layout(cfg) == [["embedding"], ["decoder"] * 4, ["decoder"] * 4,
+                                    ["decoder"] * 4 + ["loss"]]  # fmt: skip
+    cfg = _cfg(f"{PP}=2", f"{LAST}=2", "model.language.num_layers=6", f"{VPP}=2")
+    # chunks in Megatron's order: (vpp 0, pp 0), (vpp 0, pp 1), (vpp 1, pp 0), (vpp 1, pp 1)
+    assert pipeline_layout(cfg) == [["embedding", "decoder", "decoder"], ["decoder"],
+                                    ["decoder", "decoder"], ["decoder", "loss"]]  # fmt: skip
+    assert pipeline_layout(_cfg(f"{PP}=2")) is None  # even split: Megatron's own rule
+
+
+def test_recompute_block_bound_uses_the_largest_chunk():
+    full = ["train.recompute.granularity=full", "train.recompute.method=block"]
+    _cfg(f"{PP}=2", f"{FIRST}=1", *full, "train.recompute.num_layers=3")  # stage 1 holds 3
+    with pytest.raises(ConfigError, match="exceeds the 3 language-model layers of the largest"):
+        _cfg(f"{PP}=2", f"{FIRST}=1", *full, "train.recompute.num_layers=4")
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _gemm(m: float, n: float, k: float) -> float:
+    return 2.0 * m * n * k
+
+
+def _hand_forward(seq: int, samples: int, tokens_per_sample: int, loss: int, images: int,
+                  patches_per_image: int) -> dict[str, float]:  # fmt: skip
+    """The tiny VLM's forward FLOPs GEMM by GEMM (shapes written out, not from the config).
+
+    LM: 4 layers, h 64, 4 heads × 16 (q 64), 2 groups (kv 32), SwiGLU 128, vocab 256; causal
+    attention = half of QKᵀ and AV. ViT: 2 layers, 32 wide, MLP 64, patch 3·14·14, one class
+    token per image; merger 4·32 → 128 → 64."""
+    lm_layer = (_gemm(seq, 64, 64) + 2 * _gemm(seq, 32, 64) + _gemm(seq, 64, 64)
+                + 2 * _gemm(seq, 128, 64) + _gemm(seq, 64, 128))  # fmt: skip
+    lm_attn = samples * (_gemm(tokens_per_sample, tokens_per_sample, 64) * 2) / 2
+    n = patches_per_image + 1
+    vit_layer = images * (_gemm(n, 96, 32) + _gemm(n, 32, 32) + _gemm(n, 64, 32)
+                          + _gemm(n, 32, 64))  # fmt: skip
+    vit_attn = images * _gemm(n, n, 32) * 2
+    merged = images * patches_per_image // 4
+    other = _gemm(images * n, 32, 588) + _gemm(merged, 128, 128) + _gemm(merged, 64, 128)
+    return {"lm": 4 * (lm_layer + lm_attn), "head": _gemm(loss, 256, 64),
+            "vit": 2 * (vit_layer + vit_attn) + other, "vit_layers": 2 * (vit_layer + vit_attn),
+            "lm_layers": 4 * (lm_layer + lm_attn)}  # fmt: skip
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_flops_match_a_hand_count(recompute):
+    extra = [] if recompute == "none" else ["train.recompute.granularity=full"]
+    cfg = _cfg(VISION, "data.seq_length=64", *extra)
+    # 3 samples of 20 tokens, each with one 4×4-patch image (4 LM image tokens): loss on 48
+    shape = PackShape(seq_length=64, tokens=60, samples=3, patches=48, images=3)
+    hand = _hand_forward(64, 3, 20, 60 - 12, 3, 16)
+    again = recompute == "full"  # full recompute runs the layers' forward once more
+    want = {
+        "lm": (4 if again else 3) * hand["lm"],
+        "head": 3 * hand["head"],
+        "vit": 3 * hand["vit"] + (hand["vit_layers"] if again else 0.0),
+    }
+    got = pack_flops(cfg, shape)
+    assert got == pytest.approx(want, rel=1e-12)
+    split = stage_flops(with_parallel(cfg, pipeline_model_parallel_size=2,
+                                      num_layers_in_first_pipeline_stage=1), shape)  # fmt: skip
+    assert split == pytest.approx([want["lm"] / 4 + want["vit"], 3 * want["lm"] / 4 + want["head"]])
+
+
+def test_parameter_counts_match_the_published_models():
+    # docs/model-reference.md: the HF models have 4.742 B (4B) and 8.527 B (8B) parameters
+    for size, billions in (("4b", 4.742), ("8b", 8.527)):
+        cfg = cli.load_run_config(f"configs/llava_ov_1_5/{size}/stage1_5_mid_training.yaml", [])
+        assert round(total_params(cfg) / 1e9, 3) == billions
+
+
+# ----------------------------------------------------------------------------- balance
+
+
+def test_balanced_split_evens_out_a_heavy_first_stage():
+    # A ViT worth several LM layers on stage 0: the even 4/4 split leaves stage 0 the slowest.
+    cfg = load_config(TINY, ["model.language.num_layers=8", "data.seq_length=64", f"{PP}=2",
+                             VISION.replace("num_layers: 2", "num_layers: 6")])  # fmt: skip
+    shape = PackShape(seq_length=64, tokens=60, samples=3, patches=300, images=3)
+    even = stage_flops(cfg, shape)
+    assert even[0] > even[1]
+    first, last = balanced_split(cfg, shape)
+    assert (first, last) == (first, None) and first < 4
+    best = max(stage_flops(with_parallel(cfg, num_layers_in_first_pipeline_stage=first), shape))
+    for n in range(0, 8):  # every split the config accepts is no better
+        others = stage_flops(with_parallel(cfg, num_layers_in_first_pipeline_stage=n), shape)
+        assert best <= max(others)
+    assert best < max(even)
+    # Under VPP 2 only even per-stage counts are valid: the best of those
+    vpp = with_parallel(cfg, virtual_pipeline_model_parallel_size=2)
+    first_vpp, _ = balanced_split(vpp, shape)
+    assert first_vpp % 2 == 0 and first_vpp < 4
+
+
+def test_memory_counts_bytes_per_parameter():
+    cfg = _cfg("model.params_dtype=bfloat16", "train.global_batch_size=8")
+    plan = plan_layout(cfg, PackShape(32, 32, 1), world_size=4, hardware=Hardware())
+    (stage,) = plan.stages
+    assert plan.dp == 4 and stage.params == total_params(cfg)  # tied: one embedding
+    assert stage.weights_gb == pytest.approx(2 * stage.params / 1e9)  # bf16
+    assert stage.grads_gb == pytest.approx(4 * stage.params / 1e9)  # fp32 grad buffers
+    # fp32 master + two Adam moments, sharded over the 4 DP ranks
+    assert stage.optimizer_gb == pytest.approx(12 * stage.params / 4 / 1e9)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_pack_shape_from_a_packer_report():
+    report = {"packs": 10, "seq_len": 8192, "tokens": 80000, "samples_per_pack": 10.5,
+              "vision_patches_per_pack": {"min": 100, "max": 40000, "mean": 29000.0}}  # fmt: skip
+    shape = PackShape.from_report(report, images_per_sample=1.0)
+    assert (shape.seq_length, shape.tokens, shape.samples) == (8192, 8000, 10.5)
+    assert (shape.patches, shape.images) == (29000.0, 10.5)
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prints_the_balanced_split(capsys, tmp_path):
+    config = "configs/llava_ov_1_5/8b/stage1_5_mid_training.yaml"
+    code, out, err = _main(capsys, "--config", config, "--gpus", "128", "--tokens-per-pack",
+                           "8028", "--samples-per-pack", "10.84", "--patches-per-pack", "30000",
+                           "--json", str(tmp_path / "plan.json"), "train.global_batch_size=128",
+                           f"{PP}=2", "parallel.tensor_model_parallel_size=1",
+                           "parallel.sequence_parallel=false")  # fmt: skip
+    assert code == 0, err
+    balanced = json.loads((tmp_path / "plan.json").read_text())["balanced"]
+    layers = [s["lm_layers"] for s in balanced["stages"]]
+    assert sum(layers) == 36 and layers[0] < 18  # the ViT's stage takes fewer LM layers
+    assert re.search(rf"balanced split: TP 1 · PP 2 · CP 1 \({layers[0]}/{layers[1]}\)", out)
+    assert "candidate layouts on 128 GPUs" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus", "8"], "error: give --pack-report, or --tokens-per-pack and --samples-per-pack"),
+        (["--gpus", "8", "--pack-report", "/nonexistent.json"],
+         "error: --pack-report /nonexistent.json: [Errno 2] No such file or directory: "
+         "'/nonexistent.json'"),
+        (["--gpus", "3", "--tokens-per-pack", "30", "--samples-per-pack", "2"],
+         "error: world size 3 is not divisible by parallel.tensor_model_parallel_size=2 x "
+         "parallel.pipeline_model_parallel_size=1 x parallel.context_parallel_size=1 = 2"),
+        (["--gpus", "8", "--tokens-per-pack", "40", "--samples-per-pack", "2"],
+         "error: pack shape: 40 tokens per pack exceed the pack length 32"),
+        (["--gpus", "8", "--tokens-per-pack", "30", "--samples-per-pack", "2", "--hfu", "0"],
+         "error: --hfu=0.0 must be > 0"),
+    ],
+)  # fmt: skip
+def test_cli_errors_are_one_line(capsys, argv, message):
+    code, out, err = _main(capsys, "--config", TINY, *argv,
+                           "parallel.tensor_model_parallel_size=2")  # fmt: skip
+    assert (code, err.strip(), out) == (2, message, "")
