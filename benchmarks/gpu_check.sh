@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One command for one GPU, no network: bf16 training steps of a 4B-width LLaVA-OV-1.5 on 8k packs,
+# our attention core on CUDA, tokens/s, TFLOP/s, MFU/HFU, peak memory and bf16-vs-fp32 agreement
+# (benchmarks/gpu_check.py; docs/gpu-runs.md). Writes gpu_check.json and gpu_check.md to $OUT (or
+# --out DIR, else outputs/gpu_check).
+#
+#   bash benchmarks/gpu_check.sh                # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --cpu-smoke    # the same code on CPU at tiny sizes (< 2 min)
+#
+# The Python packages the GPU image lacks travel as wheels in $LOV15_WHEELS (default ./.whl;
+# benchmarks/gpu_wheels.sh fetches them): they are installed into a private folder that goes
+# first on PYTHONPATH. The repository itself is used in place (no install). $PYTHON picks the
+# interpreter (default python3). The whole run is stopped after $GPU_CHECK_TIMEOUT seconds
+# (default 480: the check must end inside 8 minutes).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+WHEELS="${LOV15_WHEELS:-$ROOT/.whl}"
+
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  SITE="${TMPDIR:-/tmp}/lov15-gpu-check-site"
+  echo "[gpu-check] installing $(find "$WHEELS" -name '*.whl' | wc -l) wheel(s) from $WHEELS into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# Fewer allocator-fragmentation OOMs when the model is built, copied to fp32 and freed.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+exec timeout --kill-after=20 "${GPU_CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_check.py "$@"

@@ -1,0 +1,173 @@
+"""The GPU check (``benchmarks/gpu_check.sh``) end to end on CPU with ``--cpu-smoke``: its report
+has every field, and the numbers in it are sane: finite losses, a loss that falls, bf16 within
+the derived bound of fp32 (and measurably different from it, so bf16 really ran), the attention
+core within its bounds in both precisions, positive throughput, and the packs' ViT share.
+
+One launch of the shell script (the same code the GPU machine runs, at tiny sizes), shared by
+the tests of this module; the varlen wrapper for older torch builds is checked without a GPU on
+stand-in kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import fp32_rel_tol
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_gpu_check():
+    """``benchmarks/gpu_check.py`` as the module ``gpu_check``, registered in ``sys.modules``
+    (its dataclasses need that; ``helpers.benchmark_module`` does not register)."""
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "gpu_check", ROOT / "benchmarks" / "gpu_check.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
+
+
+gpu_check = _load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str]:
+    """``bash benchmarks/gpu_check.sh --cpu-smoke``: (the JSON report, the markdown table)."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {
+        **os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+        "LOV15_WHEELS": str(out / "no-wheels"),  # the installed environment, nothing carried
+    }  # fmt: skip
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert not list(out.glob("*.tmp")), "a temporary file was left behind"
+    return report, (out / "gpu_check.md").read_text()
+
+
+def test_report_fields_and_checks(smoke):
+    report, md = smoke
+    assert report["errors"] == [] and report["oom_attempts"] == []
+    assert all(report["checks"].values()), report["checks"]
+    env = report["environment"]
+    for key in ("torch", "megatron_core", "transformers", "python", "date", "device"):
+        assert env[key], key
+    assert env["device"] == "cpu" and report["settings"]["name"] == "cpu-smoke"
+    for heading in ("## Attention core", "## Training", "tokens/s", "MFU", "HFU", "## Checks"):
+        assert heading in md, heading
+    assert "FAIL" not in md
+
+
+def test_training_numbers_are_sane(smoke):
+    report, _ = smoke
+    train, s = report["training"], report["settings"]
+    steps = train["steps"]
+    assert len(steps) == s["warmup_steps"] + s["timed_steps"] == train["timed_steps"] + 1
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    # a random-initialised model starts at ln(vocabulary) and Adam's first update lowers it
+    vocab = 4096
+    assert abs(steps[0]["loss"] - math.log(vocab)) < 0.5, steps[0]["loss"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert train["tokens_per_s"] > 0 and train["model_tflops"] > 0
+    # full recompute runs the forward once more: hardware FLOPs exceed model FLOPs
+    assert train["hardware_tflops"] > train["model_tflops"]
+    assert train["peak_tflops"] is None and train["mfu"] is None and train["hfu"] is None  # CPU
+    assert train["memory"]["peak_rss_gib"] > 0
+    for r in steps:
+        assert r["tokens"] == s["packs_per_step"] * s["seq_len"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    # the layer-fitting estimate counts every parameter (it sizes the GPU run)
+    assert train["parameters"] == train["parameters_estimate"]
+    assert train["lm_layers"] == 2 and train["vit_layers"] == 2
+    assert set(train["parameter_dtypes"]) <= {"bfloat16", "float32"}
+    assert train["parameter_dtypes"]["bfloat16"] > train["parameter_dtypes"].get("float32", 0)
+
+
+def test_bf16_agrees_with_fp32_within_the_derived_bound(smoke):
+    report, _ = smoke
+    a = report["training"]["agreement"]
+    bound = gpu_check.bf16_logit_bound(2, 2)
+    assert a["logit_rel_bound"] == pytest.approx(bound)
+    # bf16 really ran (rounding at 2^-8 shows), and stayed within the bound
+    assert 0.1 * gpu_check.BF16_UNIT_ROUNDOFF < a["logit_rel_rms_diff"] <= bound
+    # per token, |Δ loss| ≤ 2·max |Δ logit|: the eval-path losses obey it on the mean
+    assert a["loss_abs_diff"] <= a["loss_bound_from_logits"] * (1 + 1e-3) + 1e-5 * a["loss_fp32"]
+    # the trainer's bf16 loss path (logits at loss positions only) is a second bf16 evaluation
+    # of the same forward: within twice that bound of fp32
+    assert abs(a["train_step1_loss"] - a["loss_fp32"]) <= 2 * a["loss_bound_from_logits"]
+    assert a["train_step1_loss"] == report["training"]["steps"][0]["loss"]
+    assert a["packs"] == report["settings"]["packs_per_step"] and a["loss_tokens"] > 0
+
+
+def test_attention_core_within_bounds(smoke):
+    report, _ = smoke
+    cases = {c["case"]: c for c in report["attention"]}
+    assert set(cases) == {"lm", "vit"}
+    assert cases["lm"]["causal"] and not cases["vit"]["causal"]
+    assert cases["lm"]["groups"] < cases["lm"]["heads"]  # GQA goes through the core
+    for c in cases.values():
+        bounds = gpu_check.attention_bounds(c["longest_segment"])
+        bf16, fp32 = c["bf16"], c["fp32"]
+        assert bf16["kernel"] == fp32["kernel"] == "segment_sdpa"  # CPU: no varlen kernel
+        assert 0 < bf16["out_max_abs_over_max_v"] <= bounds["bf16_out"]
+        assert all(0 < g <= bounds["bf16_grad"] for g in bf16["grad_rel"].values())
+        tol = fp32_rel_tol(c["longest_segment"])  # docs/tolerances.md
+        assert fp32["out_max_abs_over_max_v"] <= tol
+        assert all(g <= tol for g in fp32["grad_rel"].values()), fp32["grad_rel"]
+
+
+def test_packs_have_the_release_shape(smoke):
+    report, _ = smoke
+    p, s = report["packs"], report["settings"]
+    assert p["tokens"] == s["seq_len"]
+    # benchmarks/packing.py's mix: ~10.7 samples per pack, ~61 % image tokens, 4 patches each
+    assert 5 <= p["segments"] <= 16
+    assert 0.35 <= p["image_tokens"] / p["tokens"] <= 0.85
+    assert p["patches"] == pytest.approx(4 * p["image_tokens"])
+    assert 0 < p["loss_tokens"] < p["tokens"] - p["image_tokens"]
+
+
+def _old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+    """Stand-in for torch 2.10's varlen_attn: no enable_gqa, is_causal instead of window_size;
+    records what it was given."""
+    _old_varlen.calls.append({"heads": (q.shape[1], k.shape[1], v.shape[1]), "scale": scale,
+                              "causal": is_causal, "k": k})  # fmt: skip
+    return q
+
+
+def _new_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                enable_gqa=False):  # fmt: skip
+    return q
+
+
+def test_varlen_wrapper_for_older_torch():
+    assert gpu_check.varlen_compat(_new_varlen) is None  # nothing to adapt
+    _old_varlen.calls = []
+    wrapped = gpu_check.varlen_compat(_old_varlen)
+    q, k = torch.zeros(6, 4, 2), torch.arange(6 * 2 * 2.0).reshape(6, 2, 2)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    wrapped(q, k, k, cu, cu, 6, 6, scale=0.5, window_size=(-1, 0), enable_gqa=True)
+    wrapped(q, q, q, cu, cu, 6, 6, scale=0.5, window_size=(-1, -1))
+    first, second = _old_varlen.calls
+    assert first["heads"] == (4, 4, 4) and first["causal"] and first["scale"] == 0.5
+    # KV head g serves query heads 2g and 2g+1 (GQA's grouping)
+    assert torch.equal(first["k"], k.repeat_interleave(2, dim=1))
+    assert not second["causal"] and second["heads"] == (4, 4, 4)
+    with pytest.raises(ValueError, match="window_size"):
+        wrapped(q, q, q, cu, cu, 6, 6, window_size=(128, 0))
