@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -819,11 +820,31 @@ def training_with_retries(settings: Settings, device, started: float, report: di
         except torch.cuda.OutOfMemoryError as e:
             report["oom_attempts"].append({"lm_layers": layers, "error": str(e).splitlines()[0]})
             log(f"out of memory with {layers} LM layers")
-            gc.collect()
-            torch.cuda.empty_cache()
             if len(report["oom_attempts"]) > 2 or layers == 1:
                 raise
-            layers = max(1, int(layers * 0.7))
+        # outside the except block: the traceback (and the model in its frames) is gone
+        gc.collect()
+        torch.cuda.empty_cache()
+        layers = max(1, int(layers * 0.7))
+
+
+class TimeUp(BaseException):
+    """SIGTERM (``gpu_check.sh``'s timeout): stop the part in progress and write the report."""
+
+
+def _time_up(signum: int, frame: object) -> None:
+    raise TimeUp(f"signal {signum}: the run's time limit")
+
+
+def save_report(out: Path, report: dict[str, Any], started: float) -> list[str]:
+    """Write the JSON and the markdown (under temporary names, then renamed); returns the
+    failed checks. Called after each part, so that a run stopped later still brings back the
+    parts it finished."""
+    report["wall_s"] = time.perf_counter() - started
+    report["checks"] = checks(report)
+    write_atomic(out / "gpu_check.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "gpu_check.md", markdown(report))
+    return [name for name, ok in report["checks"].items() if not ok]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -853,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['environment']['megatron_core']}")  # fmt: skip
     if report["environment"]["varlen_compat"]:
         log(report["environment"]["varlen_compat"])
+    signal.signal(signal.SIGTERM, _time_up)
     try:
         probe = make_batches(settings, cfg, 1, seed=99)[0]
         report["packs"] = pack_shape(probe, cfg.model.vision.image_token_id)
@@ -860,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
             report["attention"] = attention_check(settings, probe, device)
         except Exception as e:  # noqa: BLE001 - reported, and the training part still runs
             record_error(report, "attention", e)
+        save_report(out, report, started)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not args.skip_training:
@@ -868,14 +891,13 @@ def main(argv: list[str] | None = None) -> int:
                 report["packs"] = report["training"]["packs"]
             except Exception as e:  # noqa: BLE001 - reported
                 record_error(report, "training", e)
+    except TimeUp as e:
+        record_error(report, "time limit", e)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        failed = save_report(out, report, started)
+        log(f"wrote {out / 'gpu_check.json'} and gpu_check.md in {report['wall_s']:.0f} s")
         distributed.shutdown()
-    report["wall_s"] = time.perf_counter() - started
-    report["checks"] = checks(report)
-    write_atomic(out / "gpu_check.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / "gpu_check.md", markdown(report))
-    log(f"wrote {out / 'gpu_check.json'} and gpu_check.md in {report['wall_s']:.0f} s")
-    failed = [name for name, ok in report["checks"].items() if not ok]
     if failed:
         log(f"checks failed: {', '.join(failed)}")
         return 1
