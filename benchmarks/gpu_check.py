@@ -369,22 +369,27 @@ def parameter_counts(cfg) -> tuple[int, int]:
     return fixed, per_layer
 
 
+def layers_that_fit(free_bytes: float, fixed: int, per_layer: int, reserve_gib: float,
+                    most: int) -> int:  # fmt: skip
+    """LM layers whose weights, gradients and optimizer state (``BYTES_PER_PARAM`` each) fit in
+    ``free_bytes`` next to the rest of the model and ``reserve_gib`` of activations; 1 … most."""
+    budget = free_bytes - reserve_gib * 2**30 - fixed * BYTES_PER_PARAM
+    return max(1, min(most, int(budget // (per_layer * BYTES_PER_PARAM))))
+
+
 def fit_lm_layers(settings: Settings, device) -> tuple[int, dict[str, float]]:
-    """As many LM layers as the GPU's free memory holds: ``BYTES_PER_PARAM`` per parameter for
-    weights, gradients and the optimizer, plus ``activation_reserve_gib`` (full recompute keeps one
-    chunk's activations, the ViT's and the head's at a time)."""
+    """As many LM layers as the GPU's free memory holds (:func:`layers_that_fit`; full recompute
+    keeps one chunk's activations, the ViT's and the head's at a time)."""
     import torch
 
     fixed, per_layer = parameter_counts(run_config(settings, 1))
     free, total = torch.cuda.mem_get_info(device)
-    budget = free - settings.activation_reserve_gib * 2**30 - fixed * BYTES_PER_PARAM
-    layers = int(budget // (per_layer * BYTES_PER_PARAM))
-    layers = max(1, min(settings.max_lm_layers, layers))
+    reserve = settings.activation_reserve_gib
+    layers = layers_that_fit(free, fixed, per_layer, reserve, settings.max_lm_layers)
     info = {
         "free_gib": free / 2**30, "total_gib": total / 2**30,
         "fixed_params": fixed, "params_per_lm_layer": per_layer,
-        "bytes_per_param": BYTES_PER_PARAM,
-        "activation_reserve_gib": settings.activation_reserve_gib,
+        "bytes_per_param": BYTES_PER_PARAM, "activation_reserve_gib": reserve,
     }  # fmt: skip
     return layers, info
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 
 from lov15_megatron.data.image_processing import PATCH_DIM, ImageConfig, image_grid
-from lov15_megatron.models.packed_seq import position_ids_from_cu_seqlens
 
 RELEASE_PACK = 8192  # the release's pack length (docs/release-recipe.md)
 PAD_ID = 151643  # <|endoftext|>, the task encoder's padding
@@ -105,6 +104,9 @@ def pack_batch(
     """The task encoder's micro-batch (``[1, seq_len]`` rows) of one planned pack.
 
     ``token_ids``: ``(image_token_id, vision_start_token_id, vision_end_token_id)``."""
+    # imported here: planning packs needs no Megatron (and its import takes seconds)
+    from lov15_megatron.models.packed_seq import position_ids_from_cu_seqlens
+
     image_id, start_id, end_id = token_ids
     pad_id = PAD_ID if PAD_ID < vocab_size else 0  # a small test vocabulary has no <|endoftext|>
     gen = torch.Generator().manual_seed(seed)

@@ -171,3 +171,31 @@ def test_varlen_wrapper_for_older_torch():
     assert not second["causal"] and second["heads"] == (4, 4, 4)
     with pytest.raises(ValueError, match="window_size"):
         wrapped(q, q, q, cu, cu, 6, 6, window_size=(128, 0))
+
+
+def test_gpu_sizes_and_packs_of_the_release_shape():
+    """The GPU run's sizes without a GPU: the parameter count of the 4B width (the layer fit's
+    input) and the 8k packs' ViT share."""
+    from gpu_packs import plan_packs
+
+    cfg = gpu_check.run_config(gpu_check.GPU, 36)
+    fixed, per_layer = gpu_check.parameter_counts(cfg)
+    # Qwen3-4B: 36 layers + the tied 151,936 × 2560 embedding = 4.02 B (its model card);
+    # LLaVA-OV-1.5-4B adds the untied head, the Rice ViT-L and the merger
+    head = 151936 * 2560
+    assert 36 * per_layer + head + 2560 == pytest.approx(4.022e9, rel=1e-3)
+    assert fixed + 36 * per_layer == pytest.approx(4.74e9, rel=1e-2)
+    fit = gpu_check.layers_that_fit
+    # an H100 (≈ 78.5 GiB free) holds about half the LM; an H200 the whole model
+    assert fit(78.5 * 2**30, fixed, per_layer, 16.0, 36) == 19
+    assert fit(139 * 2**30, fixed, per_layer, 16.0, 36) == 36
+    assert fit(10 * 2**30, fixed, per_layer, 16.0, 36) == 1
+
+    packs = plan_packs(32, 8192, seed=0)
+    tokens = [sum(s.length(4) for s in p) for p in packs]
+    patches = [sum(h * w for s in p for h, w in s.grids) for p in packs]
+    assert all(0.97 * 8192 <= t <= 8192 for t in tokens)
+    # benchmarks/packing.py's mix: 61 % of a pack's tokens are image tokens, 4 patches each
+    share = sum(patches) / 4 / sum(tokens)
+    assert 0.5 < share < 0.72, share
+    assert 16_000 < sum(patches) / len(packs) < 24_000
