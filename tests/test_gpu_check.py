@@ -130,6 +130,7 @@ def test_attention_core_within_bounds(smoke):
         tol = fp32_rel_tol(c["longest_segment"])  # docs/tolerances.md
         assert fp32["out_max_abs_over_max_v"] <= tol
         assert all(g <= tol for g in fp32["grad_rel"].values()), fp32["grad_rel"]
+        assert bf16["fwd_bwd_ms"] > 0 and bf16["tflops"] > 0 and fp32["tflops"] > 0
 
 
 def test_packs_have_the_release_shape(smoke):
