@@ -10,7 +10,9 @@
   converted once; the text-only checks use the real tokenizer): packed rows (several
   sub-samples, micro-batch 2) give the same per-token logits and losses as each sub-sample
   alone; frozen groups stay bit-identical; bad inputs raise clear errors; image packs train at
-  DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py).
+  DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py); at CP=2 the ViT split over CP
+  ranks (one image: a rank runs no tower; three uneven images) gives the single-rank loss and
+  every tower gradient.
 * Text-only packs (a whole step without images, DP ranks / micro-batches / CP ranks without
   images) train at DP=2 (both optimizers), PP=2 and CP=2 as on one rank, and give every tower
   parameter a zero gradient, also straight from the real task encoder.
@@ -33,6 +35,7 @@ from helpers import (
     vlm_sample,
 )
 from tolerances import (
+    assert_close_fp32,
     assert_close_training,
     fp32_abs_tol,
     grad_norm_rel_tol,
@@ -256,12 +259,66 @@ def packed_checks(load_dir: str) -> dict:
     return out
 
 
+# The ViT split over CP ranks (models/llava_ov/vision_cp.py), gradient by gradient: micro-batches
+# with fewer images than CP ranks (one image: CP rank 1 runs no tower) and with three images of
+# uneven sizes over two rows (4×4 alone on rank 0; 2×6 and 2×2 on rank 1).
+CP_SPLIT_CASES = {
+    "one_image": [[vlm_sample(400, [(4, 4)]), vlm_sample(401, [])]],
+    "three_images_mb2": [[vlm_sample(402, [(2, 6), (2, 2)])], [vlm_sample(403, [(4, 4)])]],
+}
+CP_SPLIT_TOWER_IMAGES = {"one_image": [1, 0], "three_images_mb2": [1, 2]}
+
+
+def cp_split_checks(load_dir: str, cp: int) -> dict:
+    """Forward + backward of the summed token losses at context parallelism ``cp`` (the whole
+    world): the loss, every tower parameter's gradient (summed over the CP ranks) and how many
+    images each rank ran the tower on."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from lov15_megatron.models.packed_seq import thd_model_inputs
+
+    (model,) = _build(_cfg(load_dir, [f"parallel.context_parallel_size={cp}"]), load_dir)
+    model.train()
+    rank = parallel_state.get_context_parallel_rank()
+    group = parallel_state.get_context_parallel_group()
+    towers = {n: p for n, p in model.named_parameters() if n.startswith("vision_")}
+    out = {}
+    for name, rows in CP_SPLIT_CASES.items():
+        batch = pack_rows(rows, 64)
+        inputs = thd_model_inputs(batch, cp=cp, cp_rank=rank, image_token_id=IMAGE_PAD)
+        keys = ("input_ids", "position_ids", "pixel_values", "image_grid_thw",
+                "packed_seq_params", "labels", "loss_mask", "image_feature_index")  # fmt: skip
+        losses = model(**{k: inputs.get(k) for k in keys})
+        loss = (losses * inputs["loss_mask"]).sum()
+        grads = torch.autograd.grad(loss, list(towers.values()))
+        total = loss.detach().reshape(1)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if cp > 1:
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(flat, group=group)
+        images = [0] * cp
+        images[rank] = model.tower_images
+        images_t = torch.tensor(images)
+        if cp > 1:
+            dist.all_reduce(images_t, group=group)
+        sizes = [g.numel() for g in grads]
+        grads_by_name = dict(zip(towers, flat.split(sizes), strict=True))
+        out[name] = {
+            "loss": float(total[0]),
+            "grads": grads_by_name,
+            "tower_images": images_t.tolist(),
+        }
+    return out
+
+
 def single_rank_checks(load_dir: str) -> dict:
     """The module's one single-rank launch: the packing checks, then the references of the
     parallel runs (image packs; the text-only checks and runs)."""
     return {
         "packed": packed_checks(load_dir),
         "images": train_runs(load_dir, {"single": []})["single"],
+        "cp_split": cp_split_checks(load_dir, 1),
         **text_only_reference(load_dir, TEXT_ONLY_REFERENCES),
     }
 
@@ -270,6 +327,7 @@ def two_rank_runs(load_dir: str) -> dict:
     """The module's one two-rank launch: image packs, then text-only and mixed packs."""
     return {
         "images": train_runs(load_dir, IMAGE_LAYOUTS),
+        "cp_split": cp_split_checks(load_dir, 2),
         "mixed": train_runs(load_dir, TEXT_ONLY_LAYOUTS, "mixed"),
     }
 
@@ -384,6 +442,22 @@ def test_parallel_training_matches_single_rank(single_rank, two_ranks):
         ):
             assert math.isclose(loss_a, loss_b, rel_tol=training_rel_tol(step, TRAIN_LEN)), name
             assert math.isclose(norm_a, norm_b, rel_tol=grad_norm_rel_tol(step, TRAIN_LEN)), name
+
+
+def test_vit_split_over_cp_ranks_matches_single_rank(single_rank, two_ranks):
+    """CP 2 runs each image's tower on one rank only (a rank may run none), yet the summed loss
+    and every tower parameter's gradient equal the single-rank ones."""
+    for name, expected_images in CP_SPLIT_TOWER_IMAGES.items():
+        ref = single_rank["cp_split"][name]
+        got = [ranks["cp_split"][name] for ranks in two_ranks]
+        assert ref["tower_images"] == [sum(expected_images)], ref["tower_images"]
+        assert got[0]["tower_images"] == got[1]["tower_images"] == expected_images, name
+        assert math.isclose(got[0]["loss"], ref["loss"], rel_tol=training_rel_tol(0, TRAIN_LEN))
+        assert all(float(g.abs().max()) > 0 for g in ref["grads"].values()), name
+        for rank in got:
+            assert rank["grads"].keys() == ref["grads"].keys()
+            for param, grad in ref["grads"].items():  # each at its own scale
+                assert_close_fp32(rank["grads"][param], grad, TRAIN_LEN)
 
 
 def text_only_pack_checks(load_dir: str) -> dict:

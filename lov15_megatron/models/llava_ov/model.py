@@ -13,7 +13,9 @@ within each sub-sample (TE's attention or ours, :mod:`lov15_megatron.models.atte
 restarting per sub-sample (Megatron's ``rope`` with ``cu_seqlens``).
 :func:`lov15_megatron.models.packed_seq.thd_model_inputs` builds that stream from a packed
 micro-batch, cut for this context-parallel rank; ``image_feature_index`` then says which merged
-image feature lands on each of the rank's ``<|image_pad|>`` tokens.
+image feature lands on each of the rank's ``<|image_pad|>`` tokens. Under context parallelism
+each CP rank runs the towers on its own whole images only and the merged features are
+all-gathered over the CP group (:mod:`~lov15_megatron.models.llava_ov.vision_cp`).
 
 A micro-batch without images (text-only packs: empty ``pixel_values``) skips the towers; in
 training their parameters still get zero gradients, so every parallel layout treats it like any
@@ -34,7 +36,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from lov15_megatron.config import TRAINABLE_GROUPS, ConfigError, RunConfig
-from lov15_megatron.models.llava_ov.rice_vit import build_patch_merger, build_rice_vit
+from lov15_megatron.models.llava_ov.rice_vit import (
+    build_patch_merger,
+    build_rice_vit,
+    check_image_grid,
+)
+from lov15_megatron.models.llava_ov.vision_cp import ImageSplit, gather_image_features
 from lov15_megatron.models.qwen3.model import build_qwen3_model, qwen3_transformer_config
 
 GROUP_MODULES = {
@@ -81,6 +88,7 @@ class LLaVAOneVisionModel(MegatronModule):
             self.language_model.share_embeddings_and_output_weights
         )
         self.image_token_id = cfg.model.vision.image_token_id  # where the features go
+        self.tower_images = 0  # images the tower ran on in the last forward (this rank)
 
     # Pipeline / embedding hooks Megatron-Core calls on the outermost module.
     def set_input_tensor(self, input_tensor) -> None:
@@ -120,7 +128,7 @@ class LLaVAOneVisionModel(MegatronModule):
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
         if pixel_values is not None and pixel_values.numel() > 0:
-            features = self.vision_projection(self.vision_model(pixel_values, image_grid_thw))
+            features = self._image_features(pixel_values, image_grid_thw)
             if image_feature_index is not None:
                 picked = image_feature_index >= 0
                 if not torch.equal(picked, is_image):
@@ -137,20 +145,70 @@ class LLaVAOneVisionModel(MegatronModule):
             embeddings = batch_first.transpose(0, 1).contiguous()
         elif n_slots:
             raise ValueError(f"{n_slots} <|image_pad|> tokens but no pixel_values")
-        elif self.training:
-            # No image in this micro-batch: the towers do not run, but every trainable tower
-            # parameter still gets a gradient, exactly zero, through this 0·Σp term. Megatron
-            # DDP with overlap_grad_reduce starts a bucket's reduction only once each of its
-            # parameters has reported a gradient (as often as in the first step): without one
-            # the bucket is never reduced and DDP's bookkeeping asserts. Zero is also exactly
-            # what a rank without images adds to the DP reduction of the towers' gradients.
-            encoder = [*self.vision_model.parameters(), *self.vision_projection.parameters()]
-            dummy = sum(p.sum() for p in encoder if p.requires_grad)
-            if isinstance(dummy, torch.Tensor):
-                embeddings = embeddings + 0.0 * dummy
+        else:
+            self.tower_images = 0
+            zero = self._zero_tower_term()
+            if zero is not None:
+                embeddings = embeddings + zero
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+    def _zero_tower_term(self, outside_training: bool = False) -> torch.Tensor | None:
+        """``0·Σp`` over every trainable tower parameter in training (with ``outside_training``
+        whenever autograd records), else None.
+
+        Where the towers do not run (a micro-batch, or under CP a rank, without images), adding
+        this gives every trainable tower parameter a gradient that is exactly zero rather than
+        none. Megatron DDP with overlap_grad_reduce starts a bucket's reduction only once each
+        of its parameters has reported a gradient (as often as in the first step): without one
+        the bucket is never reduced and DDP's bookkeeping asserts. Zero is also exactly what a
+        rank without images adds to the DP reduction of the towers' gradients.
+        """
+        if not torch.is_grad_enabled() or not (self.training or outside_training):
+            return None
+        encoder = [*self.vision_model.parameters(), *self.vision_projection.parameters()]
+        dummy = sum(p.sum() for p in encoder if p.requires_grad)
+        return 0.0 * dummy if isinstance(dummy, torch.Tensor) else None
+
+    def _image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> torch.Tensor:
+        """Merged features ``[Σ h·w / merge², LM hidden]`` of all the micro-batch's images.
+
+        Under context parallelism each CP rank runs the towers on its own whole images only
+        (:mod:`~lov15_megatron.models.llava_ov.vision_cp`: balanced by patch count) and the
+        merged features are all-gathered over the CP group; a rank without images joins the
+        gather with none (and, in training, the zero term of :meth:`_zero_tower_term`). Sets
+        ``tower_images``, the number of images this rank ran the tower on.
+        """
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            self.tower_images = int(image_grid_thw.shape[0])
+            return self.vision_projection(self.vision_model(pixel_values, image_grid_thw))
+        tower = self.vision_model
+        grids = check_image_grid(
+            pixel_values, image_grid_thw, tower.patch_dim, tower.spatial_merge_size
+        )
+        split = ImageSplit.of(grids, cp, tower.spatial_merge_size)
+        rank = parallel_state.get_context_parallel_rank()
+        mine = split.images_of(rank)
+        self.tower_images = len(mine)
+        if mine:
+            rows = split.patch_rows(rank, pixel_values.device)
+            own_grids = image_grid_thw[torch.tensor(mine, device=image_grid_thw.device)]
+            local = self.vision_projection(tower(pixel_values[rows], own_grids))
+        else:
+            dtype = next(self.vision_projection.parameters()).dtype
+            local = pixel_values.new_zeros(0, self.config.hidden_size, dtype=dtype)
+            # Whenever the owners' features carry a gradient, so must this rank's (empty) part:
+            # the gather's backward is a collective that every CP rank must enter.
+            zero = self._zero_tower_term(outside_training=True)
+            if zero is not None:
+                local = local + zero
+        return gather_image_features(
+            local, split, rank, parallel_state.get_context_parallel_group()
+        )
 
     def forward(
         self,

@@ -83,7 +83,8 @@ def _common_config_kwargs(cfg: RunConfig) -> dict:
         attention_dropout=0.0,
         init_method_std=cfg.model.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
-        # The tower lives whole on the first pipeline stage and runs unsplit on every CP rank.
+        # The tower lives whole on the first pipeline stage; under CP each rank runs it on its
+        # own whole images (vision_cp.py), so no image sequence is ever cut over CP ranks.
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
         # Released layout: no sequence parallelism inside the ViT (the VLM scatters to the SP
@@ -135,8 +136,9 @@ def patch_merger_transformer_config(cfg: RunConfig) -> TransformerConfig:
 def vision_process_groups() -> ProcessGroupCollection | None:
     """Process groups for the tower: Megatron's, except a one-rank CP group under CP > 1.
 
-    Every CP rank runs the whole tower on all images; Megatron's THD RoPE would otherwise
-    divide each image's sequence by the CP size. Collective over the members only
+    Under CP each rank runs the tower on its own whole images (``vision_cp.py``), never on a
+    CP part of one; Megatron's THD RoPE would otherwise divide each image's sequence by the CP
+    size. So no CP collective runs inside the tower. Collective over the members only
     (``use_local_synchronization``). ``None`` (Megatron's defaults) when CP is 1.
     """
     if parallel_state.get_context_parallel_world_size() == 1:
