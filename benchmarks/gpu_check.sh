@@ -9,7 +9,8 @@
 #
 # The Python packages the GPU image lacks travel as wheels in $LOV15_WHEELS (default ./.whl;
 # benchmarks/gpu_wheels.sh fetches them): they are installed into a private folder that goes
-# first on PYTHONPATH. The repository itself is used in place (no install). $PYTHON picks the
+# first on PYTHONPATH, and a megatron-core that does not import is replaced by the one in
+# $LOV15_WHEELS/fallback/. The repository itself is used in place (no install). $PYTHON picks the
 # interpreter (default python3). The whole run is stopped after $GPU_CHECK_TIMEOUT seconds
 # (default 480: the check must end inside 8 minutes).
 set -euo pipefail
@@ -18,14 +19,30 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 WHEELS="${LOV15_WHEELS:-$ROOT/.whl}"
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  SITE="${TMPDIR:-/tmp}/lov15-gpu-check-site"
-  echo "[gpu-check] installing $(find "$WHEELS" -name '*.whl' | wc -l) wheel(s) from $WHEELS into $SITE"
+install() {  # wheels into the private site folder (replacing what is there)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$SITE" "$@"
+}
+SITE="${TMPDIR:-/tmp}/lov15-gpu-check-site"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "[gpu-check] installing $(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l) wheel(s) from $WHEELS into $SITE"
+  rm -rf "$SITE"
+  install "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  # If the pinned megatron-core does not import with this torch, $WHEELS/fallback/ (0.16.1, the
+  # release the project ran on this GPU image before) replaces it; the report names the version.
+  if ! "$PY" -c "import lov15_megatron.training.setup, lov15_megatron.training.step" \
+      2>"$SITE.probe.log"; then
+    tail -3 "$SITE.probe.log"
+    if compgen -G "$WHEELS/fallback/*.whl" >/dev/null; then
+      echo "[gpu-check] the stack does not import; installing $WHEELS/fallback/*.whl instead"
+      rm -rf "$SITE/megatron" "$SITE"/megatron_core-*.dist-info
+      install "$WHEELS"/fallback/*.whl
+    fi
+  fi
+else
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # Fewer allocator-fragmentation OOMs when the model is built, copied to fp32 and freed.
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
