@@ -10,7 +10,7 @@
 # The Python packages the GPU image lacks travel as wheels in $LOV15_WHEELS (default ./.whl;
 # benchmarks/gpu_wheels.sh fetches them): they are installed into a private folder that goes
 # first on PYTHONPATH, and a megatron-core that does not import is replaced by the one in
-# $LOV15_WHEELS/fallback/. The repository itself is used in place (no install). $PYTHON picks the
+# $LOV15_WHEELS/fallback/. --cpu-smoke uses them only when LOV15_WHEELS is set. The repository itself is used in place (no install). $PYTHON picks the
 # interpreter (default python3). The whole run is stopped after $GPU_CHECK_TIMEOUT seconds
 # (default 480: the check must end inside 8 minutes).
 set -euo pipefail
@@ -24,8 +24,12 @@ install() {  # wheels into the private site folder (replacing what is there)
     --target "$SITE" "$@"
 }
 SITE="${TMPDIR:-/tmp}/lov15-gpu-check-site"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  echo "[gpu-check] installing $(find "$WHEELS" -maxdepth 1 -name '*.whl' | wc -l) wheel(s) from $WHEELS into $SITE"
+use_wheels=1
+if [[ " $* " == *" --cpu-smoke "* && -z "${LOV15_WHEELS:-}" ]]; then
+  use_wheels=0  # the smoke runs in the environment at hand (the wheels are for Python 3.12)
+fi
+if [[ $use_wheels == 1 ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "[gpu-check] installing $(find "$WHEELS" -maxdepth 1 -type f -name '*.whl' | wc -l) wheel(s) from $WHEELS into $SITE"
   rm -rf "$SITE"
   install "$WHEELS"/*.whl
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
