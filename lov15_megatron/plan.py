@@ -317,11 +317,11 @@ def plan_layout(
     expert_shard = max(1, dp * cp * tp // (ep * etp)) if p.use_distributed_optimizer else 1
     parts = pack_flops(cfg, shape)
     layers = p.stage_layers(lm.num_layers)
-    # TP and CP split the LM's work; every CP rank runs the whole vision tower
-    flops = [x / (tp * cp) for x in _split_flops({**parts, "vit": 0.0}, layers)]
-    flops[0] += parts["vit"] / tp
+    # TP and CP split the work (the ViT's too: whole images are dealt out over the CP ranks,
+    # balanced by patch count, models/llava_ov/vision_cp.py; the mean pack splits evenly)
+    flops = [x / (tp * cp) for x in _split_flops(parts, layers)]
     tokens = shape.seq_length * mb / cp
-    patches = (shape.patches + shape.images) * mb  # every CP rank runs the whole tower
+    patches = (shape.patches + shape.images) * mb / cp
     lm_act = lm_layer_activation_bytes(cfg, tokens, tp)
     lm_input = tokens * w_bytes * lm.hidden_size / (tp if p.sequence_parallel else 1)
     vit_act = vit_layer_activation_bytes(cfg, patches, tp)
