@@ -5,9 +5,10 @@ The samples follow the length model of ``benchmarks/packing.py`` (the one the pa
 ``docs/data-packing.md`` were measured on): 70 % caption-like samples, one image whose width and
 height are drawn log-normally around 512 px and resized by the real ``smart_resize``, a
 log-normal caption (median 120 tokens) and 25 template tokens; 30 % instruct-like samples with
-0-3 images and a log-normal dialogue (median 350 tokens). At ``seq_len = 8192`` such packs hold
-about 10.7 samples, 61 % of their tokens are ``<|image_pad|>`` and they carry about 19,900 ViT
-patches (4 per image token). A shorter ``seq_len`` (the CPU smoke) scales every text length by
+0-3 images and a log-normal dialogue (median 350 tokens). At ``seq_len = 8192`` the packs
+below hold about 9.9 samples at 99 % fill (the packer's best-fit-decreasing: 10.7), 61 % of
+their tokens are ``<|image_pad|>`` and they carry about 20,000 ViT patches (4 per image
+token). A shorter ``seq_len`` (the CPU smoke) scales every text length by
 ``seq_len / 8192`` and every image side by its square root, which keeps those shares.
 
 Packs are filled first-fit from a window of drawn samples and padded to ``seq_len`` (padding =

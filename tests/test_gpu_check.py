@@ -137,7 +137,7 @@ def test_packs_have_the_release_shape(smoke):
     report, _ = smoke
     p, s = report["packs"], report["settings"]
     assert p["tokens"] == s["seq_len"]
-    # benchmarks/packing.py's mix: ~10.7 samples per pack, ~61 % image tokens, 4 patches each
+    # benchmarks/packing.py's mix: ~10 samples per pack, ~61 % image tokens, 4 patches each
     assert 5 <= p["segments"] <= 16
     assert 0.35 <= p["image_tokens"] / p["tokens"] <= 0.85
     assert p["patches"] == pytest.approx(4 * p["image_tokens"])
