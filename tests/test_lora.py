@@ -589,19 +589,86 @@ def test_config_errors_are_one_line():
     ]
 
 
-def test_mcore_to_hf_of_a_lora_checkpoint_is_refused_in_one_line(tmp_path):
-    """Until the LoRA export exists, exporting an adapters-only checkpoint says so (exit 2)
-    instead of failing on the base tensors it does not hold."""
+# ----------------------------------------------------------------------------- the export
+
+HF_ADAPTED = sorted(
+    f"model.layers.{i}.{module}.weight"
+    for i in range(2)
+    for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+)  # fmt: skip
+
+
+def test_export_merged_and_peft_adapter_agree_and_only_adapted_weights_change(runs, tmp_path):
+    """``mcore-to-hf`` of the 8-step LoRA run: the merged export differs from the base it was
+    converted from in exactly the 14 adapted HF matrices, each by a rank-≤4 change, and
+    ``peft.PeftModel.from_pretrained(base, --adapter-dir)`` computes the merged model's logits."""
+    import peft
+    from helpers import ok, read_safetensors
+    from transformers import AutoModelForCausalLM
+
+    root, _, _ = runs
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    out = ok("mcore-to-hf", "--model", "qwen3", "--load-dir", str(root / "straight"),
+             "--save-dir", str(merged_dir), "--adapter-dir", str(adapter_dir),
+             "--hf-template", str(root / "hf_a"))  # fmt: skip
+    assert f"peft-adapter: wrote {2 * len(HF_ADAPTED)} tensors" in out, out
+
+    # Tensor by tensor: only the adapted matrices changed, each by a change of rank <= r = 4.
+    base, merged = read_safetensors(root / "hf_a"), read_safetensors(merged_dir)
+    assert merged.keys() == base.keys()
+    assert sorted(k for k in base if not torch.equal(base[k], merged[k])) == HF_ADAPTED
+    for name in HF_ADAPTED:
+        sv = torch.linalg.svdvals(merged[name].double() - base[name].double())
+        # The fp32 rounding of W + ΔW (≤ 2^-24·|W + ΔW| per element) bounds the spectral norm
+        # of what is not ΔW by √(m·n)·2^-24·max|W + ΔW| (ΔW's own fp32 rounding, relative to
+        # the far smaller |ΔW|, adds less; measured: σ_5 ≈ 1e-7 against a bound ≈ 3e-6).
+        noise = merged[name].numel() ** 0.5 * 2**-24 * float(merged[name].abs().max())
+        assert float(sv[4]) <= noise < 1e-3 * float(sv[0]), (name, sv[:6], noise)
+
+    # The PEFT adapter on the base equals the merged export (fp32; the MLP's 96-long sums).
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
+    models = {
+        "peft": peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(root / "hf_a", dtype=torch.float32), adapter_dir
+        ),
+        "merged": AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32),
+        "base": AutoModelForCausalLM.from_pretrained(root / "hf_a", dtype=torch.float32),
+    }
+    logits = {}
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits.float()
+    assert_close_fp32(logits["peft"], logits["merged"], FORWARD_REDUCTION_LEN)
+    shift = float((logits["merged"] - logits["base"]).abs().max())
+    assert shift > 100 * fp32_abs_tol(FORWARD_REDUCTION_LEN, float(logits["peft"].abs().max()))
+
+
+def test_lora_export_errors_are_one_line(runs, tmp_path):
+    """Another base (its fingerprint differs: refused after reading it, nothing left behind), a
+    base that is gone, and LoRA-only flags on a full checkpoint: exit 2, one line."""
     from helpers import cli
 
-    load = tmp_path / "lora" / "iter_0000004"
-    load.mkdir(parents=True)
+    root, _, _ = runs
+
+    def refused(*args: str) -> str:
+        out = cli("mcore-to-hf", "--model", "qwen3", "--save-dir", str(tmp_path / "hf"), *args)
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("*.tmp"))
+        return lines[0]
+
+    line = refused("--load-dir", str(root / "straight"), "--base-dir", str(root / "mc_b"))
+    assert f"the base {root / 'mc_b'} holds other weights than the adapters" in line, line
+    line = refused("--load-dir", str(root / "mc_a"), "--adapter-dir", str(tmp_path / "adapter"))
+    assert line == f"error: --adapter-dir: {root / 'mc_a'} is not a LoRA checkpoint"
+
+    fake = tmp_path / "lora" / "iter_0000004"  # names a base that is not there
+    fake.mkdir(parents=True)
     (tmp_path / "lora" / "latest_checkpointed_iteration.txt").write_text("4")
     meta = {"model": "qwen3", "model_config": {}, "peft": {"type": "lora", "base": {"path": "B"}}}
-    (load / "lov15_model.json").write_text(json.dumps(meta))
-    out = cli("mcore-to-hf", "--model", "qwen3", "--load-dir", str(tmp_path / "lora"),
-              "--save-dir", str(tmp_path / "hf"))  # fmt: skip
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is a LoRA checkpoint" in lines[0] and "base B" in lines[0], lines
-    assert not (tmp_path / "hf").exists()
+    (fake / "lov15_model.json").write_text(json.dumps(meta))
+    line = refused("--load-dir", str(tmp_path / "lora"))
+    assert "the base B that" in line and "pass its new place with --base-dir" in line, line

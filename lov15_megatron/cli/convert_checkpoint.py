@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--min-pixels", type=int, help="processor image budget (default: template's)")
     b.add_argument("--max-pixels", type=int, help="processor image budget (default: template's)")
     b.add_argument("--max-image-side", type=int, help="processor's longest-side cap (px)")
+    b.add_argument("--adapter-dir", help="LoRA checkpoint: also write a PEFT adapter "
+                   "directory (adapter_config.json, adapter_model.safetensors)")  # fmt: skip
+    b.add_argument("--base-dir", help="LoRA checkpoint: its base checkpoint where it is not at "
+                   "the path the checkpoint names (moved); must hold the same weights")  # fmt: skip
     c = sub.add_parser("verify", help="compare HF and Megatron logits on the same inputs")
     _model_arg(c)
     c.add_argument("--hf-dir", required=True)
@@ -110,22 +114,37 @@ def main(argv: list[str] | None = None) -> int:
             _check_layout(converter, args.hf_dir, args.tp, args.pp, args.ep)
         else:
             from lov15_megatron.convert.hf_io import check_save_dir
+            from lov15_megatron.models.lora_export import lora_meta
 
             sources = [Path(args.load_dir)] + ([Path(args.hf_template)] if args.hf_template else [])
             check_save_dir(Path(args.save_dir), sources, args.overwrite)
+            lora = lora_meta(args.load_dir) is not None
+            for flag, value in (("--adapter-dir", args.adapter_dir), ("--base-dir", args.base_dir)):
+                if value and not lora:
+                    raise ConversionError(f"{flag}: {args.load_dir} is not a LoRA checkpoint")
+            if args.adapter_dir:
+                check_save_dir(Path(args.adapter_dir), [*sources, Path(args.save_dir)],
+                               args.overwrite)  # fmt: skip
             image = _image_overrides(args)
         distributed.initialize(core.converter_runtime_config())
         try:
             if args.command == "hf-to-mcore":
-                summary = core.hf_to_mcore(converter, args.hf_dir, args.save_dir, args.dtype)
+                summaries = [core.hf_to_mcore(converter, args.hf_dir, args.save_dir, args.dtype)]
             else:
                 shard = int(args.max_shard_gb * 2**30)
-                summary = core.mcore_to_hf(
-                    converter, args.load_dir, args.save_dir, args.hf_template, shard, image
-                )
+                if lora:  # merged weights (+ the PEFT adapter)
+                    from lov15_megatron.models.lora_export import export_lora
+
+                    summaries = export_lora(converter, args.load_dir, args.save_dir,
+                                            args.hf_template, shard, image, args.adapter_dir,
+                                            args.base_dir)  # fmt: skip
+                else:
+                    summaries = [core.mcore_to_hf(converter, args.load_dir, args.save_dir,
+                                                  args.hf_template, shard, image)]  # fmt: skip
         finally:
             distributed.shutdown()
-        print(summary.line())
+        for summary in summaries:
+            print(summary.line())
         return 0
     except (ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

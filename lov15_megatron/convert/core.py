@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,10 @@ def run_config_of_checkpoint(
     return conversion_run_config(meta["model_config"], tp, pp, ep, source=source)
 
 
+WeightSource = Callable[[torch.nn.Module], Iterator[tuple[str, torch.Tensor]]]
+"""``weights(layout_model) -> (megatron name, full tensor)`` for every parameter of the model."""
+
+
 def mcore_to_hf(
     converter,
     load_dir: str | os.PathLike,
@@ -216,8 +221,13 @@ def mcore_to_hf(
     hf_template: str | os.PathLike | None = None,
     max_shard_bytes: int = 2 * 2**30,
     image: Any = None,
+    weights: WeightSource | None = None,
 ) -> ConversionSummary:
     """Convert a converter/training torch_dist checkpoint back into an HF directory.
+
+    ``weights`` replaces reading the tensors from ``load_dir`` (whose ``lov15_model.json`` still
+    describes the model): the LoRA export streams the base checkpoint's weights with the
+    adapters merged in (``models/lora_export.py``).
 
     The export stores experts the way the template's weights do (one by one, or fused as
     transformers ≥ 5 holds them; one by one without a template or weights). The template's
@@ -229,11 +239,11 @@ def mcore_to_hf(
     start = time.perf_counter()
     load_dir = resolve(load_dir)  # a training root exports its latest iteration
     meta = read_model_file(load_dir)
-    if meta.get("peft"):  # adapters only: the base weights are not in this checkpoint
+    if meta.get("peft") and weights is None:  # adapters only: no base weights in it
         raise ConversionError(
             f"{load_dir} is a LoRA checkpoint (adapters only, base "
-            f"{meta['peft'].get('base', {}).get('path', '?')}); exporting LoRA runs is not "
-            f"supported yet (docs/lora.md)"
+            f"{meta['peft'].get('base', {}).get('path', '?')}): export it with "
+            f"models.lora_export.export_lora (what mcore-to-hf does with it)"
         )
     cfg = run_config_of_checkpoint(load_dir)
     torch_dtype = TORCH_DTYPES[meta.get("dtype", "float32")]
@@ -252,7 +262,8 @@ def mcore_to_hf(
         add = experts.add
     try:
         progress = tqdm(desc="mcore-to-hf", unit="tensor", mininterval=1.0)
-        for name, tensor in load_streaming(model, load_dir):
+        stream = weights(model) if weights is not None else load_streaming(model, load_dir)
+        for name, tensor in stream:
             row, hf_names = table.resolve(name)
             for hf_name, hf_tensor in zip(hf_names, row.transform.to_hf(tensor), strict=True):
                 add(hf_name, hf_tensor)

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,22 +233,26 @@ def read_region(
 ) -> torch.Tensor:
     """The region ``offsets``/``sizes`` of stored tensor ``key``, assembled from its chunks."""
     out = torch.empty(sizes, dtype=dtype)
-    dcp_load(
-        {},
-        storage_reader=reader or FileSystemReader(path),
-        planner=_RegionPlanner(key, offsets, out),
-        no_dist=True,
-    )
+    with warnings.catch_warnings():  # "assuming … a single process": what no_dist asks for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp_load(
+            {},
+            storage_reader=reader or FileSystemReader(path),
+            planner=_RegionPlanner(key, offsets, out),
+            no_dist=True,
+        )
     return out
 
 
 def load_streaming(
-    model: torch.nn.Module, ckpt_dir: str | os.PathLike
+    model: torch.nn.Module,
+    ckpt_dir: str | os.PathLike,
+    keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(param_name, full tensor)`` of a torch_dist checkpoint, one parameter at a time.
 
-    ``model`` is a TP=1/PP=1 model on ``meta`` that defines which parameters to read; the
-    checkpoint may have been written at any layout.
+    ``model`` is a TP=1/PP=1 model on ``meta`` that defines which parameters to read (those
+    ``keep`` accepts, when given); the checkpoint may have been written at any layout.
     """
     path = Path(ckpt_dir)
     if not (path / "metadata.json").exists():
@@ -256,7 +261,7 @@ def load_streaming(
     params = model.state_dict(keep_vars=True)
     reader = _MetadataOnceReader(path)
     for name, sh in sharded.items():
-        if isinstance(sh, ShardedObject):
+        if isinstance(sh, ShardedObject) or (keep is not None and not keep(name)):
             continue
         meta = params[name]
         parts = []

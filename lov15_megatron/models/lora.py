@@ -54,6 +54,7 @@ API (phase 2, the merged and PEFT exports, builds on these):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import zlib
@@ -387,3 +388,24 @@ def set_full_adapter(layer: LoRALinear, a_full: torch.Tensor, b_full: torch.Tens
 def merged_delta(a_full: torch.Tensor, b_full: torch.Tensor, scaling: float) -> torch.Tensor:
     """``ΔW = scaling·B·A`` (fp32) of global adapters, in the base weight's Megatron layout."""
     return scaling * (b_full.float() @ a_full.float())
+
+
+# ------------------------------------------------------------------ the base's fingerprint
+
+FINGERPRINT_ELEMENTS = 8  # per tensor: the first elements of its first row
+
+
+def fingerprint_sample(first_row: torch.Tensor, global_width: int) -> bytes:
+    """What one base tensor adds to its fingerprint: the first ``FINGERPRINT_ELEMENTS`` values
+    (fp32) of its first global row, given the shard that starts at the global origin."""
+    count = min(FINGERPRINT_ELEMENTS, global_width)
+    return first_row.reshape(-1)[:count].detach().float().cpu().numpy().tobytes()
+
+
+def fingerprint_digest(samples: Mapping[str, bytes]) -> str:
+    """The fingerprint of a base: every tensor's sample, hashed in checkpoint-key order (the
+    same at every TP/PP/DP layout; training and the export compute it alike)."""
+    digest = hashlib.sha256()
+    for key in sorted(samples):
+        digest.update(key.encode() + b"\0" + samples[key])
+    return digest.hexdigest()

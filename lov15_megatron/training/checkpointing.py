@@ -26,7 +26,6 @@ half-written checkpoint never looks like a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -51,7 +50,12 @@ from lov15_megatron.checkpoint_dir import (
     write_latest,
 )
 from lov15_megatron.config import ConfigError
-from lov15_megatron.models.lora import is_adapter_key, lora_modules
+from lov15_megatron.models.lora import (
+    fingerprint_digest,
+    fingerprint_sample,
+    is_adapter_key,
+    lora_modules,
+)
 
 Part = Literal["all", "base", "adapters"]
 
@@ -137,8 +141,6 @@ def load_model_weights(chunks: list, path: str | os.PathLike, strict: bool = Tru
 
 # ------------------------------------------------------------------ LoRA: the base weights
 
-FINGERPRINT_ELEMENTS = 8  # per tensor: the first elements of its first row
-
 
 def load_base_weights(chunks: list, path: str | os.PathLike) -> dict[str, str]:
     """Load a LoRA run's frozen base weights from ``path`` (``checkpoint.pretrained``); returns
@@ -151,9 +153,9 @@ def load_base_weights(chunks: list, path: str | os.PathLike) -> dict[str, str]:
 
 
 def base_fingerprint(chunks: list) -> str:
-    """A digest of the base weights that is the same at every TP/PP/DP layout and cheap: the
-    first ``FINGERPRINT_ELEMENTS`` values (fp32) of the first row of every base tensor, by its
-    global checkpoint key (collective call).
+    """A digest of the base weights that is the same at every TP/PP/DP layout and cheap
+    (:func:`~lov15_megatron.models.lora.fingerprint_digest`: the first values of the first row
+    of every base tensor, by its global checkpoint key; collective call).
 
     Each tensor's first row starts in the shard at the global origin, which exactly one rank
     holds as its main replica; the ranks' samples are gathered and hashed in key order. Two
@@ -165,16 +167,11 @@ def base_fingerprint(chunks: list) -> str:
             continue
         if any(value.global_offset) or value.data is None:
             continue
-        row = value.data.detach().reshape(-1, value.data.shape[-1])[0]
-        count = min(FINGERPRINT_ELEMENTS, value.global_shape[-1])
-        samples[value.key] = row[:count].float().cpu().numpy().tobytes()
+        row = value.data.reshape(-1, value.data.shape[-1])[0]
+        samples[value.key] = fingerprint_sample(row, value.global_shape[-1])
     gathered: list[dict[str, bytes] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, samples)
-    digest = hashlib.sha256()
-    merged = {k: v for part in gathered for k, v in (part or {}).items()}
-    for key in sorted(merged):
-        digest.update(key.encode() + b"\0" + merged[key])
-    return digest.hexdigest()
+    return fingerprint_digest({k: v for part in gathered for k, v in (part or {}).items()})
 
 
 def check_lora_resume(resume_dir: str | os.PathLike, base: dict[str, str] | None) -> None:
