@@ -82,6 +82,9 @@ def test_every_yaml_under_configs_validates():
         if cfg.data.loader == "energon":
             assert cfg.data.path is None, f"{path}: data paths come from the command line"
             cfg.data.path = "/data/packed"
+        if cfg.peft is not None:
+            assert cfg.checkpoint.pretrained is None, f"{path}: the base comes from the launcher"
+            cfg.checkpoint.pretrained = "/base"
         validate(cfg)
 
 
@@ -244,3 +247,23 @@ def test_packed_stage2_variant_consumes_about_the_release_samples(size):
         getattr(unpacked.optimizer, k) for k in same
     ]
     assert packed.train.train_iters == unpacked.train.train_iters == 3500
+
+
+@pytest.mark.parametrize("size", ["4b", "8b"])
+def test_lora_recipe_is_automodels_on_one_node(size):
+    """stage2_lora: NeMo AutoModel's LLaVA-OV-1.5-8B LoRA values (rank 16, alpha 32, dropout
+    0.05, the language model's linears, AdamW 1e-4 constant, weight decay 0.01, betas 0.9/0.95)
+    on 8 packs per step, TP 1 on one node of 8 GPUs."""
+    cfg = stage_config(size, "stage2_lora", "checkpoint.pretrained=/released_instruct")
+    pe = cfg.peft
+    assert pe is not None
+    assert (pe.rank, pe.alpha, pe.dropout, pe.towers) == (16, 32.0, 0.05, ["language"])
+    assert pe.target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    o = cfg.optimizer
+    assert (o.lr, o.min_lr, o.weight_decay, o.adam_beta1, o.adam_beta2) == (1e-4, 0, 0.01, 0.9,
+                                                                             0.95)  # fmt: skip
+    assert cfg.scheduler.decay_style == "constant" and cfg.train.trainable is None
+    assert cfg.train.global_batch_size == 8 and cfg.data.seq_length == 8192
+    p = cfg.parallel
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) == (1, 1)
+    validate_world_size(cfg, 8)  # one node: DP 8
