@@ -7,12 +7,15 @@ return_dict=True)``, greedy ``generate``, decode up to ``<|im_end|>``. So a pass
 also shows that the export is complete.
 
 Data: a JSONL file (one object per line) or a JSON list. Each item has ``question``,
-``answer`` and ``image`` (one path) or ``images`` (a list), paths relative to the data file's
+``answer`` and ``image`` (one path) or ``images`` (a list), and/or ``video`` (one path: a video
+file or a folder of frame images) or ``videos`` (a list), paths relative to the data file's
 folder; optional ``id``, ``type`` (per-type accuracy) and ``chance`` (that type's chance
 accuracy, reported next to it). The user turn is ``prompt`` with ``{question}`` replaced
 (default ``"{question}"``; the shapes data set trains on ``"<image>\n{question}"``).
-``<image>`` in it marks where each image goes; without one the images come first (the training
-rule of ``data/chat.py``); more or fewer placeholders than images is an error.
+``<image>`` in it marks where each image goes and ``<video>`` where each video goes; without
+them the images come first, then the videos (the training rule of ``data/chat.py``); more or
+fewer placeholders than images (videos) is an error. Videos are sampled by the checkpoint's
+processor with the release's rule (frames at 2 fps, 4 … 768 of them; PyAV decodes them).
 The quickstart's held-out set (``eval/eval.jsonl`` of the shapes data set) is one such file.
 
 Scoring: exact match of the stripped answer (``match="exact"``), or ``"relaxed"``: case and
@@ -23,14 +26,17 @@ every answer.
 from __future__ import annotations
 
 import json
+import re
 import string
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 MATCHES = ("exact", "relaxed")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -48,6 +54,7 @@ class QAItem:
     answer: str
     images: list[Path]
     type: str = "all"
+    videos: list[Path] = field(default_factory=list)
     chance: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,43 +90,72 @@ def _item(record: Any, path: Path, at: str) -> QAItem:
     for key in ("question", "answer"):
         if not isinstance(record.get(key), str):
             raise EvaluationError(f"{path}: {at}: field {key!r} must be a string")
-    images = record.get("images", [record["image"]] if "image" in record else [])
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise EvaluationError(f"{path}: {at}: 'image'/'images' must be a path or a list of paths")
-    check_placeholders(record["question"], len(images), f"{path}: {at}")
-    known = {"id", "question", "answer", "image", "images", "type", "chance"}
+    media = {}
+    for one, many in (("image", "images"), ("video", "videos")):
+        listed = record.get(many, [record[one]] if one in record else [])
+        if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
+            raise EvaluationError(
+                f"{path}: {at}: '{one}'/'{many}' must be a path or a list of paths"
+            )
+        media[many] = listed
+    images, videos = media["images"], media["videos"]
+    check_placeholders(record["question"], len(images), f"{path}: {at}", len(videos))
+    known = {"id", "question", "answer", "image", "images", "video", "videos", "type", "chance"}
     return QAItem(
         id=str(record.get("id", at)),
         question=record["question"],
         answer=record["answer"],
         images=[(path.parent / image) for image in images],
+        videos=[(path.parent / video) for video in videos],
         type=str(record.get("type", "all")),
         chance=record.get("chance"),
         extra={k: v for k, v in record.items() if k not in known},
     )
 
 
-def check_placeholders(text: str, n_images: int, where: str) -> None:
-    """``<image>`` placeholders must be absent or one per image."""
-    placeholders = text.count(IMAGE_PLACEHOLDER)
-    if placeholders and placeholders != n_images:
-        raise EvaluationError(
-            f"{where}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-            f"{n_images} images"
-        )
+def check_placeholders(text: str, n_images: int, where: str, n_videos: int = 0) -> None:
+    """``<image>`` placeholders must be absent or one per image; ``<video>`` ones (counted only
+    for an item with videos, as in training) absent or one per video."""
+    counts = [(IMAGE_PLACEHOLDER, n_images, "images")]
+    if n_videos:
+        counts.append((VIDEO_PLACEHOLDER, n_videos, "videos"))
+    for placeholder, expected, what in counts:
+        placeholders = text.count(placeholder)
+        if placeholders and placeholders != expected:
+            raise EvaluationError(
+                f"{where}: the question has {placeholders} {placeholder} placeholders but "
+                f"{expected} {what}"
+            )
 
 
-def messages_for(question: str, images: list[Any]) -> list[dict[str, Any]]:
-    """Chat messages (content list) for one question: images at the placeholders, or first."""
-    pieces = question.split(IMAGE_PLACEHOLDER)
-    if len(pieces) == 1:
-        pieces = [""] * len(images) + pieces
-    content: list[dict[str, Any]] = []
-    for index, piece in enumerate(pieces):
-        if index:
-            content.append({"type": "image", "image": images[index - 1]})
-        if piece:
-            content.append({"type": "text", "text": piece})
+def messages_for(
+    question: str, images: Sequence[Any], videos: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """Chat messages (content list) for one question: images and videos at their
+    placeholders, or first (images, then videos)."""
+    kinds = [("image", IMAGE_PLACEHOLDER, list(images))]
+    if videos:
+        kinds.append(("video", VIDEO_PLACEHOLDER, list(videos)))
+    lead: list[dict[str, Any]] = []
+    for kind, placeholder, items in kinds:
+        if placeholder not in question:
+            lead += [{"type": kind, kind: item} for item in items]
+    placed = [
+        (kind, placeholder, items) for kind, placeholder, items in kinds if placeholder in question
+    ]
+    content: list[dict[str, Any]] = list(lead)
+    if placed:
+        pattern = "(" + "|".join(re.escape(p) for _, p, _ in placed) + ")"
+        queues = {placeholder: iter(items) for _, placeholder, items in placed}
+        kind_of = {placeholder: kind for kind, placeholder, _ in placed}
+        for piece in re.split(pattern, question):
+            if piece in queues:
+                kind = kind_of[piece]
+                content.append({"type": kind, kind: next(queues[piece])})
+            elif piece:
+                content.append({"type": "text", "text": piece})
+    elif question:
+        content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
 
 
@@ -155,6 +191,13 @@ def check_images(item: QAItem, data: Path) -> None:
             raise EvaluationError(
                 f"{data}: {item.id}: image {image}: cannot open: {error}"
             ) from error
+
+
+def check_videos(item: QAItem, data: Path) -> None:
+    """Every video of ``item`` is a readable file or a folder (decoded when scored)."""
+    for video in item.videos:
+        if not (video.is_file() or video.is_dir()):
+            raise EvaluationError(f"{data}: {item.id}: video {video}: no such file or folder")
 
 
 def open_images(item: QAItem, data: Path) -> list[Any]:
@@ -193,9 +236,13 @@ def score_qa(
     items = load_qa(data)[:limit]
     for item in items:  # every item checked before the model loads
         check_placeholders(
-            prompt.replace("{question}", item.question), len(item.images), f"{data}: {item.id}"
+            prompt.replace("{question}", item.question),
+            len(item.images),
+            f"{data}: {item.id}",
+            len(item.videos),
         )
         check_images(item, data)
+        check_videos(item, data)
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -212,13 +259,18 @@ def score_qa(
     for index, item in enumerate(items):
         text = prompt.replace("{question}", item.question)
         images = open_images(item, data)
-        inputs = processor.apply_chat_template(
-            messages_for(text, images),
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
+        try:
+            inputs = processor.apply_chat_template(
+                messages_for(text, images, [str(video) for video in item.videos]),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+        except ValueError as error:  # e.g. a video the processor cannot decode
+            if not item.videos:
+                raise
+            raise EvaluationError(f"{data}: {item.id}: {error}") from error
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -238,6 +290,7 @@ def score_qa(
                 "type": item.type,
                 "question": item.question,
                 "images": [str(i) for i in item.images],
+                **({"videos": [str(v) for v in item.videos]} if item.videos else {}),
                 "answer": item.answer,
                 "predicted": predicted,
                 "correct": correct,

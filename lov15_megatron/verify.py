@@ -5,6 +5,12 @@ by :func:`~lov15_megatron.runtime.launch.run_ranks`, through Megatron-Core's pip
 forward-only mode; logits are gathered over the tensor-parallel vocab shards and cut to the HF
 vocabulary. The HF side runs in the calling process in fp32.
 
+Inputs (``--inputs``: a dict saved with ``torch.save``; else the family's default inputs):
+``input_ids`` ``[batch, seq]`` and, for the VLM, the HF model's keyword arguments as they are:
+``pixel_values``/``image_grid_thw`` and ``pixel_values_videos``/``video_grid_thw`` (rows
+``[t, h, w]``; each frame one ViT segment on both sides). The VLM's default inputs hold three
+images and a two-frame video.
+
 Metrics: ``max_abs_diff`` = max |mcore − hf|; ``max_rel_diff`` = max_abs_diff / max |hf|;
 ``top1_agreement`` = fraction of positions whose arg-max token agrees.
 """
@@ -34,7 +40,9 @@ def megatron_logits(
     data-parallel replicas of a layout run in a larger launch (``world`` ranks; 0: the layout's
     own :func:`world_size`).
 
-    ``inputs`` holds ``input_ids`` and, for the VLM, ``pixel_values`` and ``image_grid_thw``.
+    ``inputs`` holds ``input_ids`` and, for the VLM, ``pixel_values`` and ``image_grid_thw``,
+    and for videos ``pixel_values_videos`` and ``video_grid_thw`` (the model's forward takes
+    them as the HF model does).
     """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func

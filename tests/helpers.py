@@ -232,20 +232,44 @@ def save_image(path: Path, height: int, width: int, seed: int) -> Path:
     return path
 
 
+def write_clip(path: Path, frames: int = 20, fps: int = 10, width: int = 64, height: int = 48):
+    """An MPEG-4 clip in an mp4 container (PyAV's encoder) whose frame i is flat grey 8·i, so a
+    decoded frame says which one it is; returns ``path``."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for index in range(frames):
+            pixels = np.full((height, width, 3), 8 * index, dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
 @torch.no_grad()
-def our_generation(model, messages: list, images: list) -> list[int]:
-    """Our path: the training template and image pipeline, then ``generate`` (greedy)."""
+def our_generation(model, messages: list, images: list, videos: tuple = ()) -> list[int]:
+    """Our path: the training template, image pipeline and video rule (``videos``: files), then
+    ``generate`` (greedy)."""
     import numpy as np
 
     from lov15_megatron.data.chat import Message, encode_conversation
     from lov15_megatron.data.image_processing import preprocess_image
     from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
+    from lov15_megatron.data.task_encoder import frame_pixel_values
     from lov15_megatron.data.tokenizer import load_tokenizer
+    from lov15_megatron.data.video import load_video
 
     processed = [preprocess_image(image) for image in images]
+    loaded = [load_video(video) for video in videos]
     prompt = [*messages, Message("assistant", "")]
     counts = [p.num_tokens for p in processed]
-    ids = encode_conversation(load_tokenizer("qwen-offline"), prompt, counts, "instruct").input_ids
+    tokenizer = load_tokenizer("qwen-offline")
+    video_counts = [plan.num_tokens for plan, _ in loaded]
+    ids = encode_conversation(tokenizer, prompt, counts, "instruct", video_counts).input_ids
     ids = ids[:-1]  # "<|im_start|>assistant\n" ends the prompt
     kwargs = {}
     if processed:
@@ -253,6 +277,10 @@ def our_generation(model, messages: list, images: list) -> list[int]:
             np.concatenate([p.pixel_values for p in processed])
         )
         kwargs["image_grid_thw"] = torch.tensor([p.grid_thw for p in processed])
+    if loaded:
+        pixels = np.concatenate([frame_pixel_values(frames) for _, frames in loaded])
+        kwargs["pixel_values_videos"] = torch.from_numpy(pixels)
+        kwargs["video_grid_thw"] = torch.tensor([plan.grid_thw for plan, _ in loaded])
     out = model.generate(
         input_ids=torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
         eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID, **kwargs,

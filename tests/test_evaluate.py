@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import build_tiny_export, our_generation, save_image
+from helpers import build_tiny_export, our_generation, save_image, write_clip
 from PIL import Image
 
 from lov15_megatron.data.chat import Message
 from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
 from lov15_megatron.data.tokenizer import load_tokenizer
-from lov15_megatron.evaluation import load_qa
+from lov15_megatron.evaluation import EvaluationError, load_qa, score_qa
 from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +150,33 @@ def test_bad_input(setup, tmp_path, case, expected) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
     assert re.search(expected, lines[0]), lines[0]
     assert not report.exists()
+
+
+def test_video_questions(setup, tmp_path, isolated_hf_modules, monkeypatch) -> None:
+    """``video`` items: the checkpoint's processor samples the clip by the release's rule and
+    the answer is our own path's (one item right, one wrong); a missing video is named."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip = write_clip(setup["root"] / "clip.mp4")
+    model = LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained(setup["export"]).eval()
+    question = "Does it get brighter?"
+    ids = our_generation(model, [Message("user", "<video>" + question)], [], (clip,))
+    ids = ids[: ids.index(IM_END_ID)] if IM_END_ID in ids else ids
+    said = load_tokenizer("qwen-offline").decode([t for t in ids if t < ENDOFTEXT_ID]).strip()
+    items = [
+        {"id": "right", "video": "clip.mp4", "question": question, "answer": said, "type": "video"},
+        {"id": "wrong", "videos": ["clip.mp4"], "question": "<video>" + question,
+         "answer": said + " not this", "type": "video"},
+    ]  # fmt: skip
+    data = setup["root"] / "video.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    report = score_qa(setup["export"], data, max_new_tokens=8, progress=False)
+    assert (report["questions"], report["correct"]) == (2, 1)
+    assert [a["predicted"] for a in report["answers"]] == [said, said]
+    assert report["answers"][0]["videos"] == [str(clip)]
+    missing = setup["root"] / "missing_video.jsonl"
+    missing.write_text(json.dumps(dict(items[0], video="nothere.mp4")) + "\n")
+    with pytest.raises(EvaluationError, match=r"right: video .*nothere.mp4: no such file"):
+        score_qa(setup["export"], missing)
 
 
 def test_quickstart_eval_file_loads(tmp_path) -> None:

@@ -18,9 +18,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import MAX_NEW, build_tiny_export, ok, our_generation, save_image
+from helpers import MAX_NEW, build_tiny_export, ok, our_generation, save_image, write_clip
 from PIL import Image
 
 from lov15_megatron.data.chat import Message, encode_conversation
@@ -154,6 +155,51 @@ def test_model_card_quick_start(exports, our_model, tmp_path, offline) -> None:
     assert output_text[0] == load_tokenizer("qwen-offline").decode(
         [t for t in ours if t < ENDOFTEXT_ID]
     )
+
+
+def test_model_card_with_a_video(exports, our_model, tmp_path, offline) -> None:
+    """The quick start with a ``{"type": "video"}`` message: the processor samples the release's
+    frames and sizes (worked out by hand below), gives our training pipeline's pixels, and
+    ``generate`` answers as our own path does."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from lov15_megatron.data.special_tokens import VIDEO_PAD_ID
+    from lov15_megatron.data.task_encoder import load_packed_video
+
+    model_path = str(exports["template"])
+    clip = write_clip(tmp_path / "clip.mp4", frames=20, fps=10)  # 2 s, 64×48, frame i grey 8·i
+    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(clip)},
+                {"type": "text", "text": "Describe this video."},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    # The release's rule by hand: 20 frames / 10 fps · 2 fps = 4 frames (within [4, 768], even);
+    # linspace(0, 19, 4) = 0, 6.33, 12.67, 19 → 0, 6, 13, 19; 64×48 = 3072 px is below
+    # int(1.05·128·28²) = 105369: scale sqrt(105369/3072) = 5.857, 48 → ceil(281.1/28)·28 = 308,
+    # 64 → ceil(374.8/28)·28 = 392; grid 22×28 patches, 11·14 = 154 tokens a frame, 616 in all.
+    assert inputs["video_grid_thw"].tolist() == [[4, 22, 28]]
+    ids = inputs["input_ids"][0]
+    assert int((ids == VIDEO_PAD_ID).sum()) == 4 * 154
+    assert torch.equal(inputs["mm_token_type_ids"][0] == 2, ids == VIDEO_PAD_ID)
+    assert "pixel_values" not in inputs
+    video = {"parts": ["v"], "frames": [0, 6, 13, 19], "grid_thw": [4, 22, 28], "fps": 10.0}
+    frames = load_packed_video(video, {"v": clip.read_bytes()})  # the task encoder's frames
+    ours_pixels = torch.from_numpy(np.concatenate([f.pixel_values for f in frames]))
+    assert torch.equal(inputs["pixel_values_videos"], ours_pixels)
+
+    generated = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    trimmed = generated[0, ids.shape[0] :].tolist()
+    ours = our_generation(our_model, [Message("user", "<video>Describe this video.")], [], (clip,))
+    assert trimmed == ours[: len(trimmed)] and len(trimmed) == len(ours)
 
 
 @torch.no_grad()

@@ -11,8 +11,12 @@
   sub-samples, micro-batch 2) give the same per-token logits and losses as each sub-sample
   alone; frozen groups stay bit-identical; bad inputs raise clear errors; image packs train at
   DP=2 as on one rank (TP=2 / PP=2 / CP=2: test_training.py); at CP=2 the ViT split over CP
-  ranks (one image: a rank runs no tower; three uneven images) gives the single-rank loss and
-  every tower gradient.
+  ranks (one image: a rank runs no tower; three uneven images; a video's frames with an image,
+  the frames dealt out as images) gives the single-rank loss and every tower gradient.
+* Videos: verify's inputs hold a two-frame video beside the images (``pixel_values_videos``,
+  ``video_grid_thw``), so the TP=1/TP=2/PP=2 parity above covers them; a pack written by hand
+  (an mp4 written with PyAV, then an image, and a second sub-sample) goes through the real task
+  encoder and the Megatron forward gives the HF model's logits sub-sample by sub-sample.
 * Text-only packs (a whole step without images, DP ranks / micro-batches / CP ranks without
   images) train at DP=2 (both optimizers), PP=2 and CP=2 as on one rank, and give every tower
   parameter a zero gradient, also straight from the real task encoder.
@@ -27,6 +31,8 @@ import pytest
 import torch
 from helpers import (
     IMAGE_PAD,
+    VISION_END,
+    VISION_START,
     make_hf_vlm,
     ok,
     pack_rows,
@@ -85,6 +91,20 @@ def test_hf_to_mcore_reads_the_token_ids(small_vocab):
     model = json.loads((mc_dir / "lov15_model.json").read_text())["model_config"]
     assert model["language"]["vocab_size"] == SMALL_VOCAB
     assert {k: model["vision"][k] for k in TOKEN_IDS} == TOKEN_IDS
+
+
+def test_verify_inputs_mix_a_video_with_images(small_vocab):
+    """The parity below covers videos: verify's default inputs hold one beside the images, with
+    the small vocabulary's video token id read from config.json."""
+    from lov15_megatron.convert.core import run_config_of_checkpoint
+    from lov15_megatron.models.registry import get_family
+
+    cfg = run_config_of_checkpoint(small_vocab[1])
+    assert cfg.model.vision.video_token_id == 501
+    inputs = get_family("llava-ov-1.5").default_inputs(cfg)
+    assert inputs["video_grid_thw"].tolist() == [[2, 2, 4]]
+    assert int((inputs["input_ids"] == 501).sum()) == 4  # 2 frames × 2·4/4 merged tokens
+    assert int((inputs["input_ids"] == TOKEN_IDS["image_token_id"]).sum()) == 6 + 1 + 6
 
 
 @pytest.mark.parametrize("tp,pp", VERIFY_LAYOUTS)
@@ -262,11 +282,37 @@ def packed_checks(load_dir: str) -> dict:
 # The ViT split over CP ranks (models/llava_ov/vision_cp.py), gradient by gradient: micro-batches
 # with fewer images than CP ranks (one image: CP rank 1 runs no tower) and with three images of
 # uneven sizes over two rows (4×4 alone on rank 0; 2×6 and 2×2 on rank 1).
+VIDEO_PAD = 151656  # <|video_pad|>: the Qwen vocabulary's, the default video_token_id
+
+
+def video_sample(seed: int, frames: int, grid: tuple[int, int], image: tuple[int, int]) -> dict:
+    """One sub-sample in the task encoder's layout: text, a video block of ``frames`` frames of
+    ``grid`` patches, text, an image block, text; the frames are ``pixel_values`` rows
+    ``(1, h, w)`` before the image's (stream order)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = grid
+    ids = torch.randint(0, 5000, (4,), generator=gen).tolist()
+    ids += [VISION_START, *([VIDEO_PAD] * (frames * h * w // 4)), VISION_END]
+    ids += torch.randint(0, 5000, (3,), generator=gen).tolist()
+    ids += [VISION_START, *([IMAGE_PAD] * (image[0] * image[1] // 4)), VISION_END]
+    ids += torch.randint(0, 5000, (3,), generator=gen).tolist()
+    labels = ids[1:] + [-100]
+    vision = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+    return {
+        "input_ids": ids,
+        "labels": [-100 if t in vision else t for t in labels],
+        "pixel_values": torch.randn(frames * h * w + image[0] * image[1], 588, generator=gen),
+        "image_grid_thw": torch.tensor([[1, h, w]] * frames + [[1, *image]]),
+    }
+
+
 CP_SPLIT_CASES = {
     "one_image": [[vlm_sample(400, [(4, 4)]), vlm_sample(401, [])]],
     "three_images_mb2": [[vlm_sample(402, [(2, 6), (2, 2)])], [vlm_sample(403, [(4, 4)])]],
+    # two 4×4 frames and a 2×2 image: frame 0 on rank 0, frame 1 on rank 1, the image on rank 0
+    "video_and_image": [[video_sample(404, 2, (4, 4), (2, 2)), vlm_sample(405, [])]],
 }
-CP_SPLIT_TOWER_IMAGES = {"one_image": [1, 0], "three_images_mb2": [1, 2]}
+CP_SPLIT_TOWER_IMAGES = {"one_image": [1, 0], "three_images_mb2": [1, 2], "video_and_image": [2, 1]}
 
 
 def cp_split_checks(load_dir: str, cp: int) -> dict:
@@ -276,7 +322,7 @@ def cp_split_checks(load_dir: str, cp: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from lov15_megatron.models.packed_seq import thd_model_inputs
+    from lov15_megatron.models.llava_ov.step import vlm_model_inputs
 
     (model,) = _build(_cfg(load_dir, [f"parallel.context_parallel_size={cp}"]), load_dir)
     model.train()
@@ -286,7 +332,8 @@ def cp_split_checks(load_dir: str, cp: int) -> dict:
     out = {}
     for name, rows in CP_SPLIT_CASES.items():
         batch = pack_rows(rows, 64)
-        inputs = thd_model_inputs(batch, cp=cp, cp_rank=rank, image_token_id=IMAGE_PAD)
+        # The training path's inputs (family.forward_inputs): video pads count as vision slots.
+        inputs = vlm_model_inputs(batch, {"cp": cp, "cp_rank": rank}, IMAGE_PAD, VIDEO_PAD)
         keys = ("input_ids", "position_ids", "pixel_values", "image_grid_thw",
                 "packed_seq_params", "labels", "loss_mask", "image_feature_index")  # fmt: skip
         losses = model(**{k: inputs.get(k) for k in keys})
@@ -312,10 +359,99 @@ def cp_split_checks(load_dir: str, cp: int) -> dict:
     return out
 
 
-def single_rank_checks(load_dir: str) -> dict:
+def video_pack(root) -> tuple[list[dict], dict[str, bytes]]:
+    """A pack written by hand in the packer's format (docs/data-reference.md §5): sub-sample 0
+    asks about a video (an mp4 of 20 frames, frame i grey 8·i, written with PyAV) and then an
+    image; sub-sample 1 about an image. The stored frames (0, 6, 13, 19) and grid (4 frames of
+    2×4 patches: 28×56 px) are what a packer with a small frame budget would record."""
+    from pathlib import Path
+
+    from helpers import save_image, write_clip
+
+    root = Path(root)
+    clip = write_clip(root / "clip.mp4").read_bytes()
+    images = {
+        f"img{i}.png": save_image(root / f"{i}.png", 56, 56 + 28 * i, i).read_bytes()
+        for i in range(2)
+    }
+    video = {"parts": ["vid0.mp4"], "frames": [0, 6, 13, 19], "size": [64, 48],
+             "grid_thw": [4, 2, 4], "total_frames": 20, "fps": 10.0}  # fmt: skip
+    records = [
+        {"id": "v0", "images": ["img0.png"], "videos": [video], "messages": [
+            {"role": "user", "content": "<video>\nWhich way does it move? <image>"},
+            {"role": "assistant", "content": "It gets brighter."}]},
+        {"id": "i1", "images": ["img1.png"], "messages": [
+            {"role": "user", "content": "<image>\nWhat is it?"},
+            {"role": "assistant", "content": "Noise."}]},
+    ]  # fmt: skip
+    return records, {**images, "vid0.mp4": clip}
+
+
+def video_pack_checks(load_dir: str, hf_dir: str) -> dict:
+    """One rank: :func:`video_pack` through the real task encoder and the Megatron forward
+    (training path, one THD stream), against the HF model on each sub-sample alone with the
+    video as ``pixel_values_videos``."""
+    import tempfile
+
+    from lov15_megatron.data.energon_dataset import PackedVLMSample
+    from lov15_megatron.data.task_encoder import VLMTaskEncoder
+    from lov15_megatron.data.tokenizer import load_tokenizer
+    from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
+    from lov15_megatron.models.llava_ov.step import vlm_model_inputs
+    from lov15_megatron.training.data import BATCH_KEYS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        records, parts = video_pack(tmp)
+    encoder = VLMTaskEncoder(load_tokenizer("qwen-offline"))
+    pack = PackedVLMSample(
+        __key__="000000000",
+        __restore_key__=(),
+        __subflavors__={"kind": "instruct"},
+        samples=records,
+        images=parts,
+    )
+    vlm_batch = encoder.batch([encoder.encode_sample(pack)])
+    batch = {k: getattr(vlm_batch, k) for k in BATCH_KEYS}
+    (model,) = _build(_cfg(load_dir, []), load_dir)
+    model.eval()
+    inputs = vlm_model_inputs(batch, {"cp": 1, "cp_rank": 0}, IMAGE_PAD, VIDEO_PAD)
+    keys = ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "packed_seq_params")
+    vocab = model.language_model.true_vocab_size
+    with torch.no_grad():
+        mcore = model(**{k: inputs[k] for k in keys})[0, :, :vocab].float()
+    hf_model = LLaVAOneVision1_5_ForConditionalGeneration.from_pretrained(
+        hf_dir, dtype=torch.float32
+    ).eval()
+    ids, pixels = batch["input_ids"][0], batch["pixel_values"]
+    video_rows, image_rows = 4 * 2 * 4, 4 * 4
+    first, second = vlm_batch.seqlens[0]
+    with torch.no_grad():
+        hf0 = hf_model(
+            input_ids=ids[None, :first],
+            pixel_values_videos=pixels[:video_rows],
+            video_grid_thw=torch.tensor([[4, 2, 4]]),
+            pixel_values=pixels[video_rows : video_rows + image_rows],
+            image_grid_thw=torch.tensor([[1, 4, 4]]),
+        ).logits[0]
+        hf1 = hf_model(
+            input_ids=ids[None, first : first + second],
+            pixel_values=pixels[video_rows + image_rows :],
+            image_grid_thw=batch["image_grid_thw"][-1:],
+        ).logits[0]
+    hf = torch.cat([hf0, hf1])
+    return {
+        "grids": batch["image_grid_thw"].tolist(),
+        "video_tokens": int((ids == VIDEO_PAD).sum()),
+        "max_abs_diff": float((mcore[: first + second] - hf).abs().max()),
+        "scale": float(hf.abs().max()),
+    }
+
+
+def single_rank_checks(load_dir: str, hf_dir: str) -> dict:
     """The module's one single-rank launch: the packing checks, then the references of the
     parallel runs (image packs; the text-only checks and runs)."""
     return {
+        "video_pack": video_pack_checks(load_dir, hf_dir),
         "packed": packed_checks(load_dir),
         "images": train_runs(load_dir, {"single": []})["single"],
         "cp_split": cp_split_checks(load_dir, 1),
@@ -336,8 +472,8 @@ def two_rank_runs(load_dir: str) -> dict:
 def single_rank(converted) -> dict:
     from lov15_megatron.runtime.launch import run_ranks
 
-    _, mc_dir = converted
-    (out,) = run_ranks(1, single_rank_checks, str(mc_dir))
+    hf_dir, mc_dir = converted
+    (out,) = run_ranks(1, single_rank_checks, str(mc_dir), str(hf_dir))
     return out
 
 
@@ -347,6 +483,15 @@ def two_ranks(converted) -> list[dict]:
 
     _, mc_dir = converted
     return run_ranks(2, two_rank_runs, str(mc_dir))
+
+
+def test_video_pack_through_the_task_encoder_matches_hf(single_rank):
+    """A video (4 frames as 4 ViT segments, before the image in the stream) and two images in
+    one pack: the Megatron forward on the task encoder's batch equals the HF model's logits."""
+    out = single_rank["video_pack"]
+    assert out["grids"] == [[1, 2, 4]] * 4 + [[1, 4, 4], [1, 4, 6]], out["grids"]
+    assert out["video_tokens"] == 4 * 2, out
+    assert out["max_abs_diff"] < fp32_abs_tol(REDUCTION_LEN, out["scale"]), out
 
 
 def test_packing_micro_batch_errors_and_freezing(single_rank):

@@ -17,7 +17,6 @@ import math
 import tarfile
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -331,15 +330,30 @@ def test_corrupt_video_fails_in_one_line_and_videos_are_skipped_by_default(
     assert "--fps: has no effect without --videos pack" in capsys.readouterr().err
 
 
-def test_task_encoder_refuses_packed_videos(video_sources, tmp_path):
-    from lov15_megatron.data.task_encoder import VideoNotSupportedError, VLMTaskEncoder
+def test_task_encoder_decodes_the_packed_frames(video_sources, tmp_path):
+    """The packer's video pack through the task encoder: every stored frame index is decoded
+    (frame i shows grey 8·i), one ``(1, h, w)`` row per frame, pads as the packer counted."""
+    from lov15_megatron.data.energon_dataset import PackedVLMSample
+    from lov15_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
+    from lov15_megatron.data.special_tokens import VIDEO_PAD_ID
+    from lov15_megatron.data.task_encoder import VLMTaskEncoder
     from lov15_megatron.data.tokenizer import load_tokenizer
 
     pack([str(video_sources["parquet"])], tmp_path / "out", seq_len=4096, videos="pack")
     ((record, members),) = read_packs(tmp_path / "out").values()
-    sample = SimpleNamespace(
-        __key__="000000000", __subflavors__={"kind": "instruct"}, images=members, **record
+    sample = PackedVLMSample(
+        __key__="000000000",
+        __restore_key__=(),
+        __subflavors__={"kind": "instruct"},
+        samples=record["samples"],
+        images=members,
     )
-    encoder = VLMTaskEncoder(load_tokenizer("qwen-offline"))
-    with pytest.raises(VideoNotSupportedError, match="video training is not supported yet"):
-        encoder.encode_sample(sample)  # type: ignore[arg-type]
+    encoded = VLMTaskEncoder(load_tokenizer("qwen-offline")).encode_sample(sample)
+    videos = [v for sub in record["samples"] for v in sub.get("videos", [])]
+    frames = [i for video in videos for i in video["frames"]]
+    h, w = SMALL_FRAME[0] // 14, SMALL_FRAME[1] // 14
+    assert encoded.image_grid_thw.tolist() == [[1, h, w]] * len(frames)
+    assert int((encoded.input_ids == VIDEO_PAD_ID).sum()) == TOKENS_PER_SMALL_FRAME * len(frames)
+    red = encoded.pixel_values.reshape(len(frames), h * w, 3, 196)[:, :, 0]
+    levels = (red.mean((1, 2)) * CLIP_STD[0] + CLIP_MEAN[0]) * 255
+    assert [round(float(level) / 8) for level in levels] == frames

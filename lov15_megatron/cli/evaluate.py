@@ -1,12 +1,13 @@
-"""Score an exported HF checkpoint on a local question/answer set (JSON/JSONL + images).
+"""Score an exported HF checkpoint on a local question/answer set (JSON/JSONL + images/videos).
 
     python tools/evaluate.py --checkpoint HF_DIR --data qa.jsonl --report report.json
         [--prompt "<image>\\n{question}"] [--max-new-tokens N] [--match exact|relaxed]
         [--min-pixels N] [--max-pixels N] [--limit N] [--quiet]
 
 Loads the checkpoint with AutoModelForCausalLM + AutoProcessor (trust_remote_code, local files
-only), answers greedily, prints the accuracy table (per question type, then overall) and writes
-the JSON report. See docs/exports-and-evaluation.md. Bad input: one line ``error: …`` on
+only; items with a ``video`` are sampled by the processor's video rule), answers greedily,
+prints the accuracy table (per question type, then overall) and writes the JSON report. See
+docs/exports-and-evaluation.md. Bad input: one line ``error: …`` on
 stderr, exit status 2, no report written.
 """
 

@@ -67,6 +67,12 @@ class VisionModelConfig:
     image_token_id: int = 151655
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    # <|video_pad|>: merged video frame features replace the embeddings at this id (the HF
+    # config.json field of the same name). None: the Qwen tokenizer's 151656 when the vocabulary
+    # holds it (and no image-block id above is it), else the model has no video token (a small
+    # vocabulary sets one explicitly); a set id is checked like image_token_id
+    # (video_token_id_of).
+    video_token_id: int | None = None
 
 
 @dataclass
@@ -475,6 +481,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.vision is not None:
         _validate_vision(cfg.model.vision, tp)
         _validate_image_token_ids(cfg.model.vision, lm.vocab_size)
+        _validate_video_token_id(cfg.model.vision, lm.vocab_size)
 
     s = cfg.scheduler
     decay = s.decay_iters if s.decay_iters is not None else t.train_iters
@@ -750,6 +757,40 @@ def _validate_image_token_ids(v: VisionModelConfig, vocab_size: int) -> None:
             f"block's tokens must differ",
         )
         seen[value] = name
+
+
+#: The Qwen tokenizer's ``<|video_pad|>`` id (data/special_tokens.py), the default video token.
+DEFAULT_VIDEO_TOKEN_ID = 151656
+
+
+def video_token_id_of(v: VisionModelConfig, vocab_size: int) -> int | None:
+    """The VLM's ``<|video_pad|>`` id: ``model.vision.video_token_id``, or when that is None the
+    default 151656 if the vocabulary holds it and no image-block id is it (None: this model has
+    no video token)."""
+    if v.video_token_id is not None:
+        return v.video_token_id
+    taken = {getattr(v, name) for name in IMAGE_TOKEN_FIELDS}
+    default = DEFAULT_VIDEO_TOKEN_ID
+    return default if default < vocab_size and default not in taken else None
+
+
+def _validate_video_token_id(v: VisionModelConfig, vocab_size: int) -> None:
+    """A set video token, like the image block's ids: inside the vocabulary, distinct from them
+    (None resolves by :func:`video_token_id_of`)."""
+    value = v.video_token_id
+    if value is None:
+        return
+    _require(
+        0 <= value < vocab_size,
+        f"model.vision.video_token_id={value} is outside the vocabulary: it must be in "
+        f"[0, model.language.vocab_size={vocab_size})",
+    )
+    for name in IMAGE_TOKEN_FIELDS:
+        _require(
+            getattr(v, name) != value,
+            f"model.vision.video_token_id={value} equals model.vision.{name}: video frames "
+            f"and the image block need their own tokens",
+        )
 
 
 def validate_world_size(cfg: RunConfig, world_size: int) -> int:

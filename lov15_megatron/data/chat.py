@@ -71,8 +71,9 @@ ROLES = ("system", "user", "assistant")
 #: ``tokenizer.apply_chat_template`` / ``processor.apply_chat_template`` render). Content is a
 #: string (``<image>`` placeholders become image blocks) or a list of ``{"type": "image", …}`` /
 #: ``{"type": "text", "text": …}`` items. ``add_generation_prompt`` appends
-#: ``\n<|im_start|>assistant\n``. Videos raise. ``tests/test_processor_parity.py`` checks that
-#: it tokenises like :func:`encode_conversation`.
+#: ``\n<|im_start|>assistant\n``. A ``{"type": "video", …}`` item becomes a video block
+#: (``<|vision_start|><|video_pad|><|vision_end|>``, expanded by the processor).
+#: ``tests/test_processor_parity.py`` checks that it tokenises like :func:`encode_conversation`.
 CHAT_TEMPLATE_JINJA = (
     "{%- set image_block = '<|vision_start|><|image_pad|><|vision_end|>' -%}\n"
     "{%- if messages[0]['role'] != 'system' -%}\n"
@@ -88,7 +89,7 @@ CHAT_TEMPLATE_JINJA = (
     "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}\n"
     "{{- image_block -}}\n"
     "{%- elif item['type'] == 'video' or 'video' in item -%}\n"
-    "{{- raise_exception('this model takes images, not videos') -}}\n"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}\n"
     "{%- elif 'text' in item -%}\n"
     "{{- item['text'] -}}\n"
     "{%- endif -%}\n"

@@ -18,12 +18,17 @@ Batch layout (:class:`VLMBatch`, micro-batch size B ≥ 1):
   segment; so ``input_ids.view(1, -1)`` with ``cu_seqlens`` is a valid THD packed batch, and row
   ``b`` of ``[B, S]`` holds exactly the segments between offsets ``b·S`` and ``(b+1)·S``;
   ``max_seqlen`` is the longest segment;
-- ``pixel_values`` ``[Σ h·w, 588]`` and ``image_grid_thw`` ``[n_images, 3]``: all images of the
-  batch in the order of their ``<|image_pad|>`` runs in the flattened token stream.
+- ``pixel_values`` ``[Σ h·w, 588]`` and ``image_grid_thw`` ``[n_images, 3]``: all images *and
+  video frames* of the batch in the order of their ``<|image_pad|>`` / ``<|video_pad|>`` runs in
+  the flattened token stream; a video of ``t`` frames is ``t`` rows ``(1, h, w)``, its frames one
+  after another (every frame is its own ViT segment, as an image is).
 
-Videos are not trained on yet: a pack holding a sub-sample with ``videos`` (``pack_offline.py
---videos pack``) raises :class:`VideoNotSupportedError` (one line naming the pack and sample)
-rather than reading its ``<video>`` placeholders as text.
+Videos (packed with ``pack_offline.py --videos pack``, layout in :mod:`.pack_format`): the
+frames the packer chose (the sub-sample's ``videos[k].frames``, indices into the decoded frames
+of the stored video file or into its stored frame images) are decoded with
+:mod:`.video`'s decoder, resized (bicubic) to ``grid_thw[1:] · 14`` and normalised like images;
+nothing is sampled again. A video that no longer decodes is a one-line :class:`ValueError`
+naming the pack and sample.
 """
 
 from __future__ import annotations
@@ -38,14 +43,20 @@ from megatron.energon import Batch, DefaultTaskEncoder, Sample, edataclass
 from .chat import EncodedText, Message, check_kind, encode_conversation
 from .energon_dataset import PackedVLMSample
 from .image_processing import (
+    CLIP_MEAN,
+    CLIP_STD,
     DEFAULT_IMAGE_CONFIG,
     PATCH_DIM,
+    PATCH_SIZE,
     ImageConfig,
     ProcessedImage,
+    decode_image,
+    patchify,
     preprocess_image,
 )
-from .special_tokens import IGNORE_INDEX, PAD_ID
+from .special_tokens import IGNORE_INDEX, IMAGE_PAD_ID, PAD_ID, VIDEO_PAD_ID
 from .tokenizer import Tokenizer
+from .video import VideoError, decode_frames, resize_frames
 
 
 @edataclass
@@ -77,6 +88,40 @@ class VLMBatch(Batch):
     sample_ids: list[list[str]]
 
 
+def frame_pixel_values(frames: np.ndarray) -> np.ndarray:
+    """Frames ``[t, H, W, 3]`` uint8 (already at their multiple-of-28 size) → ``[t·h·w, 588]``
+    float32: each frame rescaled, CLIP-normalised and patchified exactly as an image
+    (:func:`.image_processing.preprocess_image` after its resize), frame after frame."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(CLIP_STD, dtype=np.float32)
+    rows = []
+    for frame in frames:
+        pixels = np.asarray(frame, dtype=np.float32) * (1.0 / 255.0)
+        rows.append(patchify(((pixels - mean) / std).transpose(2, 0, 1)))
+    return np.concatenate(rows)
+
+
+def load_packed_video(video: dict[str, Any], parts: dict[str, bytes]) -> list[ProcessedImage]:
+    """The frames of one packed video (a ``videos`` entry of :mod:`.pack_format`) as images
+    ``(1, h, w)``, in order: decoded at the stored frame indices, resized to the stored grid.
+    Raises :class:`.video.VideoError` if the stored bytes do not give those frames."""
+    t, h, w = (int(x) for x in video["grid_thw"])
+    indices = [int(i) for i in video["frames"]]
+    if len(indices) != t:
+        raise VideoError(f"{len(indices)} frame indices for grid_thw t={t}")
+    names = video["parts"]
+    if video.get("fps") is None:  # frame images: the indices point into the parts
+        frames = np.stack([np.asarray(decode_image(parts[names[i]])) for i in indices])
+    else:  # a video file: the indices point into its decoded frames
+        frames = decode_frames(parts[names[0]], indices)
+    frames = resize_frames(frames, h * PATCH_SIZE, w * PATCH_SIZE)
+    pixels = frame_pixel_values(frames)
+    per_frame = h * w
+    return [
+        ProcessedImage(pixels[i * per_frame : (i + 1) * per_frame], (1, h, w)) for i in range(t)
+    ]
+
+
 def encode_subsample(
     record: dict[str, Any],
     images: dict[str, bytes],
@@ -84,24 +129,33 @@ def encode_subsample(
     kind: str,
     image_config: ImageConfig,
 ) -> tuple[EncodedText, list[ProcessedImage]]:
-    """Tokens/labels and processed images of one sub-sample record of a pack."""
+    """Tokens/labels of one sub-sample record of a pack, and its processed images and video
+    frames in the order of their pad runs in the tokens (see the module docstring)."""
     messages = [Message(turn["role"], turn["content"]) for turn in record["messages"]]
     processed = [preprocess_image(images[name], image_config) for name in record["images"]]
-    text = encode_conversation(tokenizer, messages, [image.num_tokens for image in processed], kind)
-    return text, processed
-
-
-class VideoNotSupportedError(ValueError):
-    """A pack with videos reached the task encoder, which cannot train on them yet."""
-
-
-def refuse_videos(key: str, record: dict[str, Any]) -> None:
-    """Raise :class:`VideoNotSupportedError` if the sub-sample ``record`` holds videos."""
-    if record.get("videos"):
-        raise VideoNotSupportedError(
-            f"{key}/{record.get('origin') or record.get('id')}: video training is not supported "
-            "yet (this data set was packed with --videos pack; pack it with --videos skip)"
-        )
+    videos = [load_packed_video(video, images) for video in record.get("videos") or ()]
+    text = encode_conversation(
+        tokenizer,
+        messages,
+        [image.num_tokens for image in processed],
+        kind,
+        [sum(frame.num_tokens for frame in frames) for frames in videos],
+    )
+    if not videos:
+        return text, processed
+    # Images and videos in the order their pad runs appear (a <video> may precede an <image>).
+    ordered: list[ProcessedImage] = []
+    next_image = next_video = 0
+    previous = None
+    for token in text.input_ids:
+        if token == IMAGE_PAD_ID and previous != IMAGE_PAD_ID:
+            ordered.append(processed[next_image])
+            next_image += 1
+        elif token == VIDEO_PAD_ID and previous != VIDEO_PAD_ID:
+            ordered.extend(videos[next_video])
+            next_video += 1
+        previous = token
+    return text, ordered
 
 
 class VLMTaskEncoder(DefaultTaskEncoder[PackedVLMSample, EncodedPack, VLMBatch, VLMBatch]):
@@ -154,10 +208,15 @@ class VLMTaskEncoder(DefaultTaskEncoder[PackedVLMSample, EncodedPack, VLMBatch, 
         pixels: list[np.ndarray] = []
         grids: list[tuple[int, int, int]] = []
         for record in sample.samples:
-            refuse_videos(sample.__key__, record)
-            text, processed = encode_subsample(
-                record, sample.images, self.tokenizer, kind, self.image_config
-            )
+            try:
+                text, processed = encode_subsample(
+                    record, sample.images, self.tokenizer, kind, self.image_config
+                )
+            except VideoError as error:
+                raise ValueError(
+                    f"{sample.__key__}/{record.get('origin') or record.get('id')}: packed video "
+                    f"unusable: {error}"
+                ) from error
             expected = record.get("length")
             if self.check_lengths and expected is not None and expected != len(text):
                 raise ValueError(

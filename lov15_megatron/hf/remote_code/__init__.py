@@ -3,8 +3,9 @@
 ``mcore-to-hf`` and ``save_pretrained_with_code`` copy exactly these files next to the weights,
 and ``config.json``'s ``auto_map`` names them, so ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`` and ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` work
-without this package installed. They import only ``transformers``, ``torch``, ``numpy``, ``PIL``
-and each other (relative imports), never ``lov15_megatron``: ``tests/test_hf_model.py`` loads an
+without this package installed. They import only the standard library, ``transformers``,
+``torch``, ``numpy``, ``PIL``, PyAV (``av``, only when the processor reads a video file) and each
+other (relative imports), never ``lov15_megatron``: ``tests/test_hf_model.py`` loads an
 export in a process without the package on its path.
 """
 

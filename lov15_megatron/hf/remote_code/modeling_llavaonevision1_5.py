@@ -7,6 +7,14 @@ its sibling configuration file (relative import), so it can be copied into a che
 and loaded with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
 
+Videos (``pixel_values_videos`` ``[Σ t·h·w, C·p·p]``, ``video_grid_thw`` rows ``[t, h, w]``, the
+temporal patch size being 1): every frame is its own ViT segment, exactly an image of grid
+``(1, h, w)`` (its own class token, the same 2-D RoPE positions in each frame) and each frame's
+own class token is removed after the tower (the release's training rule; its HF code removes the
+later segments' class tokens at the wrong offset, which for a video hits every frame after the
+first). The merged features replace the ``<|video_pad|>`` tokens (``video_token_id``) in order;
+LM positions stay 1-D.
+
 Module names equal the on-disk tensor names of the release (``visual.…``, ``model.…``,
 ``lm_head.weight``), so ``state_dict()`` and ``save_pretrained`` use them directly. The newer
 spelling (``model.visual.…``, ``model.language_model.…``) is accepted when loading.
@@ -92,6 +100,20 @@ def validate_image_grid(
             f"{pixel_values.shape[0]} rows"
         )
     return grids
+
+
+def video_frame_grids(video_grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[n_videos, 3]`` rows ``[t, h, w]`` -> ``[Σ t, 3]`` rows ``[1, h, w]``: every frame as an
+    image (a video's ``pixel_values_videos`` rows are its frames one after another)."""
+    if video_grid_thw.ndim != 2 or video_grid_thw.shape[1] != 3:
+        raise ValueError(
+            f"video_grid_thw must have shape [num_videos, 3], got {tuple(video_grid_thw.shape)}"
+        )
+    if bool((video_grid_thw[:, 0] <= 0).any()):
+        raise ValueError(f"video_grid_thw {video_grid_thw.tolist()}: every video needs frames")
+    frames = video_grid_thw.repeat_interleave(video_grid_thw[:, 0], dim=0).clone()
+    frames[:, 0] = 1
+    return frames
 
 
 class RiceViTPatchEmbed(nn.Module):
@@ -374,21 +396,36 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
         """Merger output ``[Σ h·w / 4, text hidden]`` for packed images."""
         return self.visual(pixel_values, image_grid_thw)
 
-    def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
     ) -> torch.Tensor:
-        """Replace, in order, the embeddings at every ``image_token_id`` position.
+        """Merger output ``[Σ t·h·w / 4, text hidden]`` for packed videos: every frame one ViT
+        segment with its own class token (removed after the tower)."""
+        return self.visual(pixel_values_videos, video_frame_grids(video_grid_thw))
 
-        Raises ``ValueError`` if the number of image tokens differs from the number of
-        feature rows (never truncates).
+    def merge_image_features(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor,
+        token_id: int | None = None,
+        kind: str = "image",
+    ) -> torch.Tensor:
+        """Replace, in order, the embeddings at every ``image_token_id`` position (or
+        ``token_id``'s, e.g. the video token for ``kind="video"``).
+
+        Raises ``ValueError`` if the number of tokens differs from the number of feature rows
+        (never truncates).
         """
-        mask = input_ids == self.config.image_token_id
+        token_id = self.config.image_token_id if token_id is None else token_id
+        unit = "frame" if kind == "video" else "image"
+        mask = input_ids == token_id
         num_tokens = int(mask.sum())
         if num_tokens != image_features.shape[0]:
             raise ValueError(
-                f"Image features and image tokens do not match: the text has {num_tokens} "
-                f"image tokens (id {self.config.image_token_id}) but the images give "
-                f"{image_features.shape[0]} features (h*w/4 per image)"
+                f"{kind.capitalize()} features and {kind} tokens do not match: the text has "
+                f"{num_tokens} {kind} tokens (id {token_id}) but the {kind}s give "
+                f"{image_features.shape[0]} features (h*w/4 per {unit})"
             )
         mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
@@ -418,24 +455,27 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
         ``<|image_pad|>`` runs appear in ``input_ids`` (row-major over the batch).
 
         The other keys that our processor and transformers' Qwen2/2.5-VL processors return are
-        accepted: ``mm_token_type_ids`` (1 at image tokens; checked against ``input_ids`` when
-        both cover the same positions), and the video keys when they are ``None``
-        (``second_per_grid_ts`` is ignored); videos themselves raise.
+        accepted: ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens; checked against
+        ``input_ids`` when both cover the same positions); ``second_per_grid_ts`` is ignored (LM
+        positions are 1-D).
+
+        Videos: ``pixel_values_videos`` ``[Σ t·h·w, 588]`` (frame after frame, each in 2x2-merge
+        order) and ``video_grid_thw`` ``[n_videos, 3]`` rows ``[t, h, w]``, in the order of their
+        ``<|video_pad|>`` runs (module docstring).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
-        if pixel_values_videos is not None or video_grid_thw is not None:
-            raise ValueError("videos are not supported (pixel_values_videos / video_grid_thw)")
-        if (
-            mm_token_type_ids is not None
-            and input_ids is not None
-            and mm_token_type_ids.shape == input_ids.shape
-            and not torch.equal(mm_token_type_ids == 1, input_ids == self.config.image_token_id)
-        ):
-            raise ValueError(
-                "mm_token_type_ids do not mark the image tokens of input_ids "
-                f"(id {self.config.image_token_id}): the processor's output was altered"
-            )
+        if mm_token_type_ids is not None and input_ids is not None:
+            if mm_token_type_ids.shape == input_ids.shape:
+                for value, token_id, kind in (
+                    (1, self.config.image_token_id, "image"),
+                    (2, self.config.video_token_id, "video"),
+                ):
+                    if not torch.equal(mm_token_type_ids == value, input_ids == token_id):
+                        raise ValueError(
+                            f"mm_token_type_ids do not mark the {kind} tokens of input_ids "
+                            f"(id {token_id}): the processor's output was altered"
+                        )
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
 
@@ -452,6 +492,23 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
                 raise ValueError(
                     "Image features and image tokens do not match: input_ids contain image "
                     f"tokens (id {self.config.image_token_id}) but no pixel_values were given"
+                )
+        if pixel_values_videos is not None:
+            if video_grid_thw is None:
+                raise ValueError("pixel_values_videos were given without video_grid_thw")
+            if input_ids is None:
+                raise ValueError("pixel_values_videos need input_ids to locate the video tokens")
+            video_features = self.get_video_features(pixel_values_videos, video_grid_thw)
+            inputs_embeds = self.merge_image_features(
+                input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
+            )
+        elif input_ids is not None:
+            prefilled = past_key_values is not None and past_key_values.get_seq_length() > 0
+            if not prefilled and bool((input_ids == self.config.video_token_id).any()):
+                raise ValueError(
+                    "Video features and video tokens do not match: input_ids contain video "
+                    f"tokens (id {self.config.video_token_id}) but no pixel_values_videos were "
+                    "given"
                 )
 
         outputs = self.model(
@@ -493,4 +550,5 @@ __all__ = [
     "RiceViTModel",
     "RiceViTPreTrainedModel",
     "merge_order_positions",
+    "video_frame_grids",
 ]

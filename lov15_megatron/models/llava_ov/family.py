@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lov15_megatron.config import RunConfig
-from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
+from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS, video_token_id_of
 from lov15_megatron.convert.converter import conversion_run_config
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
 from lov15_megatron.data.special_tokens import FIRST_SPECIAL_ID
@@ -32,6 +32,9 @@ from lov15_megatron.models.registry import (
     language_family_of_hf,
     register_family,
 )
+
+#: The vision token ids read from (and, where set, written to) ``config.json``'s top level.
+VISION_TOKEN_FIELDS = (*IMAGE_TOKEN_FIELDS, "video_token_id")
 
 
 @register_family
@@ -59,7 +62,7 @@ class LLaVAOneVision(ModelFamily):
             )
         # The image block's ids are top-level config.json fields of the same names (absent:
         # the release's ids, as in the HF configuration class).
-        ids = {name: hf_config[name] for name in IMAGE_TOKEN_FIELDS if name in hf_config}
+        ids = {name: hf_config[name] for name in VISION_TOKEN_FIELDS if name in hf_config}
         vision = replace(vision_config_from_hf(hf_config["vision_config"]), **ids)
         return conversion_run_config({"language": asdict(lm), "vision": asdict(vision)}, tp, pp)
 
@@ -86,7 +89,9 @@ class LLaVAOneVision(ModelFamily):
     ) -> dict[str, Any]:
         from lov15_megatron.models.llava_ov.step import vlm_model_inputs
 
-        return vlm_model_inputs(batch, layout, vision_of(cfg).image_token_id)
+        v = vision_of(cfg)
+        video = video_token_id_of(v, cfg.model.language.vocab_size)
+        return vlm_model_inputs(batch, layout, v.image_token_id, video)
 
     def step_losses(self, cfg: RunConfig, num_microbatches: int) -> dict[str, float]:
         """The language model's (router losses of a qwen3-moe LM)."""
@@ -118,6 +123,9 @@ class LLaVAOneVision(ModelFamily):
             tie_word_embeddings=False,
             **{name: getattr(vision_of(cfg), name) for name in IMAGE_TOKEN_FIELDS},
         )
+        video = vision_of(cfg).video_token_id
+        if video is not None:  # None: the template's (or the HF default 151656)
+            out["video_token_id"] = video
         return out
 
     def write_extra(self, directory: Path, image: Any = None) -> None:
@@ -136,10 +144,14 @@ class LLaVAOneVision(ModelFamily):
         return LLaVAOneVision1_5_ForConditionalGeneration
 
     def default_inputs(self, cfg: RunConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Two rows with text and three images of different sizes (one row text-only); the image
-        blocks use the config's token ids, the text none of them."""
+        """Two rows with text, three images of different sizes and, when the model has a video
+        token, a two-frame video before the second row's image (``pixel_values_videos``,
+        ``video_grid_thw``: the HF model's form); the vision blocks use the config's token ids,
+        the text none of them."""
         v = vision_of(cfg)
-        special = torch.tensor([getattr(v, name) for name in IMAGE_TOKEN_FIELDS])
+        video_id = video_token_id_of(v, cfg.model.language.vocab_size)
+        ids = [getattr(v, name) for name in IMAGE_TOKEN_FIELDS]
+        special = torch.tensor(ids + ([] if video_id is None else [video_id]))
         text_ids = torch.arange(min(cfg.model.language.vocab_size, FIRST_SPECIAL_ID))
         text_ids = text_ids[~torch.isin(text_ids, special)]
         gen = torch.Generator().manual_seed(seed)
@@ -152,11 +164,17 @@ class LLaVAOneVision(ModelFamily):
         def text(n: int) -> list[int]:
             return text_ids[torch.randint(0, len(text_ids), (n,), generator=gen)].tolist()
 
-        def image(n: int) -> list[int]:
-            return [v.vision_start_token_id, *([v.image_token_id] * n), v.vision_end_token_id]
+        def image(n: int, pad: int = v.image_token_id) -> list[int]:
+            return [v.vision_start_token_id, *([pad] * n), v.vision_end_token_id]
 
         row0 = text(3) + image(n_tokens[0]) + text(4) + image(n_tokens[1]) + text(2)
         row1 = text(5) + image(n_tokens[2]) + text(3)
+        videos: dict[str, torch.Tensor] = {}
+        if video_id is not None:
+            video_grid = torch.tensor([[2, 2, 4]])  # two frames of 2×4 patches each
+            video_pixels = torch.randn(int(video_grid.prod()), patch, generator=gen)
+            row1 = text(2) + image(int(video_grid.prod()) // merge, video_id) + row1
+            videos = {"pixel_values_videos": video_pixels, "video_grid_thw": video_grid}
         length = max(len(row0), len(row1))
         row0 += text(length - len(row0))
         row1 += text(length - len(row1))
@@ -164,4 +182,5 @@ class LLaVAOneVision(ModelFamily):
             "input_ids": torch.tensor([row0, row1]),
             "pixel_values": pixels,
             "image_grid_thw": grids,
+            **videos,
         }

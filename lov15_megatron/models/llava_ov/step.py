@@ -14,13 +14,28 @@ from typing import Any
 
 
 def vlm_model_inputs(
-    batch: dict[str, Any], layout: dict[str, int], image_token_id: int
+    batch: dict[str, Any],
+    layout: dict[str, int],
+    image_token_id: int,
+    video_token_id: int | None = None,
 ) -> dict[str, Any]:
     """The VLM's keyword arguments for ``batch`` (already on the model's device);
-    ``image_token_id`` is the config's ``model.vision.image_token_id`` (under context
-    parallelism it says which tokens take image features)."""
+    ``image_token_id`` / ``video_token_id`` are the config's ``model.vision`` ids (under context
+    parallelism they say which tokens take vision features).
+
+    Video frames ride in ``pixel_values`` as images (the task encoder's layout), so the
+    ``<|image_pad|>`` and ``<|video_pad|>`` tokens together take the features in stream order.
+    Under context parallelism the ``<|video_pad|>`` ids are handed to the model as
+    ``<|image_pad|>``, so that ``image_feature_index`` counts both kinds of slot: the embedding of
+    either id is replaced by its feature, never read, so the model computes the same thing.
+    """
+    import torch
+
     from lov15_megatron.models.packed_seq import thd_model_inputs
 
+    if layout.get("cp", 1) > 1 and video_token_id is not None:
+        ids = batch["input_ids"]
+        batch = {**batch, "input_ids": torch.where(ids == video_token_id, image_token_id, ids)}
     batch = thd_model_inputs(batch, image_token_id=image_token_id, **layout)
     return {
         "input_ids": batch["input_ids"],
