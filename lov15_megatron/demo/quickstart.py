@@ -1,6 +1,6 @@
 """The embedded default: the whole LLaVA-OV-1.5 pipeline on one CPU machine in minutes.
 
-``lov15-quickstart [--out runs/quickstart] [--size default|small] [--stop-after STEP]`` (or
+``lov15-quickstart [--out runs/quickstart] [--size default|small] [--stop-after STEP] [--lora]`` (or
 ``python -m lov15_megatron.demo.quickstart``, or ``bash scripts/quickstart.sh``) runs, from any
 working directory, with the real tools and the real training entry point (each as its own
 process, each found through the installed package):
@@ -14,7 +14,9 @@ process, each found through the installed package):
 3. pack the caption and instruct sets with ``lov15-pack-offline``;
 4. convert stage-0 to Megatron with ``lov15-convert-checkpoint hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
-   ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint; the
+   ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint (with
+   ``--lora`` also ``stage2_lora``: stage 2 from stage 1.5 with frozen weights and rank-16 LoRA
+   adapters on all three towers, exported merged and as a PEFT adapter, scored beside it); the
    trainer's progress lines (loss, lr, grad norm, tokens/s per log interval) show on the console,
    its whole output is in ``OUT/<stage>.log``;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-after", choices=STEPS, default=STEPS[-1], help="stop after this step (default: all)"
     )
+    parser.add_argument(
+        "--lora", action="store_true",
+        help="also run stage 2 as LoRA from stage 1.5 (frozen weights, rank-16 adapters), export "
+        "it merged and as a PEFT adapter, and score it beside the full stage 2",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     configs = configs_dir()
     if configs is None:
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("stage2", str(configs / "quickstart/stage2.yaml"), "instruct", out / "stage1_5", steps[2]),
     ]
+    if args.lora:  # stage 2 again from stage 1.5: frozen weights, rank-16 adapters on all towers
+        plan.append(("stage2_lora", str(configs / "quickstart/stage2_lora.yaml"), "instruct",
+                     out / "stage1_5", steps[2]))  # fmt: skip
     stages = []
     for name, config, split, previous, n in plan:
         print(f"[5/7] {name}: {n} steps on 2 CPU ranks ({config})", flush=True)
@@ -244,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     if done("train"):
         return 0
     print("[6/7] export to Hugging Face (mcore-to-hf) and answer held-out questions", flush=True)
-    tool("cli.convert_checkpoint", "mcore-to-hf", "--model", "llava-ov-1.5",
-        "--load-dir", str(out / "stage2"), "--save-dir", str(out / "final_hf"),
-        "--hf-template", str(out / "stage0_hf"))  # fmt: skip
-    tool("cli.evaluate", "--checkpoint", str(out / "final_hf"),
-        "--data", data["eval"]["path"], "--report", str(out / "eval_report.json"),
-        "--prompt", "<image>\n{question}", "--max-new-tokens", "4", "--quiet")  # fmt: skip
-    report = json.loads((out / "eval_report.json").read_text())
+    report = export_and_score(out, "stage2", "final_hf", data["eval"]["path"], "eval_report.json")
+    lora = None
+    if args.lora:  # merged weights, the PEFT adapter beside them, and the same questions
+        lora_report = export_and_score(
+            out, "stage2_lora", "final_lora_hf", data["eval"]["path"], "eval_report_lora.json",
+            out / "final_lora_adapter",
+        )  # fmt: skip
+        lora = lora_summary(out, lora_report)
     results = report["answers"]
     summary = {
         "vision_pretraining": asdict(pretrained),
@@ -261,11 +272,45 @@ def main(argv: list[str] | None = None) -> int:
         },
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
-        "answers": results, "seconds": time.perf_counter() - start,
+        "answers": results, "lora": lora, "seconds": time.perf_counter() - start,
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return 0
+
+
+def export_and_score(
+    out: Path, checkpoint: str, hf: str, eval_data: str, report: str, adapter: Path | None = None
+) -> dict:
+    """``mcore-to-hf`` of a stage's checkpoint (a LoRA run's: merged, plus the PEFT adapter in
+    ``adapter``), then ``lov15-evaluate`` of the export on the held-out questions."""
+    extra = ["--adapter-dir", str(adapter)] if adapter is not None else []
+    tool("cli.convert_checkpoint", "mcore-to-hf", "--model", "llava-ov-1.5",
+        "--load-dir", str(out / checkpoint), "--save-dir", str(out / hf),
+        "--hf-template", str(out / "stage0_hf"), *extra)  # fmt: skip
+    tool("cli.evaluate", "--checkpoint", str(out / hf),
+        "--data", eval_data, "--report", str(out / report),
+        "--prompt", "<image>\n{question}", "--max-new-tokens", "4", "--quiet")  # fmt: skip
+    return json.loads((out / report).read_text())
+
+
+def _mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def lora_summary(out: Path, report: dict) -> dict:
+    """The LoRA variant's accuracy and what it saved: training checkpoint sizes (adapters and
+    their Adam state against the full stage 2's) and the PEFT adapter's size."""
+    return {
+        "accuracy": report["accuracy"],
+        "accuracy_per_type": report["accuracy_per_type"],
+        "answers": report["answers"],
+        "checkpoint_mib": _mib(out / "stage2_lora"),
+        "full_checkpoint_mib": _mib(out / "stage2"),
+        "adapter_mib": _mib(out / "final_lora_adapter"),
+        "merged_hf": str(out / "final_lora_hf"),
+        "adapter_dir": str(out / "final_lora_adapter"),
+    }
 
 
 def vision_line(report: PretrainReport) -> str:
@@ -300,6 +345,13 @@ def print_summary(s: dict, out: Path) -> None:
         print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
               f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
               f"chance {t['chance']:.2f})")  # fmt: skip
+    if s.get("lora"):
+        lo = s["lora"]
+        print(f"  LoRA stage 2 (rank 16, frozen weights): accuracy {lo['accuracy']:.2f} against "
+              f"the full stage 2's {s['accuracy']:.2f}; training checkpoint "
+              f"{lo['checkpoint_mib']:.1f} MiB against {lo['full_checkpoint_mib']:.1f} MiB; "
+              f"exported merged ({lo['merged_hf']}) and as a PEFT adapter of "
+              f"{lo['adapter_mib']:.2f} MiB ({lo['adapter_dir']})")  # fmt: skip
     print(
         f"  accuracy {s['accuracy']:.2f} against always-majority "
         f"{s['majority_answer_accuracy']:.2f} (chance {s['chance_accuracy']:.2f}); "
