@@ -145,60 +145,6 @@ def attention_bounds(longest_segment: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------- attention
 
 
-def varlen_compat(fn):
-    """A wrapper of torch's ``varlen_attn`` taking the keywords our attention core passes
-    (``scale``, ``window_size``, ``enable_gqa``), or None when ``fn`` takes them all.
-
-    torch 2.10 has ``is_causal`` instead of ``window_size`` (and may lack ``scale``: ours is the
-    default ``1/√d`` then); ``enable_gqa`` came later than
-    ``window_size`` (pytorch#179468, April 2026), so a torch of the GPU image (2.11) may lack it.
-    The wrapper then repeats the KV heads to the query heads (what GQA computes) and passes
-    causality the way ``fn`` takes it. The report says when it was used; the attention check
-    measures the kernel through it."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if "enable_gqa" in params and "window_size" in params:
-        return None
-
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-               enable_gqa=False):  # fmt: skip
-        kwargs: dict[str, Any] = {}
-        if "scale" in params:
-            kwargs["scale"] = scale
-        elif scale is not None and not math.isclose(scale, q.shape[-1] ** -0.5):
-            raise ValueError(f"this torch's varlen_attn takes no scale ({scale})")
-        if enable_gqa and "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        elif enable_gqa and k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        window = tuple(window_size)
-        if "window_size" in params:
-            kwargs["window_size"] = window
-        elif window == (-1, 0):
-            kwargs["is_causal"] = True
-        elif window != (-1, -1):
-            raise ValueError(f"this torch's varlen_attn takes no window_size {window}")
-        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-
-    return varlen
-
-
-def install_varlen_compat() -> str | None:
-    """Put :func:`varlen_compat` in front of the attention core's kernel where this torch needs
-    it; returns what it does (for the report) or None."""
-    from lov15_megatron.models import attention
-
-    if attention._varlen_attn is None:
-        return None
-    wrapper = varlen_compat(attention._varlen_attn)
-    if wrapper is None:
-        return None
-    attention._varlen_attn = wrapper
-    return "torch's varlen_attn lacks enable_gqa/window_size: KV heads repeated / is_causal used"
-
-
 def reference_attention(q, k, v, dout, bounds: list[int], causal: bool, scale: float, dtype):
     """Attention and its gradients written out from the definition, segment by segment, in
     ``dtype``: ``[t, heads, d]`` queries, ``[t, groups, d]`` keys/values (GQA), returns
@@ -881,7 +827,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device), "settings": asdict(settings), "errors": [],
         "attention": [], "oom_attempts": [], "skip_training": args.skip_training,
     }  # fmt: skip
-    report["environment"]["varlen_compat"] = install_varlen_compat()
+    from lov15_megatron.models.attention import VARLEN_COMPAT
+
+    report["environment"]["varlen_compat"] = VARLEN_COMPAT
     log(f"{report['environment'].get('gpu', 'CPU')}: torch {torch.__version__}, megatron-core "
         f"{report['environment']['megatron_core']}")  # fmt: skip
     if report["environment"]["varlen_compat"]:

@@ -289,13 +289,17 @@ def our_generation(model, messages: list, images: list, videos: tuple = ()) -> l
 
 
 def benchmark_module(name: str):
-    """``benchmarks/<name>.py`` as a module, loaded from its file: ``benchmarks/`` is a folder of
-    scripts, not a package, and is not on ``sys.path`` under pytest (tests of its baselines)."""
+    """``benchmarks/<name>.py`` as a module, loaded from its file once and registered in
+    ``sys.modules`` (a module's dataclasses need that): ``benchmarks/`` is a folder of scripts,
+    not a package, and is not on ``sys.path`` under pytest."""
     import importlib.util
 
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None, f"benchmarks/{name}.py"
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -10,7 +10,6 @@ stand-in kernels.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,26 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import benchmark_module
 from tolerances import fp32_rel_tol
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_gpu_check():
-    """``benchmarks/gpu_check.py`` as the module ``gpu_check``, registered in ``sys.modules``
-    (its dataclasses need that; ``helpers.benchmark_module`` does not register)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "gpu_check", ROOT / "benchmarks" / "gpu_check.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
-
-
-gpu_check = _load_gpu_check()
+gpu_check = benchmark_module("gpu_check")
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +144,11 @@ def _new_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-
 
 
 def test_varlen_wrapper_for_older_torch():
-    assert gpu_check.varlen_compat(_new_varlen) is None  # nothing to adapt
+    from lov15_megatron.models.attention import varlen_compat
+
+    assert varlen_compat(_new_varlen) is None  # nothing to adapt
     _old_varlen.calls = []
-    wrapped = gpu_check.varlen_compat(_old_varlen)
+    wrapped = varlen_compat(_old_varlen)
     q, k = torch.zeros(6, 4, 2), torch.arange(6 * 2 * 2.0).reshape(6, 2, 2)
     cu = torch.tensor([0, 6], dtype=torch.int32)
     wrapped(q, k, k, cu, cu, 6, 6, scale=0.5, window_size=(-1, 0), enable_gqa=True)

@@ -36,8 +36,11 @@ with Transformer Engine, TE's own CP (ring / all-to-all) is used instead.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +51,57 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+
+def varlen_compat(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
+    """A wrapper of torch's ``varlen_attn`` taking the keywords this core passes (``scale``,
+    ``window_size``, ``enable_gqa``), or None when ``fn`` takes them all.
+
+    torch 2.10 has ``is_causal`` instead of ``window_size`` (and may lack ``scale``: ours is then
+    the default ``1/√d``); ``enable_gqa`` came later than ``window_size`` (pytorch#179468, April
+    2026), so a GPU image's torch may lack it. The wrapper then repeats the KV heads to the
+    query heads (what GQA computes) and passes causality the way ``fn`` takes it."""
+    params = inspect.signature(fn).parameters
+    if "enable_gqa" in params and "window_size" in params:
+        return None
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+               enable_gqa=False):  # fmt: skip
+        kwargs: dict[str, Any] = {}
+        if "scale" in params:
+            kwargs["scale"] = scale
+        elif scale is not None and not math.isclose(scale, q.shape[-1] ** -0.5):
+            raise ValueError(f"this torch's varlen_attn takes no scale ({scale})")
+        if enable_gqa and "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        elif enable_gqa and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        window = tuple(window_size)
+        if "window_size" in params:
+            kwargs["window_size"] = window
+        elif window == (-1, 0):
+            kwargs["is_causal"] = True
+        elif window != (-1, -1):
+            raise ValueError(f"this torch's varlen_attn takes no window_size {window}")
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    return varlen
+
+
 try:  # torch >= 2.10 ships a varlen flash-attention entry point (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn = None
+    _torch_varlen_attn = None
+#: The kernel as this core calls it (adapted where this torch's signature is older), and what
+#: the adaptation does (None: torch's own).
+_varlen_attn = (
+    (varlen_compat(_torch_varlen_attn) or _torch_varlen_attn) if _torch_varlen_attn else None
+)
+VARLEN_COMPAT = (
+    "torch's varlen_attn lacks enable_gqa/window_size: KV heads repeated / is_causal used"
+    if _torch_varlen_attn is not None and _varlen_attn is not _torch_varlen_attn
+    else None
+)
 
 
 def _bounds(cu_seqlens: torch.Tensor) -> list[int]:
