@@ -491,3 +491,242 @@ def test_unknown_layout_is_refused(tmp_path, capsys):
         tool.main(["--out", str(tmp_path / "d"), "--layout", "diagonal"])
     assert exit_info.value.code == 2 and "--layout" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- video split
+
+#: Digest (file names, text files, PNG/parquet pixels and texts: independent of zlib) of
+#: ``generate_shapes_dataset(seed=5, n_caption=6, n_instruct=4, n_eval=5)`` for each layout,
+#: recorded before the video split existed: the opt-in split must leave the default unchanged.
+DEFAULT_DIGESTS = {
+    "free": "da6b3a5db9ddc80f991ef56afcf46dd195b9c0f3d2c7d579cad89d57ed8a4e2e",
+    "grid": "c4ad06f1752260ab1295c4aa5f3bf2003c01ed32dfe6ea40aaf740ee560aeafe",
+}
+TINY = {"seed": 5, "n_caption": 6, "n_instruct": 4, "n_eval": 5}
+VIDEO = {"n_caption": 2, "n_instruct": 1, "n_eval": 0, "n_video": 16, "n_video_eval": 8}
+#: What the release's rule (2 fps, at least 4 frames) takes from 8 frames at 4 fps, by hand:
+#: n = 8 / 4 · 2 = 4, linspace(0, 7, 4) = 0, 2.33, 4.67, 7.
+SAMPLED = [0, 2, 5, 7]
+
+
+def _digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.suffix == ".png":
+            image = Image.open(path)
+            digest.update(f"{image.mode}{image.size}".encode() + image.tobytes())
+        elif path.suffix == ".parquet":
+            for row in pq.read_table(path).to_pylist():
+                pixels = Image.open(io.BytesIO(row["image"]["bytes"]))
+                digest.update(
+                    json.dumps([row["id"], row["image"]["path"], row["caption"]]).encode()
+                )
+                digest.update(pixels.tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_default_outputs_unchanged_and_video_split_is_opt_in(tmp_path):
+    for layout, expected in DEFAULT_DIGESTS.items():
+        summary = sd.generate_shapes_dataset(tmp_path / layout, layout=layout, **TINY)
+        assert _digest(tmp_path / layout) == expected, layout
+        assert "video" not in summary and not (tmp_path / layout / "video").exists()
+    # With the split: the image splits are byte-identical, the metadata only gains the split,
+    # and the video files too are a function of the seed.
+    for name in ("v1", "v2"):
+        sd.generate_shapes_dataset(tmp_path / name, **TINY, n_video=2, n_video_eval=1)
+    plain, v1, v2 = (_files(tmp_path / name) for name in ("free", "v1", "v2"))
+    assert v1 == v2
+    assert {k: v for k, v in v1.items() if not k.startswith("video/")}.keys() == plain.keys()
+    for key, data in plain.items():
+        if key != sd.METADATA_NAME:
+            assert v1[key] == data, key
+    meta = json.loads(v1[sd.METADATA_NAME])
+    meta["splits"].pop("video")
+    assert meta == json.loads(plain[sd.METADATA_NAME])
+    with pytest.raises(ValueError, match="n_video_eval .* no effect without n_video"):
+        sd.generate_shapes_dataset(tmp_path / "x", n_video_eval=3)
+
+
+def _near(pixel, rgb, tolerance: int = 3) -> bool:
+    """Lossless H.264 in 4:4:4 changes a colour only by the RGB<->YUV rounding (<= 1)."""
+    return max(abs(int(a) - b) for a, b in zip(pixel, rgb, strict=True)) <= tolerance
+
+
+def _perceive_frame(frame) -> dict[tuple[int, int], tuple[str, str]]:
+    """``{(column, row): (shape, colour)}`` of a decoded frame, from its pixels only: every
+    non-background pixel is one palette colour, each shape lies in one 28-px cell, and the
+    filled corners of its bounding box tell the shape (as :func:`_perceive_grid`)."""
+    import numpy as np
+
+    height, width, _ = frame.shape
+    background = next(n for n, v in sd.BACKGROUNDS.items() if _near(frame[0, 0], v))
+    rgb = np.asarray(sd.BACKGROUNDS[background])
+    mask = np.abs(frame.astype(int) - rgb).max(axis=2) > 3
+    shapes = {}
+    ys, xs = np.nonzero(mask)
+    for cell in sorted({(int(x) // 28, int(y) // 28) for x, y in zip(xs, ys, strict=True)}):
+        column, row = cell
+        inside = (xs // 28 == column) & (ys // 28 == row)
+        cx, cy = xs[inside], ys[inside]
+        x0, x1, y0, y1 = cx.min(), cx.max(), cy.min(), cy.max()
+        # well inside its cell: one LM token per shape, never touching a neighbour's cell
+        assert 28 * column < x0 and x1 < 28 * column + 27 and 28 * row < y0 and y1 < 28 * row + 27
+        assert x1 - x0 >= 20 and y1 - y0 >= 20
+        colours = {
+            next(n for n, v in sd.COLOURS.items() if _near(frame[y, x], v))
+            for x, y in zip(cx, cy, strict=True)
+        }
+        assert len(colours) == 1, colours  # no blended edge pixels
+        corners = tuple(bool(mask[y, x]) for y, x in ((y0, x0), (y0, x1), (y1, x0), (y1, x1)))
+        shape = {
+            (True, True, True, True): "square",
+            (False, False, True, True): "triangle",
+            (False, False, False, False): "circle",
+        }[corners]
+        shapes[cell] = (shape, colours.pop())
+    return shapes
+
+
+def _video_answer(question: str, frames: list[dict]) -> str:
+    """The answer that the perceived frames (in time order) give, without the generator."""
+    first, last = frames[0], frames[-1]
+    where = [{shape: (cell, colour) for cell, (shape, colour) in f.items()} for f in frames]
+    if match := re.fullmatch(r"Which way does the (\w+) move\?", question):
+        path = [w[match[1]][0] for w in where]  # present in every frame
+        (dx, dy) = (path[-1][0] - path[0][0], path[-1][1] - path[0][1])
+        assert (dx == 0) != (dy == 0)  # along a row or a column
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(path, path[1:], strict=False)]
+        assert all(abs(sx) + abs(sy) <= 1 for sx, sy in steps)  # one cell at a time, onwards
+        assert all(sx * dx >= 0 and sy * dy >= 0 for sx, sy in steps)
+        return {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}[
+            (int(dx > 0) - int(dx < 0), int(dy > 0) - int(dy < 0))
+        ]
+    # A change (colour, appearing, vanishing) is seen by two sampled frames on each side.
+    assert frames[0] == frames[1] and frames[-2] == frames[-1] and frames[1] != frames[-2]
+    if match := re.fullmatch(r"What colour does the (\w+) turn\?", question):
+        before, after = where[0][match[1]][1], where[-1][match[1]][1]
+        assert before != after
+        return after
+    before, after = set(where[0]), set(where[-1])
+    if question == "How many shapes appear?":
+        assert before < after and first.items() <= last.items()
+        return str(len(after - before))
+    assert question == "Which shape disappears?"
+    assert after < before and last.items() <= first.items()
+    (gone,) = before - after
+    return gone
+
+
+@pytest.fixture(scope="module")
+def video_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_video") / "data"
+    return out, sd.generate_shapes_dataset(out, seed=7, **VIDEO)
+
+
+def _video_config():
+    from lov15_megatron.data.video import VideoConfig
+    from lov15_megatron.demo.shapes_video import FRAME_MIN_PIXELS
+
+    return VideoConfig(frame_min_pixels=FRAME_MIN_PIXELS)
+
+
+def test_video_answers_follow_from_the_sampled_frames_pixels(video_dataset):
+    from lov15_megatron.data.video import decode_frames, load_video
+
+    out, summary = video_dataset
+    video = summary["video"]
+    assert video["count"] == 16 and video["kind"] == "instruct"
+    assert video["clip"]["sampled_frames"] == SAMPLED and video["clip"]["tokens"] == 4 * 9
+    assert video["chance"] == {"move": 0.25, "turn": 0.25, "appear": 0.5, "vanish": 0.333333}
+    assert video["eval"]["chance_accuracy"] == pytest.approx((0.25 + 0.25 + 0.5 + 1 / 3) / 4)
+    records = json.loads((out / "video" / "llava.json").read_text())
+    items = sd.load_eval(video["eval"]["path"])
+    # the evaluator's reader takes the file as it is (a video item, its type and chance)
+    from lov15_megatron.evaluation import load_qa
+
+    qa = load_qa(video["eval"]["path"])
+    assert [(q.videos, q.type, q.answer) for q in qa] == [
+        ([Path(i["video"])], i["type"], i["answer"]) for i in items
+    ]
+    assert [item["type"] for item in items] == ["move", "turn", "appear", "vanish"] * 2
+    train_frames = set()
+    clips = [(out / "video" / r["video"], r["conversations"]) for r in records]
+    clips += [(Path(i["video"]), i) for i in items]
+    for path, qa in clips:
+        if isinstance(qa, list):  # LLaVA record: one question with its <video>, one answer
+            assert [t["from"] for t in qa] == ["human", "gpt"]
+            question, answer = qa[0]["value"].removeprefix("<video>\n"), qa[1]["value"]
+            assert qa[0]["value"].startswith("<video>\n")
+        else:
+            question, answer = qa["question"], qa["answer"]
+            assert qa["chance"] == video["chance"][qa["type"]]
+        plan, frames = load_video(path, _video_config())  # the release's rule, as the packer
+        assert list(plan.indices) == SAMPLED and plan.grid_thw == (4, 6, 6)
+        seen = [_perceive_frame(frame) for frame in frames]
+        assert answer == _video_answer(question, seen), (path, question)
+        # the first sampled frame alone does not hold the answer's change
+        assert seen[0] != seen[-1]
+        every = decode_frames(path, range(8)).tobytes()
+        if path.name.startswith("t"):
+            train_frames.add(every)
+        else:
+            assert every not in train_frames  # held out, pixel for pixel
+
+
+def test_packed_video_samples_keep_the_motion(video_dataset, tmp_path):
+    from data_fixtures import pack, read_packs
+
+    from lov15_megatron.data.video import decode_frames
+    from lov15_megatron.demo.shapes_video import FRAME_MIN_PIXELS, PACK_FLAGS
+
+    out, summary = video_dataset
+    assert PACK_FLAGS == ("--videos", "pack", "--frame-min-pixels", str(FRAME_MIN_PIXELS))
+    report = pack(
+        summary["video"]["sources"],
+        tmp_path / "packed",
+        seq_len=512,
+        kind="instruct",
+        videos="pack",
+        frame_min_pixels=FRAME_MIN_PIXELS,
+    )
+    assert report["samples_in"] == report["samples_packed"] == 16
+    assert report["samples_skipped"] == {}
+    assert (report["videos"]["videos"], report["videos"]["frames"]) == (16, 16 * 4)
+    answers = {
+        r["id"]: (r["conversations"][0]["value"], r["conversations"][1]["value"], r["video"])
+        for r in json.loads((out / "video" / "llava.json").read_text())
+    }
+    checked = 0
+    for record, members in read_packs(tmp_path / "packed").values():
+        for sample in record["samples"]:
+            key = sample["origin"].split("(id ")[-1].rstrip(")")
+            question, answer, name = answers[key]
+            (packed,) = sample["videos"]
+            assert packed["frames"] == SAMPLED and packed["grid_thw"] == [4, 6, 6]
+            assert (packed["total_frames"], packed["fps"], packed["size"]) == (8, 4.0, [84, 84])
+            (stored,) = (members[part] for part in packed["parts"])
+            assert stored == (out / "video" / name).read_bytes()
+            frames = decode_frames(stored, packed["frames"])
+            seen = [_perceive_frame(frame) for frame in frames]
+            assert _video_answer(question.removeprefix("<video>\n"), seen) == answer
+            checked += 1
+    assert checked == 16
+
+
+def test_cli_video_flags(tmp_path, capsys):
+    from lov15_megatron.demo import make_shapes_dataset as tool
+
+    assert tool.main(["--out", str(tmp_path / "d"), "--n-video-eval", "2"]) == 2
+    assert "no effect without n_video" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    args = ["--out", str(tmp_path / "d"), "--n-caption", "2", "--n-instruct", "1"]
+    assert tool.main([*args, "--n-eval", "0", "--n-video", "3", "--n-video-eval", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "video   : 3 clips (8 frames of 84x84 at 4 fps, 4 sampled, 36 tokens)" in printed
+    assert "--videos pack --frame-min-pixels 784" in printed
+    assert len(list((tmp_path / "d" / "video" / "clips").glob("*.mp4"))) == 5

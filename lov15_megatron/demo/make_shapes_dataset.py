@@ -1,7 +1,9 @@
-"""Generate the procedural shapes vision-language data set (captions, instruct QA, held-out eval).
+"""Generate the procedural shapes vision-language data set (captions, instruct QA, held-out eval;
+optionally short video clips with questions about what happens in them).
 
     python tools/make_shapes_dataset.py --out DIR [--seed S] [--n-caption N] [--n-instruct N]
-        [--n-eval N] [--max-shapes 1|2|3] [--layout free|grid] [--overwrite]
+        [--n-eval N] [--max-shapes 1|2|3] [--layout free|grid]
+        [--n-video N [--n-video-eval N]] [--overwrite]
 
 Deterministic from the seed; written atomically. See docs/shapes-dataset.md. Bad arguments or an
 existing DIR without ``--overwrite``: one line ``error: …`` on stderr, exit status 2.
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="free",
         help="free: shapes at fixed fractions of the image; grid: one 28-px cell (LM token) each",
     )
+    p.add_argument(
+        "--n-video",
+        type=int,
+        default=0,
+        help="video clips with one question each (0: no video split, the default)",
+    )
+    p.add_argument(
+        "--n-video-eval",
+        type=int,
+        default=None,
+        help="held-out video questions (default 40; needs --n-video)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             max_shapes=args.max_shapes,
             layout=args.layout,
+            n_video=args.n_video,
+            n_video_eval=args.n_video_eval,
         )
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,7 +17,11 @@ and tiny-vocabulary:
   one image (see :data:`QUESTION_TYPES`), and each image's scene (``scenes.jsonl``: labels for
   pretraining a vision tower, see ``demo/vision_pretrain.py``);
 - ``eval``: a JSONL of held-out ``(image, question, answer)`` items whose scenes (and therefore
-  images) never occur in ``caption`` or ``instruct``.
+  images) never occur in ``caption`` or ``instruct``;
+- ``video`` (opt-in, ``n_video > 0``): short mp4 clips of moving, colour-turning, appearing and
+  vanishing shapes with one question each that needs more than one frame, as LLaVA JSON with a
+  ``video`` key and a held-out eval JSONL (:mod:`.shapes_video`). Off, nothing else changes: the
+  split draws from its own random stream.
 
 Everything is a function of the seed: the same arguments give byte-identical files (paths in the
 files are relative, so the output folder may be anywhere). See ``docs/shapes-dataset.md``.
@@ -39,6 +43,17 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .shapes_common import (
+    BACKGROUNDS,
+    COLOURS,
+    GRID_CELL,
+    GRID_RADIUS,
+    SHAPES,
+    draw_shape,
+    dump_json,
+    write_file,
+)
+
 FORMAT_VERSION = 1
 METADATA_NAME = "metadata.json"
 
@@ -48,24 +63,8 @@ IMAGE_SIZES: tuple[tuple[int, int], ...] = ((56, 56), (84, 56), (56, 112), (112,
 #: ``free``: shapes at fixed fractions of the image (:data:`POSITION_FRACTIONS`); ``grid``: each
 #: shape centred in one :data:`GRID_CELL` cell (:func:`grid_cell`), so one LM token per shape.
 LAYOUTS: tuple[str, ...] = ("free", "grid")
-#: The ``grid`` layout's cell: one LM image token (patch 14 × the 2×2 merge).
-GRID_CELL = 28
 #: ``grid`` sizes: odd numbers of cells per side, so that there is a middle row and column.
 GRID_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((84, 84), (140, 84), (84, 140))
-#: ``grid`` shape "radius" in pixels: the shape is 23 px wide in its 28-px cell.
-GRID_RADIUS = 11
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (255, 255, 255),
-    "gray": (128, 128, 128),
-    "black": (0, 0, 0),
-}
 #: Canonical position order (also the order in which captions list the shapes).
 POSITIONS: tuple[str, ...] = ("top", "left", "center", "right", "bottom")
 #: Shape centre as a fraction of (width, height).
@@ -244,16 +243,7 @@ def draw_scene(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for spec in scene.shapes:
-        cx, cy, r = shape_geometry(scene, spec)
-        fill = COLOURS[spec.colour]
-        if spec.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif spec.shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif spec.shape == "triangle":  # isosceles, pointing up, filling the square's box
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {spec.shape!r}")
+        draw_shape(draw, spec.shape, spec.colour, *shape_geometry(scene, spec))
     return image
 
 
@@ -351,24 +341,9 @@ def _make_images(
     return images
 
 
-def _write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path.write_bytes(data)
-
-
-def _dump(value: Any) -> str:
-    """JSON text; a list of records is written one record per line."""
-    if isinstance(value, list):
-        body = ",\n".join(json.dumps(item, ensure_ascii=False) for item in value)
-        return f"[\n{body}\n]\n"
-    return json.dumps(value, indent=1, ensure_ascii=False) + "\n"
-
-
 def _write_images(root: Path, images: Sequence[_Image]) -> None:
     for image in images:
-        _write(root / image.name, image.data)
+        write_file(root / image.name, image.data)
 
 
 def _caption_split(
@@ -392,7 +367,7 @@ def _caption_split(
         for index, image in enumerate(images[:n_llava])
     ]
     _write_images(root, images[:n_llava])
-    _write(root / "llava.json", _dump(llava))
+    write_file(root / "llava.json", dump_json(llava))
     rows = [
         {
             "id": f"caption-{n_llava + index:05d}",
@@ -445,9 +420,9 @@ def _instruct_split(
             {"id": f"instruct-{index:05d}", "messages": messages, "images": [image.name]}
         )
     _write_images(root, images)
-    _write(root / "instruct.json", _dump(records))
+    write_file(root / "instruct.json", dump_json(records))
     scenes = [json.dumps({"image": i.name, "scene": i.scene.to_json()}) for i in images]
-    _write(root / "scenes.jsonl", "\n".join(scenes) + "\n")
+    write_file(root / "scenes.jsonl", "\n".join(scenes) + "\n")
     return {
         "kind": "instruct",
         "sources": ["instruct/instruct.json"],
@@ -484,7 +459,7 @@ def _eval_split(
         }
         lines.append(json.dumps(record, ensure_ascii=False))
     _write_images(root, images)
-    _write(root / "eval.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    write_file(root / "eval.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     chance = sum(types[kinds[i % len(kinds)]].chance for i in range(count))
     majority = sum(counter.most_common(1)[0][1] for counter in answers.values() if counter)
     return {
@@ -532,6 +507,16 @@ def _total_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
+def _eval_summary(root: Path, split: dict[str, Any]) -> dict[str, Any]:
+    """An eval split's entry of the summary (its metadata with the path made absolute)."""
+    keys = ("chance_accuracy", "majority_answer_accuracy", "majority_answer_accuracy_per_type")
+    return {
+        "path": str(root / split["path"]),
+        "count": split["questions"],
+        **{key: split[key] for key in keys},
+    }
+
+
 def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The summary returned by :func:`generate_shapes_dataset` (absolute paths)."""
     splits = meta["splits"]
@@ -552,18 +537,21 @@ def _absolute(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "kind": "instruct",
             "scenes": str(root / splits["instruct"]["scenes_file"]),
         },
-        "eval": {
-            "path": str(root / splits["eval"]["path"]),
-            "count": splits["eval"]["questions"],
-            "chance_accuracy": splits["eval"]["chance_accuracy"],
-            "majority_answer_accuracy": splits["eval"]["majority_answer_accuracy"],
-            "majority_answer_accuracy_per_type": splits["eval"][
-                "majority_answer_accuracy_per_type"
-            ],
-        },
+        "eval": _eval_summary(root, splits["eval"]),
         "chance": {name: q["chance"] for name, q in meta["question_types"].items()},
         "bytes": _total_bytes(root),
     }
+    if "video" in splits:
+        video = splits["video"]
+        summary["video"] = {
+            "sources": [str(root / p) for p in video["sources"]],
+            "count": video["samples"],
+            "kind": video["kind"],
+            "pack_flags": video["pack_flags"],
+            "clip": video["clip"],
+            "chance": {name: q["chance"] for name, q in video["question_types"].items()},
+            "eval": _eval_summary(root, video["eval"]),
+        }
     return summary
 
 
@@ -576,6 +564,8 @@ def generate_shapes_dataset(
     overwrite: bool = False,
     max_shapes: int = MAX_SHAPES,
     layout: str = "free",
+    n_video: int = 0,
+    n_video_eval: int | None = None,
 ) -> dict[str, Any]:
     """Generate the data set into ``out_dir`` (atomically: a temp folder renamed at the end).
 
@@ -587,6 +577,9 @@ def generate_shapes_dataset(
         out_dir/instruct/instruct.json "messages/images" records, images under instruct/images/
         out_dir/instruct/scenes.jsonl  {image, scene} per instruct image
         out_dir/eval/eval.jsonl        {id, image, question, answer, type, chance, scene}
+        out_dir/video/llava.json       only with n_video > 0: LLaVA records with a ``video``
+        out_dir/video/eval.jsonl       {id, video, question, answer, type, chance, clip}
+        out_dir/video/clips/           t*.mp4 (training) and e*.mp4 (held out)
 
     Returns a summary: ``root``, ``metadata``, ``seed``, ``caption``/``instruct`` (``sources``:
     absolute paths for ``tools/pack_offline.py --input``, ``count``, ``kind``; ``instruct`` also
@@ -596,6 +589,11 @@ def generate_shapes_dataset(
     question type) and ``bytes``. Every image has 1..``max_shapes`` shapes (at most
     :data:`MAX_SHAPES`), drawn in ``layout`` (one of :data:`LAYOUTS`). Raises
     :class:`FileExistsError` if ``out_dir`` exists and ``overwrite`` is false.
+
+    ``n_video`` training clips and ``n_video_eval`` held-out ones (default 40 when ``n_video`` is
+    set; an error without it) add the ``video`` split and a ``video`` entry to the summary
+    (``sources``, ``count``, ``kind``, ``pack_flags`` for the packer, ``clip``, ``chance``,
+    ``eval``); clips use the 28-px grid cells whatever ``layout`` is.
     """
     if n_caption < 2 or n_instruct < 1 or n_eval < 0:
         # Two caption samples at least: one per layout (LLaVA JSON and parquet).
@@ -603,6 +601,12 @@ def generate_shapes_dataset(
     if not 1 <= max_shapes <= MAX_SHAPES:
         raise ValueError(f"need 1 <= max_shapes <= {MAX_SHAPES}, got {max_shapes}")
     image_sizes(layout)  # an unknown layout raises here, before anything is written
+    if n_video < 0 or (n_video_eval is not None and n_video_eval < 0):
+        raise ValueError("need n_video >= 0 and n_video_eval >= 0")
+    if n_video == 0 and n_video_eval is not None:
+        raise ValueError("n_video_eval (--n-video-eval) has no effect without n_video (--n-video)")
+    if n_video_eval is None:
+        n_video_eval = 40
     root = Path(out_dir).expanduser().resolve()
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists (pass overwrite=True / --overwrite to replace it)")
@@ -628,8 +632,14 @@ def generate_shapes_dataset(
             temp / "eval", random.Random(f"shapes-{seed}-eval"), n_eval, max_shapes, layout, seen
         )
         splits = {"caption": caption, "instruct": instruct, "eval": evaluation}
+        if n_video:
+            from .shapes_video import video_split
+
+            splits["video"] = video_split(
+                temp / "video", random.Random(f"shapes-{seed}-video"), n_video, n_video_eval
+            )
         meta = _metadata(seed, max_shapes, layout, splits)
-        _write(temp / METADATA_NAME, _dump(meta))
+        write_file(temp / METADATA_NAME, dump_json(meta))
         os.chmod(temp, 0o755)  # mkdtemp makes it 0700
         if root.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
@@ -645,13 +655,16 @@ def generate_shapes_dataset(
 
 
 def load_eval(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The eval items with ``image`` made absolute (relative to the JSONL's folder)."""
+    """The eval items with ``image`` (or a video eval's ``video``) made absolute (relative to
+    the JSONL's folder)."""
     path = Path(path)
     items = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             item = json.loads(line)
-            item["image"] = str(path.parent / item["image"])
+            for key in ("image", "video"):
+                if key in item:
+                    item[key] = str(path.parent / item[key])
             items.append(item)
     return items
 
@@ -675,4 +688,21 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  eval chance accuracy {ev['chance_accuracy']:.3f}, "
             f"always-most-frequent-answer accuracy {ev['majority_answer_accuracy']:.3f}"
         )
+    if "video" in summary:
+        video = summary["video"]
+        clip = video["clip"]
+        chance = ", ".join(f"{name} {value:.3f}" for name, value in video["chance"].items())
+        lines += [
+            f"  video   : {video['count']} clips ({clip['frames']} frames of {clip['size']} at "
+            f"{clip['fps']} fps, {len(clip['sampled_frames'])} sampled, {clip['tokens']} tokens) "
+            f"in {', '.join(video['sources'])}; pack with {' '.join(video['pack_flags'])}",
+            f"  video eval: {video['eval']['count']} questions in {video['eval']['path']}; "
+            f"chance per type: {chance}",
+        ]
+        if video["eval"]["count"]:
+            lines.append(
+                f"  video eval chance accuracy {video['eval']['chance_accuracy']:.3f}, "
+                "always-most-frequent-answer accuracy "
+                f"{video['eval']['majority_answer_accuracy']:.3f}"
+            )
     return "\n".join(lines)
