@@ -294,7 +294,8 @@ def test_bad_yaml_values(tmp_path, yaml_text, match):
                 "train.recompute.method=block",
                 "train.recompute.num_layers=3",
             ],
-            r"train.recompute.num_layers=3 exceeds the 2 language-model layers of a pipeline chunk",
+            r"train.recompute.num_layers=3 exceeds the 2 language-model layers of the largest "
+            r"pipeline chunk",
         ),  # fmt: skip
         # The VLM's image token ids (defaults: the Qwen ids) must be distinct ids of its vocabulary.
         (
