@@ -391,6 +391,7 @@ def test_image_token_id_defaults_are_the_qwen_tokenizer_ids():
         ("image_token_id", 151656, "<|image_pad|> id 151655"),
         ("vision_start_token_id", 151654, "<|vision_start|> id 151652"),
         ("vision_end_token_id", 0, "<|vision_end|> id 151653"),
+        ("video_token_id", 151654, "<|video_pad|> id 151656"),
     ],
 )
 def test_training_refuses_image_ids_other_than_the_tokenizers(

@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--layouts", nargs="+", metavar="TPxPP[xEP]",
                    help="several layouts in one launch (instead of --tp/--pp/--ep): one JSON "
                    "line each")  # fmt: skip
-    c.add_argument("--inputs", help="torch file with a dict holding input_ids [batch, seq]")
+    c.add_argument("--inputs", help="torch file with a dict holding input_ids [batch, seq] "
+                   "(a VLM: also pixel_values/image_grid_thw, pixel_values_videos/"
+                   "video_grid_thw)")  # fmt: skip
     c.add_argument("--dump-logits", help="write the Megatron logits (HF vocab) to this file")
     return p
 

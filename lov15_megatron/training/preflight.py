@@ -11,6 +11,8 @@ from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
 from lov15_megatron.data.special_tokens import (
     IMAGE_PAD,
     SPECIAL_TOKEN_IDS,
+    VIDEO_PAD,
+    VIDEO_PAD_ID,
     VISION_END,
     VISION_START,
 )
@@ -64,3 +66,11 @@ def check_image_token_ids(cfg: RunConfig) -> None:
                 f"tokenizer data.tokenizer={cfg.data.tokenizer} that the training data is "
                 f"tokenized with; set it to {data_id}"
             )
+    # Videos: the data writes the tokenizer's <|video_pad|>; a set id must be that one (null
+    # resolves to it whenever the vocabulary holds it).
+    if vision.video_token_id is not None and vision.video_token_id != VIDEO_PAD_ID:
+        raise ConfigError(
+            f"model.vision.video_token_id={vision.video_token_id} differs from the {VIDEO_PAD} "
+            f"id {VIDEO_PAD_ID} of the tokenizer data.tokenizer={cfg.data.tokenizer} that the "
+            f"training data is tokenized with; set it to {VIDEO_PAD_ID} (or null)"
+        )
