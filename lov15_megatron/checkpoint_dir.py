@@ -9,7 +9,8 @@ starts from) is one Megatron-Core ``torch_dist`` checkpoint plus :data:`MODEL_FI
 
 :data:`MODEL_FILE` (``lov15_model.json``) records what the tensors are: the registered model
 name, the run config's ``model`` section, the Hugging Face config the weights came from (the
-template of an export), the dtype and, for a training run, its image settings.
+template of an export), the dtype and, for a training run, its image settings and, when it
+trained on packed videos, their sampling settings (:func:`packed_video_settings`).
 
 This module knows only paths and JSON; it imports neither torch nor Megatron.
 """
@@ -70,14 +71,51 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
+#: The packer's report (``data/offline_packing.py``'s ``REPORT_NAME``) beside the shards.
+PACK_REPORT = "pack_report.json"
+#: Video sampling settings: their names in the exported processor (and ``data/video.py``'s
+#: ``VideoConfig``) and in the pack report's ``videos`` entry (the packer's flags).
+PACK_VIDEO_FIELDS = {
+    "fps": "fps",
+    "min_frames": "fps_min_frames",
+    "max_frames": "fps_max_frames",
+    "frame_min_pixels": "frame_min_pixels",
+    "frame_max_pixels": "frame_max_pixels",
+    "video_max_pixels": "video_max_pixels",
+}
+
+
+def packed_video_settings(data_path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """How the videos of the packed data set at ``data_path`` were sampled (fps, frame counts,
+    pixel budgets), read from its pack report; ``None`` when it packed no videos (or is not one
+    packed directory, e.g. a metadataset YAML).
+
+    The packer is the settings' one home: it samples each video's frames and fixes their grid,
+    and the task encoder decodes exactly those frames (nothing re-sampled, so the run's config
+    has no video fields). A processor that is to show a model what training showed it must
+    sample with these settings."""
+    if data_path is None:
+        return None
+    report = Path(data_path) / PACK_REPORT
+    if not report.is_file():
+        return None
+    videos = json.loads(report.read_text()).get("videos") or {}
+    if videos.get("mode") != "pack":
+        return None
+    return {name: videos[key] for name, key in PACK_VIDEO_FIELDS.items()}
+
+
 def describe_model(cfg, source: str | os.PathLike | None, model: str) -> dict[str, Any]:
     """:data:`MODEL_FILE` of a training run: the registered ``model`` name and the run's model
     config, the HF config template (inherited from ``source``, the checkpoint the run started
-    from, when it has one), the dtype and the run's image settings (``mcore-to-hf`` writes them
-    into the exported processor)."""
+    from, when it has one), the dtype, the run's image settings and the video sampling settings
+    of its packed data (:func:`packed_video_settings`; else those ``source`` recorded, if any):
+    ``mcore-to-hf`` writes both into the exported processor."""
     from lov15_megatron.config import config_to_dict
 
     inherited = read_model_file(source) if source is not None else None
+    video = packed_video_settings(cfg.data.path) if cfg.data.loader == "energon" else None
+    video = video or (inherited or {}).get("video")
     return {
         "model": model,
         "model_config": config_to_dict(cfg)["model"],
@@ -88,6 +126,7 @@ def describe_model(cfg, source: str | os.PathLike | None, model: str) -> dict[st
             "max_pixels": cfg.data.max_pixels,
             "max_image_side": cfg.data.max_image_side,
         },
+        **({"video": video} if video else {}),
     }
 
 
@@ -95,6 +134,7 @@ __all__ = [
     "LATEST",
     "MODEL_FILE",
     "describe_model",
+    "packed_video_settings",
     "has_checkpoint",
     "iteration_dir",
     "model_file_text",

@@ -286,22 +286,52 @@ def test_bad_inputs_are_named_errors(exports, tmp_path, our_model, offline) -> N
         our_model(**inputs)
 
 
-def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
-    """A training checkpoint records data.min/max_pixels in lov15_model.json; mcore-to-hf puts
-    them into the processor (the other files stay the template's), and the CLI flags win."""
-    from lov15_megatron.checkpoint_dir import describe_model
-    from lov15_megatron.config import config_from_dict
+def test_export_takes_the_runs_image_and_video_settings(exports, tmp_path, offline) -> None:
+    """A training checkpoint records data.min/max_pixels and its packed data's video sampling
+    settings in lov15_model.json; mcore-to-hf puts them into the processor (the other files stay
+    the template's), and the CLI flags win. The export's processor then samples a clip onto the
+    frame grid the packer gave it for training (the release's floor would not)."""
+    from data_fixtures import pack, read_packs
+    from transformers import AutoProcessor
 
-    cfg = config_from_dict({"data": {"min_pixels": 6272, "max_pixels": 401408}})
-    assert describe_model(cfg, None, "llava-ov-1.5")["image"] == {
+    from lov15_megatron.checkpoint_dir import PACK_REPORT, describe_model
+    from lov15_megatron.config import config_from_dict
+    from lov15_megatron.data.offline_packing import REPORT_NAME
+
+    assert PACK_REPORT == REPORT_NAME
+    clip = write_clip(tmp_path / "clip.mp4", frames=20, fps=10)  # 2 s of 64×48 at 10 fps
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "v0", "video": "clip.mp4",
+        "conversations": [{"from": "human", "value": "<video>\nWhat?"},
+                          {"from": "gpt", "value": "grey"}]}]))  # fmt: skip
+    report = pack([str(tmp_path / "llava.json")], tmp_path / "packed", kind="instruct",
+                  videos="pack", frame_min_pixels=784, fps=4.0)  # fmt: skip
+    assert report["samples_packed"] == 1
+    ((record, _),) = read_packs(tmp_path / "packed").values()
+    (packed,) = record["samples"][0]["videos"]
+    # By hand: 20 frames / 10 fps · 4 fps = 8 frames; 64×48 is above int(1.05·784) = 823 px,
+    # so smart_resize rounds it to 56×56: 4×4 patches a frame (144 tokens at the release's floor)
+    assert packed["grid_thw"] == [8, 4, 4]
+
+    packed_data = {"loader": "energon", "path": str(tmp_path / "packed")}
+    cfg = config_from_dict({"data": {"min_pixels": 6272, "max_pixels": 401408, **packed_data}})
+    described = describe_model(cfg, None, "llava-ov-1.5")
+    assert described["image"] == {
         "min_pixels": 6272, "max_pixels": 401408, "max_image_side": None,
     }  # fmt: skip
+    assert described["video"] == {
+        "fps": 4.0, "min_frames": 4, "max_frames": 768, "frame_min_pixels": 784,
+        "frame_max_pixels": 768 * 28 * 28, "video_max_pixels": 65536 * 28 * 28,
+    }  # fmt: skip
+    images_only = config_from_dict({"data": {"loader": "energon", "path": str(tmp_path)}})
+    assert "video" not in describe_model(images_only, None, "llava-ov-1.5")
     run = tmp_path / "run"
     shutil.copytree(exports["stage0"].parent / "mcore", run)
     meta = json.loads((run / "lov15_model.json").read_text())
     (run / "lov15_model.json").write_text(
-        json.dumps({**meta, "image": describe_model(cfg, None, "llava-ov-1.5")["image"]})
+        json.dumps({**meta, "image": described["image"], "video": described["video"]})
     )
+    # a later stage without videos, started from this run, keeps its video settings
+    assert describe_model(images_only, run, "llava-ov-1.5")["video"] == described["video"]
     ok("mcore-to-hf", "--model", "llava-ov-1.5", "--load-dir", str(run), "--save-dir",
        str(tmp_path / "hf"), "--hf-template", str(exports["stage0"]),
        "--max-image-side", "1000")  # fmt: skip
@@ -309,6 +339,15 @@ def test_export_takes_the_runs_image_settings(exports, tmp_path) -> None:
     assert (pre["min_pixels"], pre["max_pixels"], pre["max_image_side"]) == (6272, 401408, 1000)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "hf" / name).read_bytes() == (exports["stage0"] / name).read_bytes()
+    processor_config = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    assert {k: processor_config[k] for k in described["video"]} == described["video"]
+
+    def grid(directory: Path) -> list[list[int]]:
+        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+        return processor(text="<|video_pad|>", videos=[str(clip)])["video_grid_thw"].tolist()
+
+    assert grid(tmp_path / "hf") == [packed["grid_thw"]]
+    assert grid(exports["template"]) == [[4, 22, 28]]  # the release's defaults, as above
 
 
 def test_bad_image_settings_are_one_line_errors(exports, tmp_path, capsys) -> None:

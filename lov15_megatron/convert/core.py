@@ -193,6 +193,17 @@ def _image_config(meta: dict[str, Any], template: Path | None, overrides: Any) -
         ) from e
 
 
+def _write_video_settings(directory: Path, meta: dict[str, Any]) -> None:
+    """The video sampling settings a training run recorded in ``lov15_model.json`` (those of
+    its packed data) into the exported processor's config, beside the image settings; nothing
+    when it recorded none or the export has no processor (a model without vision)."""
+    from lov15_megatron.hf.export import PROCESSOR_FILE, write_video_settings
+
+    video = meta.get("video")
+    if isinstance(video, dict) and video and (directory / PROCESSOR_FILE).is_file():
+        write_video_settings(directory, video)
+
+
 def read_model_file(load_dir: str | os.PathLike) -> dict[str, Any]:
     meta = checkpoint_dir.read_model_file(load_dir)
     if meta is None:
@@ -234,7 +245,8 @@ def mcore_to_hf(
     tokenizer/processor/generation files are copied unchanged; a converter with
     ``write_extra`` (LLaVA-OV-1.5) then adds its code and any missing file, and rewrites the
     processor's image settings when a training run recorded them in ``lov15_model.json`` or
-    ``image`` (a dict of ``min_pixels``/``max_pixels``/``max_image_side``) overrides some.
+    ``image`` (a dict of ``min_pixels``/``max_pixels``/``max_image_side``) overrides some; the
+    video sampling settings a run recorded go into ``processor_config.json``.
     """
     start = time.perf_counter()
     load_dir = resolve(load_dir)  # a training root exports its latest iteration
@@ -278,6 +290,7 @@ def mcore_to_hf(
         if template_dir is not None:  # byte for byte; write_extra fills in what is missing
             copy_tokenizer_files(template_dir, writer)
         converter.write_extra(writer.tmp, image=_image_config(meta, template_dir, image))
+        _write_video_settings(writer.tmp, meta)
         out = writer.finish()
     except BaseException:
         writer.abort()

@@ -10,7 +10,8 @@ processor and tokenizer files. :func:`write_hf_assets` writes those (see
   tokenizer directory, or generated from the offline Qwen vocabulary;
 - ``chat_template.jinja``: the training template (``lov15_megatron.data.chat``);
 - ``preprocessor_config.json`` / ``processor_config.json``: our processor classes
-  (``processing_llavaonevision1_5.py``, through ``auto_map``) with the run's image settings;
+  (``processing_llavaonevision1_5.py``, through ``auto_map``) with the run's image settings and,
+  for a run that trained on packed videos, their sampling settings (:func:`write_video_settings`);
 - ``generation_config.json``: eos ``<|im_end|>``, pad ``<|endoftext|>``.
 """
 
@@ -168,6 +169,19 @@ def write_hf_assets(
         _write_json(directory / GENERATION_FILE, generation)
         written.append(GENERATION_FILE)
     return written
+
+
+def write_video_settings(directory: str | Path, video: dict[str, Any]) -> None:
+    """Put a run's video sampling settings (``fps``, ``min_frames``, ``max_frames``,
+    ``frame_min_pixels``, ``frame_max_pixels``, ``video_max_pixels``: what
+    ``checkpoint_dir.packed_video_settings`` read from its packed data) into ``directory``'s
+    ``processor_config.json``, whose other keys stay; the processor reads them as its
+    attributes, so that it samples each video as the packer did for training."""
+    path = Path(directory) / PROCESSOR_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("auto_map", dict(PROCESSOR_AUTO_MAP))
+    data.setdefault("processor_class", "LLaVAOneVision1_5_Processor")
+    _write_json(path, {**data, **video})
 
 
 def write_tokenizer(directory: Path, tokenizer_dir: str | Path | None) -> list[str]:

@@ -28,9 +28,12 @@ rounded; every frame resized (bicubic) by ``smart_resize`` (factor 28) within
 ``[int(1.05 · frame_min_pixels), min(frame_max_pixels, video_max_pixels / t · 2)]``. A video is a
 file path or its bytes (decoded with PyAV, imported only then: ``pip install av``), a folder of
 frame images, or a list of frames (PIL images or ``[H, W, 3]`` arrays; all taken, the last
-repeated to an even count). The sampling settings are the processor's attributes (the release's
-defaults) and may be passed per call (``fps=…``, ``max_frames=…``, ``frame_min_pixels=…``,
-``frame_max_pixels=…``, ``video_max_pixels=…``, ``min_frames=…``).
+repeated to an even count). The sampling settings are the processor's attributes: the
+release's defaults, or what ``processor_config.json`` holds (an export of a run that trained on
+packed videos carries the packer's settings there, so that the processor samples as training
+did), or ``from_pretrained(…, frame_min_pixels=…)``; they may also be passed per call (``fps=…``,
+``max_frames=…``, ``frame_min_pixels=…``, ``frame_max_pixels=…``, ``video_max_pixels=…``,
+``min_frames=…``).
 
 The pixels equal ``lov15_megatron.data.image_processing.preprocess_image`` (the training
 pipeline) to float32 rounding; ``tests/test_processor_parity.py`` holds both to that, and
@@ -339,8 +342,27 @@ class LLaVAOneVision1_5_Processor(ProcessorMixin):
         image_processor: Any = None,
         tokenizer: Any = None,
         chat_template: str | None = None,
+        fps: float | None = None,
+        min_frames: int | None = None,
+        max_frames: int | None = None,
+        frame_min_pixels: int | None = None,
+        frame_max_pixels: int | None = None,
+        video_max_pixels: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # Named arguments (not **kwargs): ProcessorMixin passes a processor_config.json key to
+        # __init__ only when it is one, and saves the attributes named here.
+        settings = {
+            "fps": fps,
+            "min_frames": min_frames,
+            "max_frames": max_frames,
+            "frame_min_pixels": frame_min_pixels,
+            "frame_max_pixels": frame_max_pixels,
+            "video_max_pixels": video_max_pixels,
+        }
+        for name, value in settings.items():
+            default = VIDEO_DEFAULTS[name]
+            setattr(self, name, type(default)(default if value is None else value))
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         # No ``video_token`` attribute: ProcessorMixin would look for a video processor object.
