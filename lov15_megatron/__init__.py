@@ -13,9 +13,10 @@ for _message in (
     r"Transformer Engine and Apex are not installed\. Falling back to ",
     r"Apex is not installed\. Falling back to Torch Norm",
     r"absl\.logging is not installed\. Using logging\.getLogger",  # megatron-core 0.19
-    # megatron-core 0.16: TransformerConfig's own default cuda_graph_scope="full" warns that
-    # "full" is deprecated, at every model a command builds (no CUDA graphs are used here).
-    r"full scope is deprecated\. Use empty cuda_graph_scope",
+    # TransformerConfig's own default CUDA-graph scope "full" warns that "full" is deprecated
+    # (0.16: cuda_graph_scope, 0.19: cuda_graph_modules), at every model a command builds (no
+    # CUDA graphs are used here).
+    r"full scope is deprecated\. Use empty cuda_graph_(scope|modules) to capture",
 ):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning, module="megatron")
 
