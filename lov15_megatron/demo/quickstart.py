@@ -1,17 +1,22 @@
 """The embedded default: the whole LLaVA-OV-1.5 pipeline on one CPU machine in minutes.
 
-``lov15-quickstart [--out runs/quickstart] [--size default|small] [--stop-after STEP] [--lora]`` (or
+``lov15-quickstart [--out runs/quickstart] [--size default|small] [--stop-after STEP] [--lora]
+[--video]`` (or
 ``python -m lov15_megatron.demo.quickstart``, or ``bash scripts/quickstart.sh``) runs, from any
 working directory, with the real tools and the real training entry point (each as its own
 process, each found through the installed package):
 
 1. generate the procedural shapes data set (captions, multi-turn QA, held-out eval) in its
-   ``grid`` layout (each shape in one 28-pixel cell, i.e. one LM image token);
+   ``grid`` layout (each shape in one 28-pixel cell, i.e. one LM image token); with ``--video``
+   also its ``video`` split (8-frame clips of shapes that move, turn colour, appear or vanish,
+   one question each that needs more than one frame, and held-out clips);
 2. make the source checkpoints: a tiny Rice ViT (MLCD layout) pretrained for a few hundred
    steps on the shapes *training* images (multi-label, as MLCD is; ``demo/vision_pretrain.py``)
    and a random Qwen3 with the offline Qwen vocabulary; build the stage-0 checkpoint with
    ``lov15-make-stage0``;
-3. pack the caption and instruct sets with ``lov15-pack-offline``;
+3. pack the caption and instruct sets with ``lov15-pack-offline`` (with ``--video`` the clips
+   go into the instruct packs beside the images, 4 sampled frames of 9 tokens each: the split's
+   ``pack_flags``, which keep the 84×84 frames at their size);
 4. convert stage-0 to Megatron with ``lov15-convert-checkpoint hf-to-mcore``;
 5. stage 1 (merger only, TP=2), stage 1.5 (everything, PP=2) and stage 2 (instruct, DP=2), each
    ``torchrun`` with 2 gloo ranks, each starting from the previous stage's checkpoint (with
@@ -20,11 +25,14 @@ process, each found through the installed package):
    trainer's progress lines (loss, lr, grad norm, tokens/s per log interval) show on the console,
    its whole output is in ``OUT/<stage>.log``;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
-   ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``);
+   ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``); with
+   ``--video`` also on the held-out clips (prompt ``"<video>\n{question}"``, the training text;
+   the export's processor samples them with the packer's settings, which the trainer recorded);
 7. print a summary: the vision pretraining (loss, and what its head reads from the held-out
    images); per stage steps, first/last loss, tokens/s and checkpoint; packing fill; the answers
    next to the expected ones, and the accuracy per question type and overall beside the
-   always-majority baseline (always the most frequent held-out answer) and chance.
+   always-majority baseline (always the most frequent held-out answer) and chance (with
+   ``--video`` the clips' too).
 
 ``--seed`` (default 0) seeds the data set and the sources' initialisation. ``docs/quickstart.md``
 has the measured accuracy and time.
@@ -53,10 +61,12 @@ if TYPE_CHECKING:
 
 SIZES = {  # data counts, vision pretraining steps and steps per stage
     "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "vision": 600,
-                "steps": (10, 20, 400)},
+                "steps": (10, 20, 400), "video": 600, "video_eval": 60},
     "small": {"caption": 120, "instruct": 1000, "eval": 150, "valid": 48, "vision": 400,
-              "steps": (6, 8, 200)},
+              "steps": (6, 8, 200), "video": 400, "video_eval": 60},
 }  # fmt: skip
+#: The eval prompt of a held-out clip: the training text (``demo/shapes_video.py``).
+VIDEO_PROMPT = "<video>\n{question}"
 LAYOUT = "grid"  # shapes data layout (demo/shapes_dataset.py): one shape per LM image token
 
 
@@ -160,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run stage 2 as LoRA from stage 1.5 (frozen weights, rank-16 adapters), export "
         "it merged and as a PEFT adapter, and score it beside the full stage 2",
     )  # fmt: skip
+    parser.add_argument(
+        "--video", action="store_true",
+        help="also generate short clips with questions that need several frames, train stage 2 "
+        "on them beside the images (same packs), and score the export on held-out clips",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     configs = configs_dir()
     if configs is None:
@@ -179,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         return True
 
     print(f"[1/7] generating the shapes data set ({LAYOUT} layout)", flush=True)
+    clips = {"n_video": size["video"], "n_video_eval": size["video_eval"]} if args.video else {}
     data = generate_shapes_dataset(out / "data", seed=args.seed, n_caption=size["caption"],
                                    n_instruct=size["instruct"], n_eval=size["eval"],
-                                   layout=LAYOUT)  # fmt: skip
+                                   layout=LAYOUT, **clips)  # fmt: skip
+    if args.video:
+        print(f"      {data['video']['count']} training clips, {data['video']['eval']['count']} "
+              "held out", flush=True)  # fmt: skip
     # Held-out sets for the validation loss: drawn with another seed (other images and texts).
     held_out = generate_shapes_dataset(out / "data_valid", seed=args.seed + 1,
                                        n_caption=size["valid"],
@@ -202,14 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     if done("stage0"):
         return 0
     print("[3/7] packing (pack_offline)", flush=True)
-    fill = {}
+    fill, packed_videos = {}, {}
     for split in ("caption", "instruct"):
-        tool("cli.pack_offline", "--input", *data[split]["sources"],
+        # --video: the clips join the instruct packs (stage 2 trains on both in the same packs)
+        video = args.video and split == "instruct"
+        clips_in = [*data["video"]["sources"], *data["video"]["pack_flags"]] if video else []
+        tool("cli.pack_offline", "--input", *data[split]["sources"], *clips_in,
             "--output", str(out / f"packed_{split}"), "--tokenizer", "qwen-offline",
             "--seq-len", "512", "--workers", "2", "--kind", data[split]["kind"],
             "--no-progress")  # fmt: skip
         report = json.loads((out / f"packed_{split}" / "pack_report.json").read_text())
         fill[split] = (report["samples_in"], report["packs"], report["fill_efficiency"])
+        if video:
+            packed_videos = {"clips": report["videos"]["videos"],
+                             "frames": report["videos"]["frames"]}  # fmt: skip
         tool("cli.pack_offline", "--input", *held_out[split]["sources"],
             "--output", str(out / f"valid_{split}"), "--tokenizer", "qwen-offline",
             "--seq-len", "512", "--workers", "2", "--kind", held_out[split]["kind"],
@@ -262,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             out / "final_lora_adapter",
         )  # fmt: skip
         lora = lora_summary(out, lora_report)
+    video = None
+    if args.video:  # the same export on the held-out clips
+        report_video = score(out, "final_hf", data["video"]["eval"]["path"],
+                             "eval_report_video.json", VIDEO_PROMPT)  # fmt: skip
+        video = {**video_summary(out, data["video"], report_video), "packed": packed_videos}
     results = report["answers"]
     summary = {
         "vision_pretraining": asdict(pretrained),
@@ -272,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
-        "answers": results, "lora": lora, "seconds": time.perf_counter() - start,
+        "answers": results, "lora": lora, "video": video,
+        "seconds": time.perf_counter() - start,
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
@@ -288,10 +319,36 @@ def export_and_score(
     tool("cli.convert_checkpoint", "mcore-to-hf", "--model", "llava-ov-1.5",
         "--load-dir", str(out / checkpoint), "--save-dir", str(out / hf),
         "--hf-template", str(out / "stage0_hf"), *extra)  # fmt: skip
+    return score(out, hf, eval_data, report, "<image>\n{question}")
+
+
+def score(out: Path, hf: str, eval_data: str, report: str, prompt: str) -> dict:
+    """``lov15-evaluate`` of the export ``out/hf`` on ``eval_data`` (one kind of item, its
+    training ``prompt``); the report."""
     tool("cli.evaluate", "--checkpoint", str(out / hf),
         "--data", eval_data, "--report", str(out / report),
-        "--prompt", "<image>\n{question}", "--max-new-tokens", "4", "--quiet")  # fmt: skip
+        "--prompt", prompt, "--max-new-tokens", "4", "--quiet")  # fmt: skip
     return json.loads((out / report).read_text())
+
+
+def video_summary(out: Path, split: dict, report: dict) -> dict:
+    """The held-out clips' accuracy, overall and per question type, beside each type's
+    always-majority baseline and chance, and how each clip was sampled for the model (the
+    export's processor settings)."""
+    majority = split["eval"]["majority_answer_accuracy_per_type"]
+    processor = json.loads((out / "final_hf" / "processor_config.json").read_text())
+    return {
+        "accuracy": report["accuracy"],
+        "accuracy_per_type": {
+            name: {**entry, "majority": majority[name]}
+            for name, entry in report["accuracy_per_type"].items()
+        },
+        "chance_accuracy": split["eval"]["chance_accuracy"],
+        "majority_answer_accuracy": split["eval"]["majority_answer_accuracy"],
+        "clip": split["clip"],
+        "frame_min_pixels": processor.get("frame_min_pixels"),
+        "answers": report["answers"],
+    }
 
 
 def _mib(path: Path) -> float:
@@ -345,6 +402,23 @@ def print_summary(s: dict, out: Path) -> None:
         print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
               f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
               f"chance {t['chance']:.2f})")  # fmt: skip
+    if s.get("video"):
+        v = s["video"]
+        print(f"  packing: {v['packed']['clips']} clips ({v['packed']['frames']} frames) in the "
+              "instruct packs, beside its images")  # fmt: skip
+        print(
+            f"  held-out clips: accuracy per question type, against always-majority and "
+            f"chance ({len(v['answers'])} clips; frames {v['clip']['sampled_frames']} of "
+            f"{v['clip']['frames']} sampled, {v['clip']['tokens']} tokens each):"
+        )
+        for name, t in v["accuracy_per_type"].items():
+            print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
+                  f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
+                  f"chance {t['chance']:.2f})")  # fmt: skip
+        print(
+            f"  video accuracy {v['accuracy']:.2f} against always-majority "
+            f"{v['majority_answer_accuracy']:.2f} (chance {v['chance_accuracy']:.2f})"
+        )
     if s.get("lora"):
         lo = s["lora"]
         print(f"  LoRA stage 2 (rank 16, frozen weights): accuracy {lo['accuracy']:.2f} against "
