@@ -21,16 +21,28 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message, category=UserWarning, module="megatron")
 
 
-class _NoCudaRuntimeNotice(logging.Filter):
-    """PyTorch logs "No CUDA runtime is found, using CUDA_HOME=…" when a CUDA toolkit directory
-    exists on a machine without a GPU (Megatron-Core 0.19 imports ``torch.utils.cpp_extension``).
-    On CPU that is the intended situation; only this record is dropped."""
+class _DropNotice(logging.Filter):
+    """Drops the log records of one logger whose message starts with ``prefix``; every other
+    record still goes through."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No CUDA runtime is found")
+        return not str(record.msg).startswith(self.prefix)
 
 
-logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
+# PyTorch logs "No CUDA runtime is found, using CUDA_HOME=…" when a CUDA toolkit directory exists
+# on a machine without a GPU (Megatron-Core 0.19 imports ``torch.utils.cpp_extension``); on CPU
+# that is the intended situation.
+logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNotice("No CUDA runtime is found"))
+# Megatron-Core 0.19 logs at every GPTModel it builds that GPTModel takes only bug fixes from now
+# on (its HybridModel is the successor); a notice for Megatron's developers, printed before a
+# command's own output or one-line error. Moving to HybridModel is its own change.
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
+    _DropNotice("GPTModel IS DEPRECATED")
+)
 
 
 def _version() -> str:
