@@ -58,7 +58,7 @@ import hashlib
 import math
 import re
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -393,6 +394,16 @@ def merged_delta(a_full: torch.Tensor, b_full: torch.Tensor, scaling: float) -> 
 # ------------------------------------------------------------------ the base's fingerprint
 
 FINGERPRINT_ELEMENTS = 8  # per tensor: the first elements of its first row
+
+
+def fingerprint_tensors(values: Iterable[Any]) -> Iterator[ShardedTensor]:
+    """The entries of a (flattened) sharded state dict that a base's fingerprint samples: each
+    tensor's shard at the global origin, once (its main replica)."""
+    for value in values:
+        if not isinstance(value, ShardedTensor) or not is_main_replica(value.replica_id):
+            continue
+        if not any(value.global_offset) and value.data is not None:
+            yield value
 
 
 def fingerprint_sample(first_row: torch.Tensor, global_width: int) -> bytes:

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from lov15_megatron.checkpoint_dir import read_model_file, resolve
+from lov15_megatron.checkpoint_dir import MODEL_FILE, read_model_file, resolve
+from lov15_megatron.config.loader import build
 from lov15_megatron.config.schema import PeftConfig, RunConfig
 from lov15_megatron.convert import core
 from lov15_megatron.convert.mapping import ConversionError, MappingTable
@@ -51,6 +51,7 @@ from lov15_megatron.models.lora import (
     apply_lora,
     fingerprint_digest,
     fingerprint_sample,
+    fingerprint_tensors,
     is_adapter_key,
     merged_delta,
 )
@@ -66,19 +67,13 @@ def lora_meta(load_dir: str | os.PathLike) -> dict[str, Any] | None:
     return (read_model_file(resolve(load_dir)) or {}).get("peft")
 
 
-def _peft_config(record: dict[str, Any]) -> PeftConfig:
-    fields = {k: record[k] for k in ("type", "rank", "alpha", "dropout", "target_modules",
-                                     "towers") if k in record}  # fmt: skip
-    return PeftConfig(**fields)
-
-
 def read_adapters(
-    family: ModelFamily, load_dir: Path, cfg: RunConfig, dtype: torch.dtype
+    family: ModelFamily, load_dir: Path, cfg: RunConfig, model: torch.nn.Module
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer name: (A [r, in], B [out, r])}``, global tensors in Megatron's TP=1 layout, of
-    every adapted layer of a LoRA checkpoint (written at any layout)."""
+    every adapted layer of a LoRA checkpoint (written at any layout); ``model`` is the
+    checkpoint's TP=1/PP=1 model on ``meta``, which gains the adapters' shapes here."""
     assert cfg.peft is not None
-    model = build_on_meta(lambda: family.build_model(cfg)).to(dtype)
     apply_lora(model, cfg.peft, family.tower_prefixes(), seed=0)  # shapes only (meta)
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -99,9 +94,7 @@ def checkpoint_fingerprint(model: torch.nn.Module, ckpt_dir: Path) -> str:
     each tensor's first row: read before anything is written."""
     reader = FileSystemReader(str(ckpt_dir))
     samples: dict[str, bytes] = {}
-    for sh in model.sharded_state_dict().values():
-        if not isinstance(sh, ShardedTensor) or any(sh.global_offset):
-            continue
+    for sh in fingerprint_tensors(model.sharded_state_dict().values()):
         width = sh.global_shape[-1]
         sizes = (1,) * (len(sh.global_shape) - 1) + (min(FINGERPRINT_ELEMENTS, width),)
         zero = (0,) * len(sh.global_shape)
@@ -233,16 +226,17 @@ def export_lora(
         raise ConversionError(f"the base {base} is itself a LoRA checkpoint")
     start = time.perf_counter()
     cfg = core.run_config_of_checkpoint(load_dir)
-    cfg.peft = _peft_config(record)
+    source = str(load_dir / MODEL_FILE)
+    cfg.peft = build(PeftConfig, {k: v for k, v in record.items() if k != "base"}, "peft", source)
     dtype = TORCH_DTYPES[read_model_file(load_dir)["dtype"]]  # type: ignore[index]
-    layout = build_on_meta(lambda: family.build_model(cfg)).to(dtype)
+    layout = build_on_meta(lambda: family.build_model(cfg)).to(dtype)  # the checkpoint's layout
     got = checkpoint_fingerprint(layout, resolve(base))
     if got != record["base"]["fingerprint"]:
         raise ConversionError(
             f"the base {base} holds other weights than the adapters in {load_dir} were trained "
             f"on (fingerprint {got[:12]} != {record['base']['fingerprint'][:12]})"
         )
-    adapters = read_adapters(family, load_dir, cfg, dtype)
+    adapters = read_adapters(family, load_dir, cfg, layout)  # after the base's fingerprint
     merged = MergedWeights(resolve(base), adapters, cfg.peft.alpha / cfg.peft.rank)
     out = [core.mcore_to_hf(family, load_dir, save_dir, hf_template, max_shard_bytes, image,
                             weights=merged)]  # fmt: skip

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from lov15_megatron.checkpoint_dir import (
     MODEL_FILE,
@@ -53,6 +53,7 @@ from lov15_megatron.config import ConfigError
 from lov15_megatron.models.lora import (
     fingerprint_digest,
     fingerprint_sample,
+    fingerprint_tensors,
     is_adapter_key,
     lora_modules,
 )
@@ -162,11 +163,7 @@ def base_fingerprint(chunks: list) -> str:
     bases that differ in training differ there almost surely.
     """
     samples: dict[str, bytes] = {}
-    for value in nested_values(model_sharded_state_dict(chunks, "base")):
-        if not isinstance(value, ShardedTensor) or not is_main_replica(value.replica_id):
-            continue
-        if any(value.global_offset) or value.data is None:
-            continue
+    for value in fingerprint_tensors(nested_values(model_sharded_state_dict(chunks, "base"))):
         row = value.data.reshape(-1, value.data.shape[-1])[0]
         samples[value.key] = fingerprint_sample(row, value.global_shape[-1])
     gathered: list[dict[str, bytes] | None] = [None] * dist.get_world_size()
