@@ -479,36 +479,25 @@ class LLaVAOneVision1_5_ForConditionalGeneration(
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
 
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values were given without image_grid_thw")
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens")
-            image_features = self.get_image_features(pixel_values, image_grid_thw)
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None:
-            prefilled = past_key_values is not None and past_key_values.get_seq_length() > 0
-            if not prefilled and bool((input_ids == self.config.image_token_id).any()):
-                raise ValueError(
-                    "Image features and image tokens do not match: input_ids contain image "
-                    f"tokens (id {self.config.image_token_id}) but no pixel_values were given"
+        prefilled = past_key_values is not None and past_key_values.get_seq_length() > 0
+        for values, grid, values_name, grid_name, token_id, kind, features_of in (
+            (pixel_values, image_grid_thw, "pixel_values", "image_grid_thw",
+             self.config.image_token_id, "image", self.get_image_features),
+            (pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw",
+             self.config.video_token_id, "video", self.get_video_features),
+        ):  # fmt: skip
+            if values is not None:
+                if grid is None:
+                    raise ValueError(f"{values_name} were given without {grid_name}")
+                if input_ids is None:
+                    raise ValueError(f"{values_name} need input_ids to locate the {kind} tokens")
+                inputs_embeds = self.merge_image_features(
+                    input_ids, inputs_embeds, features_of(values, grid), token_id, kind
                 )
-        if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("pixel_values_videos were given without video_grid_thw")
-            if input_ids is None:
-                raise ValueError("pixel_values_videos need input_ids to locate the video tokens")
-            video_features = self.get_video_features(pixel_values_videos, video_grid_thw)
-            inputs_embeds = self.merge_image_features(
-                input_ids, inputs_embeds, video_features, self.config.video_token_id, "video"
-            )
-        elif input_ids is not None:
-            prefilled = past_key_values is not None and past_key_values.get_seq_length() > 0
-            if not prefilled and bool((input_ids == self.config.video_token_id).any()):
+            elif input_ids is not None and not prefilled and bool((input_ids == token_id).any()):
                 raise ValueError(
-                    "Video features and video tokens do not match: input_ids contain video "
-                    f"tokens (id {self.config.video_token_id}) but no pixel_values_videos were "
-                    "given"
+                    f"{kind.capitalize()} features and {kind} tokens do not match: input_ids "
+                    f"contain {kind} tokens (id {token_id}) but no {values_name} were given"
                 )
 
         outputs = self.model(
