@@ -343,22 +343,34 @@ def rice_vit_from_mlcd(
     return out
 
 
+#: The tiny Qwen3 shape of the conversion tests (vocab 250, so Megatron pads it).
+TINY_QWEN3 = dict(
+    vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    rope_theta=10000.0, rms_norm_eps=1e-6,
+)  # fmt: skip
+
+
+def make_hf_tiny_lm(path: Path, config_class, model_class, seed: int = 0, **fields):
+    """A tiny random transformers LM of ``TINY_QWEN3``'s shape (``fields`` added or replaced),
+    every parameter drawn N(0, 0.2) (non-trivial norms, routers and experts; larger weights than
+    the default init), saved to ``path``; returns the model."""
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**TINY_QWEN3, **fields}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
 def make_hf_qwen3(path: Path, tied: bool = False, seed: int = 0, **overrides):
     """A tiny random ``Qwen3ForCausalLM`` (transformers' own class; vocab 250 so Megatron pads),
     saved to ``path`` with a tokenizer config; returns the model."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, **overrides,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():  # non-trivial norms and larger weights than the default init
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
+    model = make_hf_tiny_lm(path, Qwen3Config, Qwen3ForCausalLM, seed,
+                            tie_word_embeddings=tied, **overrides)  # fmt: skip
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     return model
 

@@ -21,6 +21,7 @@ from helpers import (
     VISION_END,
     VISION_START,
     cli,
+    make_hf_tiny_lm,
     make_hf_vlm,
     ok,
     read_safetensors,
@@ -36,17 +37,8 @@ EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n
 
 
 def make_hf_qwen3_moe(path: Path, seed: int = 0) -> None:
-    config = Qwen3MoeConfig(
-        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, **EXPERTS,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():  # every parameter perturbed: norms, router, each expert
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
+    make_hf_tiny_lm(path, Qwen3MoeConfig, Qwen3MoeForCausalLM, seed, tie_word_embeddings=False,
+                    **EXPERTS)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
