@@ -10,17 +10,25 @@ Data: a JSONL file (one object per line) or a JSON list. Each item has ``questio
 ``answer`` and ``image`` (one path) or ``images`` (a list), and/or ``video`` (one path: a video
 file or a folder of frame images) or ``videos`` (a list), paths relative to the data file's
 folder; optional ``id``, ``type`` (per-type accuracy) and ``chance`` (that type's chance
-accuracy, reported next to it). The user turn is ``prompt`` with ``{question}`` replaced
-(default ``"{question}"``; the shapes data set trains on ``"<image>\n{question}"``).
-``<image>`` in it marks where each image goes and ``<video>`` where each video goes; without
-them the images come first, then the videos (the training rule of ``data/chat.py``); more or
-fewer placeholders than images (videos) is an error. Videos are sampled by the checkpoint's
-processor with the release's rule (frames at 2 fps, 4 … 768 of them; PyAV decodes them).
-The quickstart's held-out set (``eval/eval.jsonl`` of the shapes data set) is one such file.
+accuracy, reported next to it). The user turn is the ``prompt`` template (default
+``"{question}"``) with, per item, ``{question}`` replaced by the question and ``{media}`` by
+one ``<image>`` per image, then one ``<video>`` per video (the training order), so that one
+template serves a file that mixes image and video items: ``"{media}\n{question}"`` is
+``"<image>\n{question}"`` for an image item and ``"<video>\n{question}"`` for a clip, the
+shapes data set's two training texts (an item without media keeps the ``"\n"``). ``<image>``
+in the template or the question marks where each image goes and ``<video>`` where each video
+goes; without them the images come first, then the videos (the training rule of
+``data/chat.py``); more or fewer placeholders than images (videos) is an error, and so is a
+template holding both ``{media}`` and a literal ``<image>``/``<video>`` (two rules for one
+medium). Videos are sampled by the checkpoint's processor with its settings (the release's
+rule: frames at 2 fps, 4 … 768 of them, unless the export's ``processor_config.json`` carries
+the packer's; PyAV decodes them). The quickstart's held-out set (``eval/eval.jsonl`` of the
+shapes data set) is one such file.
 
 Scoring: exact match of the stripped answer (``match="exact"``), or ``"relaxed"``: case and
-surrounding punctuation ignored. The report (JSON) holds the overall and per-type accuracy and
-every answer.
+surrounding punctuation ignored. The report (JSON) holds the overall and per-type accuracy,
+every answer, the image processor's settings and, when an item has a video, the video sampling
+settings the processor used (``"video_processor"``; the key is absent otherwise).
 """
 
 from __future__ import annotations
@@ -35,8 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lov15_megatron.checkpoint_dir import PACK_VIDEO_FIELDS
+
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+QUESTION_FIELD = "{question}"
+MEDIA_FIELD = "{media}"
 MATCHES = ("exact", "relaxed")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -126,6 +138,27 @@ def check_placeholders(text: str, n_images: int, where: str, n_videos: int = 0) 
                 f"{where}: the question has {placeholders} {placeholder} placeholders but "
                 f"{expected} {what}"
             )
+
+
+def check_prompt(prompt: str) -> None:
+    """A template with ``{media}`` holds no literal ``<image>``/``<video>``: ``{media}`` places
+    every medium of an item, so a literal placeholder beside it would place one twice."""
+    if MEDIA_FIELD in prompt:
+        for placeholder in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+            if placeholder in prompt:
+                raise EvaluationError(
+                    f"prompt {prompt!r}: holds both {MEDIA_FIELD} and a literal {placeholder}; "
+                    f"use one: {MEDIA_FIELD} places each item's images, then its videos"
+                )
+
+
+def render_prompt(prompt: str, item: QAItem) -> str:
+    """``item``'s user turn: ``{question}`` and ``{media}`` (one ``<image>`` per image, then one
+    ``<video>`` per video) replaced in one pass, so a question's own text is never expanded."""
+    media = IMAGE_PLACEHOLDER * len(item.images) + VIDEO_PLACEHOLDER * len(item.videos)
+    fields = {QUESTION_FIELD: item.question, MEDIA_FIELD: media}
+    pattern = "|".join(re.escape(name) for name in fields)
+    return re.sub(pattern, lambda found: fields[found.group(0)], prompt)
 
 
 def messages_for(
@@ -232,11 +265,12 @@ def score_qa(
     if match not in MATCHES:
         raise EvaluationError(f"match: {match!r} is not one of {', '.join(MATCHES)}")
     start = time.perf_counter()
+    check_prompt(prompt)
     checkpoint, data = check_checkpoint(checkpoint), Path(data)
     items = load_qa(data)[:limit]
     for item in items:  # every item checked before the model loads
         check_placeholders(
-            prompt.replace("{question}", item.question),
+            render_prompt(prompt, item),
             len(item.images),
             f"{data}: {item.id}",
             len(item.videos),
@@ -257,7 +291,7 @@ def score_qa(
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos
     answers = []
     for index, item in enumerate(items):
-        text = prompt.replace("{question}", item.question)
+        text = render_prompt(prompt, item)
         images = open_images(item, data)
         try:
             inputs = processor.apply_chat_template(
@@ -324,6 +358,7 @@ def score_qa(
             "max_pixels": processor.image_processor.size["longest_edge"],
             "max_image_side": getattr(processor.image_processor, "max_image_side", None),
         },
+        **({"video_processor": video_settings(processor)} if any(i.videos for i in items) else {}),
         "questions": len(answers),
         "correct": correct,
         "accuracy": correct / len(answers),
@@ -331,6 +366,13 @@ def score_qa(
         "answers": answers,
         "seconds": time.perf_counter() - start,
     }
+
+
+def video_settings(processor: Any) -> dict[str, Any]:
+    """The video sampling settings ``processor`` holds (``fps``, ``min_frames``, ``max_frames``,
+    ``frame_min_pixels``, ``frame_max_pixels``, ``video_max_pixels``): the release's defaults or
+    what the export's ``processor_config.json`` carries."""
+    return {name: getattr(processor, name) for name in PACK_VIDEO_FIELDS}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -363,9 +405,12 @@ __all__ = [
     "QAItem",
     "check_checkpoint",
     "check_placeholders",
+    "check_prompt",
     "format_report",
     "load_qa",
     "messages_for",
+    "render_prompt",
     "score_qa",
+    "video_settings",
     "write_report",
 ]

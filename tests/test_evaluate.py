@@ -1,4 +1,5 @@
-"""``tools/evaluate.py`` on a tiny export and a local QA set (JSONL and JSON, one and two images).
+"""``tools/evaluate.py`` on a tiny export and a local QA set (JSONL and JSON, one and two images,
+videos, a file mixing image and video items under one ``{media}`` prompt).
 
 The expected answers of some questions are set to what our own generation path answers (so they
 must be scored correct) and the rest to something else (so they must be wrong): the accuracy
@@ -19,7 +20,14 @@ from helpers import build_tiny_export, our_generation, save_image, write_clip
 from PIL import Image
 
 from lov15_megatron.data.chat import Message
-from lov15_megatron.data.special_tokens import ENDOFTEXT_ID, IM_END_ID
+from lov15_megatron.data.special_tokens import (
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+)
 from lov15_megatron.data.tokenizer import load_tokenizer
 from lov15_megatron.evaluation import EvaluationError, load_qa, score_qa
 from lov15_megatron.hf import LLaVAOneVision1_5_ForConditionalGeneration
@@ -92,6 +100,7 @@ def test_report_matches_known_answers(setup, tmp_path) -> None:
         assert answer["predicted"] == item["said"]  # the HF flow answers as our own path does
         assert answer["correct"] == (item["answer"] == item["said"])
     assert "colour       1/2   = 0.50 (0.25)" in out.stdout and "accuracy 2/4 = 0.50" in out.stdout
+    assert "video_processor" not in report  # no item has a video
 
 
 def test_json_list_two_images_and_relaxed_match(setup, tmp_path) -> None:
@@ -177,6 +186,105 @@ def test_video_questions(setup, tmp_path, isolated_hf_modules, monkeypatch) -> N
     missing.write_text(json.dumps(dict(items[0], video="nothere.mp4")) + "\n")
     with pytest.raises(EvaluationError, match=r"right: video .*nothere.mp4: no such file"):
         score_qa(setup["export"], missing)
+
+
+def test_media_field_places_each_medium_as_training(
+    setup, tmp_path, isolated_hf_modules, monkeypatch
+) -> None:
+    """``{media}\\n{question}`` on a file mixing an image item and a video item: the ids the
+    model gets are training's for ``<image>\\n{question}`` and ``<video>\\n{question}`` (the
+    pads right after ``user\\n``, then ``\\n`` and the question), and the report's
+    ``video_processor`` is what the export's ``processor_config.json`` holds (settings other
+    than the defaults, written here by hand), which the clip's grid follows."""
+    from transformers.generation.utils import GenerationMixin
+
+    from lov15_megatron.data.chat import encode_conversation
+    from lov15_megatron.data.image_processing import preprocess_image
+    from lov15_megatron.data.video import VideoConfig, load_video
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export = tmp_path / "export"  # the fixture's export with other video settings
+    export.mkdir()
+    for file in setup["export"].iterdir():
+        if file.name != "processor_config.json":
+            (export / file.name).symlink_to(file)
+    settings = {"fps": 1.0, "min_frames": 2, "max_frames": 6, "frame_min_pixels": 3136,
+                "frame_max_pixels": 12544, "video_max_pixels": 50176}  # fmt: skip
+    (export / "processor_config.json").write_text(json.dumps({
+        "auto_map": {"AutoProcessor": "processing_llavaonevision1_5.LLaVAOneVision1_5_Processor"},
+        "processor_class": "LLaVAOneVision1_5_Processor", **settings,
+    }))  # fmt: skip
+    clip = write_clip(tmp_path / "clip.mp4")
+    image_q, video_q = "What colour is it?", "Does it get brighter?"
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(
+        json.dumps({"id": "img", "image": str(setup["root"] / "images" / "a.png"),
+                    "question": image_q, "answer": "x"}) + "\n"
+        + json.dumps({"id": "vid", "video": "clip.mp4", "question": video_q, "answer": "x"}) + "\n"
+    )  # fmt: skip
+    seen: list[dict] = []
+    generate = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    report = score_qa(export, data, prompt="{media}\n{question}", max_new_tokens=2, progress=False)
+
+    assert report["video_processor"] == settings
+    plan, _ = load_video(clip, VideoConfig(**settings))  # training's rule, the report's settings
+    assert seen[1]["video_grid_thw"].tolist() == [list(plan.grid_thw)] and plan.grid_thw[0] == 2
+    image_tokens = preprocess_image(Image.open(setup["root"] / "images" / "a.png")).num_tokens
+    tokenizer = load_tokenizer("qwen-offline")
+    for kwargs, text, images, videos, pad, other in [
+        (seen[0], "<image>\n" + image_q, [image_tokens], [], IMAGE_PAD_ID, VIDEO_PAD_ID),
+        (seen[1], "<video>\n" + video_q, [], [plan.num_tokens], VIDEO_PAD_ID, IMAGE_PAD_ID),
+    ]:
+        ids = kwargs["input_ids"][0].tolist()
+        turns = [Message("user", text), Message("assistant", "")]
+        assert (
+            ids == encode_conversation(tokenizer, turns, images, "instruct", videos).input_ids[:-1]
+        )  # the training text's ids
+        start = ids.index(VISION_START_ID)
+        count = (images or videos)[0]
+        assert tokenizer.decode(ids[start - 2 : start]) == "user\n" and other not in ids
+        assert ids[start + 1 : start + 1 + count] == [pad] * count
+        end = ids.index(IM_END_ID, start)
+        assert ids[start + 1 + count] == VISION_END_ID
+        assert tokenizer.decode(ids[start + 2 + count : end]) == "\n" + text.split("\n", 1)[1]
+
+
+def test_media_field_anywhere_in_the_template() -> None:
+    """``{media}`` away from the start puts the media there (images, then videos), in the one
+    pass that leaves a question's own ``{media}``/``{question}`` text alone."""
+    from lov15_megatron.evaluation import QAItem, messages_for, render_prompt
+
+    item = QAItem("q", "Is {media} odd?", "no", [Path("a.png"), Path("b.png")], videos=[Path("v")])
+    text = render_prompt("Look: {media}\n{question}", item)
+    assert text == "Look: <image><image><video>\nIs {media} odd?"
+    text = render_prompt("Q: {question}\n{media}", item)
+    (turn,) = messages_for(text, ["A", "B"], ["V"])
+    assert [c.get("text") or c.get("image") or c.get("video") for c in turn["content"]] == [
+        "Q: Is {media} odd?\n", "A", "B", "V"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("literal", ["<image>", "<video>"])
+def test_media_field_with_a_literal_placeholder(setup, tmp_path, monkeypatch, capsys, literal):
+    """``{media}`` beside a literal placeholder: one line naming the prompt, exit 2, no report
+    (checked before anything loads)."""
+    from lov15_megatron.cli.evaluate import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    report = tmp_path / "report.json"
+    prompt = f"{{media}}\n{literal}{{question}}"
+    code = main(["--checkpoint", str(setup["export"]), "--data", str(setup["jsonl"]),
+                 "--report", str(report), "--prompt", prompt])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not report.exists()
+    assert lines[0].startswith(f"error: prompt {prompt!r}: holds both {{media}} and a literal ")
+    assert f"a literal {literal};" in lines[0]
 
 
 def test_quickstart_eval_file_loads(tmp_path) -> None:
