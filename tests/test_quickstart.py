@@ -49,10 +49,6 @@ from data_fixtures import read_packs
 from lov15_megatron.demo.shapes_dataset import Scene, ShapeSpec
 from lov15_megatron.demo.vision_pretrain import LABELS, attribute_hits, scene_labels, target
 
-#: The quickstart runs with --lora (its LoRA stage 2, exports and scoring) unless
-#: LOV15_QUICKSTART_LORA=0 (scripts/test_py312.sh: LoRA's compat is test_lora.py's).
-LORA = os.environ.get("LOV15_QUICKSTART_LORA", "1") != "0"
-
 
 def hoeffding_margin(n: int, false_pass: float = 1e-3) -> float:
     """t with exp(-2 n t^2) = false_pass: how far above its mean n bounded draws stray with
@@ -60,15 +56,16 @@ def hoeffding_margin(n: int, false_pass: float = 1e-3) -> float:
     return math.sqrt(math.log(1 / false_pass) / (2 * n))
 
 
-# The whole pipeline end to end; scripts/test_py312.sh runs it on the second environment too.
-@pytest.mark.compat
+# The whole pipeline end to end, on the pinned environment that scripts/quickstart.sh installs
+# (the second environment's subset covers the parts it is made of: conversion, training and
+# resume at each layout, LoRA, MoE).
 @pytest.mark.e2e
 def test_quickstart_small_pipeline(tmp_path, isolated_hf_modules):
     out = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     run = subprocess.run(
         [sys.executable, "-m", "lov15_megatron.demo.quickstart", "--size", "small", "--out", out,
-         "--video", *(["--lora"] if LORA else [])],
+         "--video", "--lora"],
         cwd=tmp_path, env=env, capture_output=True, text=True,  # any directory works
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -91,7 +88,7 @@ def test_quickstart_small_pipeline(tmp_path, isolated_hf_modules):
         "stage1",
         "stage1_5",
         "stage2",
-        *(["stage2_lora"] if LORA else []),
+        "stage2_lora",
     ]
     for stage in summary["stages"]:
         assert stage["last_loss"] < stage["first_loss"], stage
@@ -134,9 +131,6 @@ def test_quickstart_small_pipeline(tmp_path, isolated_hf_modules):
     # --lora: stage 2 again as LoRA from stage 1.5, exported merged and as a PEFT adapter, and
     # scored on the same questions (its accuracy is reported, not asserted: see docs/lora.md).
     lora = summary["lora"]
-    if not LORA:
-        assert lora is None
-        return
     assert len(lora["answers"]) == len(answers) and all(a["predicted"] for a in lora["answers"])
     assert "LoRA stage 2 (rank 16, frozen weights): accuracy" in run.stdout
     assert lora["checkpoint_mib"] < lora["full_checkpoint_mib"] / 10  # adapters, no base
