@@ -262,9 +262,24 @@ def _text_length(tmp_path: Path) -> int:
     return record["samples"][0]["length"]
 
 
-def test_packer_packs_videos_with_images_and_text(video_sources, tmp_path):
+def test_packer_packs_videos_with_images_and_text(video_sources, tmp_path, monkeypatch):
+    import av
+
+    opened: list[bytes] = []  # what FFmpeg was asked to open, during the whole packer run
+    real_open = av.open
+
+    def spy(source, *args, **kwargs):
+        opened.append(source.getvalue() if isinstance(source, io.BytesIO) else Path(source))
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", spy)
     inputs = [str(video_sources[name]) for name in ("jsonl", "mix", "parquet")]
     report = pack(inputs, tmp_path / "out", seq_len=4096, videos="pack", on_error="skip")
+    monkeypatch.undo()
+    # One decode per video per run: measuring decodes it, writing plans from what that found.
+    names = {data: name for name, data in video_sources["clips"].items()}
+    names[(video_sources["root"] / "clips" / "broken.mp4").read_bytes()] = "broken"
+    assert sorted(names.get(source, str(source)) for source in opened) == sorted(names.values())
     # 6 + 2 + 1 records; the corrupt clip is the only skip, named in the examples.
     assert report["samples_in"] == 9 and report["samples_packed"] == 8
     assert report["samples_skipped"] == {"corrupt_video": 1}

@@ -1,7 +1,8 @@
 """Token length of a raw sample: the exact code path training uses (chat template, label rules,
 image token counts from the resized size), with image sizes read from file headers; a video's
 frames and frame size from the release's rule (:mod:`.video`), its frames counted by decoding
-it (:func:`video_plan`)."""
+it (:func:`video_plan`). What was measured of a video (:class:`MeasuredVideo`) is kept, so that
+the write phase takes the same frames without decoding it again (:func:`replan_video`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class MeasuredSample:
     image_bytes: int  # encoded bytes of its images (and videos)
     videos: int = 0  # its videos
     frames: int = 0  # Σ sampled frames over its videos
+    #: What was measured of each video, in order (the write phase plans from it).
+    measured_videos: tuple[MeasuredVideo, ...] = ()
 
 
 def encode_sample_text(
@@ -72,6 +75,24 @@ class MeasuredVideo:
     total_frames: int  # decoded frames, or frame images
     fps: float | None  # the stream's average frame rate (None for frame images)
     extension: str  # of the video file ("" for frame images)
+
+
+def replan_video(
+    total_frames: int,
+    fps: float | None,
+    width: int,
+    height: int,
+    extension: str,
+    num_bytes: int,
+    config: VideoConfig = DEFAULT_VIDEO_CONFIG,
+) -> MeasuredVideo:
+    """A :class:`MeasuredVideo` from what :func:`video_plan` measured (frame count, frame rate or
+    ``None`` for frame images, original size): the same plan, by the same rule, no decoding."""
+    if fps is None:
+        plan = plan_frame_list(total_frames, height, width, config)
+    else:
+        plan = plan_video(total_frames, fps, height, width, config)
+    return MeasuredVideo(plan, num_bytes, width, height, total_frames, fps, extension)
 
 
 def video_plan(
@@ -144,12 +165,12 @@ def measure_sample(
 ) -> MeasuredSample:
     """Measure one sample; raises :class:`BadSample` located at ``raw.origin``."""
     try:
-        plans, total_bytes = [], 0
+        videos, total_bytes = [], 0
         for index, video in enumerate(raw.videos):
             data = raw.video_data[index] if raw.video_data is not None else None
-            measured = video_plan(video, data, video_config)
-            plans.append(measured.plan)
-            total_bytes += measured.num_bytes
+            videos.append(video_plan(video, data, video_config))
+            total_bytes += videos[-1].num_bytes
+        plans = [video.plan for video in videos]
         sizes = []
         for index, ref in enumerate(raw.images):
             data = raw.image_data[index] if raw.image_data is not None else None
@@ -184,4 +205,5 @@ def measure_sample(
         image_bytes=total_bytes,
         videos=len(plans),
         frames=sum(len(plan.indices) for plan in plans),
+        measured_videos=tuple(videos),
     )

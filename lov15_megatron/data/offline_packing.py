@@ -11,7 +11,9 @@ result depends only on the inputs and the arguments, never on ``workers`` or the
    cost balancing, a seeded pack order and the shard boundaries, saved as files
    (:mod:`.pack_plan`);
 3. **write** (tasks over shards): each shard's samples are read again from their sources and
-   written as a tar (temp name, then renamed);
+   written as a tar (temp name, then renamed); a video's frames are planned again from what the
+   measure phase decoded (the video table, :mod:`.sample_store`), so each video is decoded once
+   per run;
 4. **finalise** (one task): energon's ``prepare_dataset`` index, ``dataset.yaml`` naming our
    sample type, ``pack_report.json``; the folder is renamed to ``OUT``, so the output appears
    only when complete.
@@ -49,7 +51,7 @@ from .image_processing import (
     read_image_size,
 )
 from .image_processing import image_format_extension as _extension
-from .measure import MeasuredSample, measure_sample, video_plan
+from .measure import MeasuredSample, MeasuredVideo, measure_sample
 from .pack_format import JSON_PART, add_member, dumps, image_part, pack_key, video_part
 from .pack_plan import PLAN_DIR, load_plan, make_plan, save_plan
 from .sample_store import (
@@ -57,8 +59,10 @@ from .sample_store import (
     TABLE_NAME,
     atomic_write,
     load_table,
+    load_video_table,
     merge_units,
     missing_units,
+    replan_videos,
     skip_summary,
     write_unit,
 )
@@ -447,23 +451,26 @@ def _init_write(config: PackConfig, run: Run, sources: list[Source]) -> None:
     _WORKER["run"] = run
     _WORKER["sources"] = sources
     _WORKER["table"] = load_table(run.table)
+    _WORKER["videos"] = load_video_table(run.table)
     _WORKER["plan"] = load_plan(run.plan_dir)
 
 
 def _video_records(
-    raw: RawSample, first: int, config: PackConfig
+    raw: RawSample, first: int, measured_videos: list[MeasuredVideo]
 ) -> tuple[list[dict[str, Any]], list[tuple[str, bytes]]]:
     """The ``videos`` entries of one sub-sample (:mod:`.pack_format`) and their parts, videos
-    numbered from ``first`` in the pack: the frames measured again by the same rule."""
+    numbered from ``first`` in the pack, from what the measure phase found (no decoding)."""
     records, parts = [], []
-    for index, ref in enumerate(raw.videos):
+    if len(measured_videos) != len(raw.videos):
+        raise _changed(raw, f"{len(raw.videos)} videos, {len(measured_videos)} when measured")
+    for index, (ref, measured) in enumerate(zip(raw.videos, measured_videos, strict=True)):
         data = raw.video_data[index] if raw.video_data else None
         if ref.file is not None and data is None:
             data = ref.read_bytes()
-        try:
-            measured = video_plan(ref, data, config.video_config)
-        except BadSample as error:
-            raise error.at(raw.origin) from None
+        if data is not None and len(data) != measured.num_bytes:
+            raise _changed(raw, f"a video of {len(data)} bytes, {measured.num_bytes} when measured")
+        if ref.file is None and len(ref.frames) != measured.total_frames:
+            raise _changed(raw, f"{len(ref.frames)} frames, {measured.total_frames} when measured")
         number = first + index
         if ref.file is not None and data is not None:
             names = [video_part(number, measured.extension)]
@@ -490,11 +497,19 @@ def _video_records(
     return records, parts
 
 
-def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+def _changed(raw: RawSample, what: str) -> ValueError:
+    return ValueError(
+        f"{raw.origin}: changed since the measure phase ({what}); remove the partial output and "
+        "pack again"
+    )
+
+
+def _pack_record(members: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """One pack's JSON record and parts, from its members' rows of the sample table."""
     sources: list[Source] = _WORKER["sources"]
     samples, images = [], []
     num_videos = 0
-    for row in rows:
+    for member, row in zip(members, _WORKER["table"][members], strict=True):
         raw = read_sample(sources[int(row["source"])], int(row["record"]), int(row["loc"]))
         names, sizes = [], []
         for index, ref in enumerate(raw.images):
@@ -517,7 +532,9 @@ def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, byte
             "images": names,
         }
         if raw.videos:
-            sample["videos"], parts = _video_records(raw, num_videos, _WORKER["config"])
+            config: PackConfig = _WORKER["config"]
+            measured = replan_videos(_WORKER["videos"], int(member), config.video_config)
+            sample["videos"], parts = _video_records(raw, num_videos, measured)
             num_videos += len(raw.videos)
             images.extend(parts)
         samples.append(sample)
@@ -527,7 +544,6 @@ def _pack_record(rows: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, byte
 def _write_shard(shard: int) -> str:
     run: Run = _WORKER["run"]
     the_plan = _WORKER["plan"]
-    table = _WORKER["table"]
     name = shard_name(shard)
     final = run.dataset / name
     temp = final.with_name(final.name + ".tmp")
@@ -538,7 +554,7 @@ def _write_shard(shard: int) -> str:
                 start, stop = the_plan.pack_offsets[pack], the_plan.pack_offsets[pack + 1]
                 members = the_plan.members[start:stop]
                 try:
-                    record, images = _pack_record(table[members])
+                    record, images = _pack_record(members)
                 except (BadSample, ValueError, OSError) as error:
                     raise PackingError(f"while writing {name}: {error}") from error
                 key = pack_key(pack)
