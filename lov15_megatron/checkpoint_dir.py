@@ -10,7 +10,8 @@ starts from) is one Megatron-Core ``torch_dist`` checkpoint plus :data:`MODEL_FI
 :data:`MODEL_FILE` (``lov15_model.json``) records what the tensors are: the registered model
 name, the run config's ``model`` section, the Hugging Face config the weights came from (the
 template of an export), the dtype and, for a training run, its image settings and, when it
-trained on packed videos, their sampling settings (:func:`packed_video_settings`).
+trained on packed videos, their sampling settings (:func:`packed_video_settings`: of one packed
+directory, or agreed by every packed directory of a metadataset).
 
 This module knows only paths and JSON; it imports neither torch nor Megatron.
 """
@@ -86,9 +87,15 @@ PACK_VIDEO_FIELDS = {
 
 
 def packed_video_settings(data_path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """How the videos of the packed data set at ``data_path`` were sampled (fps, frame counts,
-    pixel budgets), read from its pack report; ``None`` when it packed no videos (or is not one
-    packed directory, e.g. a metadataset YAML).
+    """How the videos of the packed data at ``data_path`` were sampled (fps, frame counts, pixel
+    budgets), read from its pack report; ``None`` when it packed no videos.
+
+    ``data_path`` is one packed directory or a metadataset YAML: then the packed directories of
+    its train split (:func:`metadataset_dirs`) that packed videos must all agree, and theirs are
+    the settings; directories without videos (or without a pack report) are ignored. Two that
+    disagree are a :class:`~lov15_megatron.config.ConfigError` naming both and the first setting
+    that differs: the export carries one sampling, so one of them would be sampled unlike its
+    training.
 
     The packer is the settings' one home: it samples each video's frames and fixes their grid,
     and the task encoder decodes exactly those frames (nothing re-sampled, so the run's config
@@ -96,13 +103,83 @@ def packed_video_settings(data_path: str | os.PathLike | None) -> dict[str, Any]
     sample with these settings."""
     if data_path is None:
         return None
-    report = Path(data_path) / PACK_REPORT
+    path = Path(data_path)
+    if not (path.is_file() and path.suffix in METADATASET_SUFFIXES):
+        return _dir_video_settings(path)
+    found: tuple[Path, dict[str, Any]] | None = None
+    for directory in metadataset_dirs(path):
+        settings = _dir_video_settings(directory)
+        if settings is None:
+            continue
+        if found is None:
+            found = directory, settings
+            continue
+        differs = [name for name in PACK_VIDEO_FIELDS if settings[name] != found[1][name]]
+        if differs:
+            from lov15_megatron.config import ConfigError
+
+            name = differs[0]
+            flag = "--" + PACK_VIDEO_FIELDS[name].replace("_", "-")
+            raise ConfigError(
+                f"data.path={data_path}: {found[0]} and {directory} packed videos with different "
+                f"{flag} ({found[1][name]} vs {settings[name]}); an export samples videos one "
+                f"way: pack them with the same video settings"
+            )
+    return found[1] if found else None
+
+
+def _dir_video_settings(directory: Path) -> dict[str, Any] | None:
+    """The video settings of one packed directory's pack report; ``None`` without videos."""
+    report = directory / PACK_REPORT
     if not report.is_file():
         return None
     videos = json.loads(report.read_text()).get("videos") or {}
     if videos.get("mode") != "pack":
         return None
     return {name: videos[key] for name, key in PACK_VIDEO_FIELDS.items()}
+
+
+#: A ``data.path`` file with one of these suffixes is an Energon metadataset.
+METADATASET_SUFFIXES = (".yaml", ".yml")
+
+
+def metadataset_dirs(path: str | os.PathLike, _seen: frozenset[Path] = frozenset()) -> list[Path]:
+    """The dataset directories an Energon metadataset YAML names for its train split (the whole
+    file when it has no ``splits``), in order: every ``path`` of its entries (``blend``,
+    ``blend_epochized``, ``join``, a single dataset), relative ones from the YAML's folder as
+    Energon resolves them, a nested metadataset followed (once)."""
+    import yaml
+
+    path = Path(path).resolve()
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        from lov15_megatron.config import ConfigError
+
+        problem = str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not a readable metadataset YAML ({problem})") from None
+    splits = document.get("splits") if isinstance(document, dict) else None
+    root = splits.get("train", splits) if isinstance(splits, dict) else document
+    dirs: list[Path] = []
+    for value in _entry_paths(root):
+        target = Path(os.path.normpath(path.parent / value))  # an absolute value stays
+        if target.suffix in METADATASET_SUFFIXES and target.is_file():
+            if target.resolve() not in _seen | {path}:
+                dirs += metadataset_dirs(target, _seen | {path})
+        else:
+            dirs.append(target)
+    return dirs
+
+
+def _entry_paths(node: Any) -> list[str]:
+    """The ``path`` strings of a metadataset's dataset entries, depth first."""
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str):
+            return [node["path"]]
+        return [p for value in node.values() for p in _entry_paths(value)]
+    if isinstance(node, list):
+        return [p for value in node for p in _entry_paths(value)]
+    return []
 
 
 def describe_model(cfg, source: str | os.PathLike | None, model: str) -> dict[str, Any]:
@@ -134,6 +211,7 @@ __all__ = [
     "LATEST",
     "MODEL_FILE",
     "describe_model",
+    "metadataset_dirs",
     "packed_video_settings",
     "has_checkpoint",
     "iteration_dir",

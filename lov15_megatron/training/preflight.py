@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lov15_megatron.checkpoint_dir import packed_video_settings
 from lov15_megatron.config import ConfigError, RunConfig
 from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
 from lov15_megatron.data.special_tokens import (
@@ -21,8 +22,9 @@ from lov15_megatron.data.special_tokens import (
 def check_dataset_paths(cfg: RunConfig) -> None:
     """``data.path`` / ``data.valid_path`` must be Energon datasets (or metadataset YAMLs)
     before any rank starts reading, and a VLM's image token ids must be the ones the data is
-    tokenized with (:func:`check_image_token_ids`); a ``ConfigError`` names the field and what
-    is wrong."""
+    tokenized with (:func:`check_image_token_ids`), and the packed directories of a metadataset
+    must have sampled their videos alike (``checkpoint_dir.packed_video_settings``); a
+    ``ConfigError`` names the field and what is wrong."""
     if cfg.data.loader != "energon":
         return
     check_image_token_ids(cfg)
@@ -43,6 +45,7 @@ def check_dataset_paths(cfg: RunConfig) -> None:
                 f"{field}={value}: not an Energon dataset (no .nv-meta/dataset.yaml); make one "
                 f"with tools/pack_offline.py"
             )
+    packed_video_settings(cfg.data.path)  # a metadataset's packed dirs must sample videos alike
 
 
 def check_image_token_ids(cfg: RunConfig) -> None:
