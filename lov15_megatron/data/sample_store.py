@@ -200,8 +200,10 @@ def load_table(table: Path) -> np.ndarray:
 
 
 def load_video_table(table: Path) -> np.ndarray:
-    """The merged video table beside the sample table ``table``."""
-    return np.load(table.with_name(VIDEO_TABLE_NAME), mmap_mode="r")
+    """The merged video table beside the sample table ``table`` (empty when a partial run was
+    planned before there was one: its video samples then stop the write in one line)."""
+    path = table.with_name(VIDEO_TABLE_NAME)
+    return np.load(path, mmap_mode="r") if path.is_file() else np.zeros(0, VIDEO_DTYPE)
 
 
 def skip_summary(directory: Path, num_units: int) -> tuple[dict[str, int], list[str], int]:
