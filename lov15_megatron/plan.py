@@ -4,9 +4,11 @@ From a run config (model shape, recipe, parallel layout) and the shape of one pa
 sub-samples, images and ViT patches per pack: the packer's ``pack_report.json``), it estimates
 
 * the training FLOPs of each pipeline stage for one pack (``training/flops.py``'s per-part
-  counts, recomputation included; the first stage carries the vision tower, the patch merger
-  and the embedding, the last one the LM head), and the first/last-stage LM layer counts
-  (``parallel.num_layers_in_{first,last}_pipeline_stage``) that balance them;
+  counts and multipliers, the trainer's HFU count: frozen parts skip their weight gradients,
+  parts before everything trained their backward; recomputation included; the first stage
+  carries the vision tower, the patch merger and the embedding, the last one the LM head), and
+  the first/last-stage LM layer counts (``parallel.num_layers_in_{first,last}_pipeline_stage``)
+  that balance them;
 * the memory per GPU of every stage: weights, fp32 gradient buffers, the (distributed)
   optimizer's master weights and Adam moments, and activations with or without recomputation,
   for the micro-batches a stage holds at once under the 1F1B schedule;
@@ -28,7 +30,7 @@ from typing import Any
 
 from lov15_megatron.config import ConfigError, RunConfig, validate
 from lov15_megatron.config.schema import validate_world_size
-from lov15_megatron.training.flops import ForwardFlops, StepCounts, forward_flops
+from lov15_megatron.training.flops import ForwardFlops, StepCounts, forward_flops, multipliers
 
 GB = 1e9
 
@@ -194,20 +196,14 @@ class Plan:
 
 
 def _hardware_flops(cfg: RunConfig, fwd: ForwardFlops) -> dict[str, float]:
-    """Training FLOPs by part for one pack: 3 × forward, plus one more forward of what full
-    recomputation re-runs (or the attention core under selective ``core_attn``)."""
-    r = cfg.train.recompute
-    again = r.granularity == "full"
-    core = r.granularity == "selective" and "core_attn" in r.modules
-    vit_again = again and r.vision
-    return {
-        "lm": 3 * fwd.lm_layers + (4 if again or core else 3) * fwd.lm_attention
-        + (fwd.lm_layers if again else 0.0),
-        "head": 3 * fwd.lm_head,
-        "vit": 3 * (fwd.vit_layers + fwd.vit_attention + fwd.other)
-        + (fwd.vit_layers + fwd.vit_attention if vit_again else 0.0)
-        + (fwd.vit_attention if core and r.vision else 0.0),
-    }  # fmt: skip
+    """Training FLOPs by part for one pack, recomputation included: each forward part times
+    ``training/flops.py``'s :func:`~lov15_megatron.training.flops.multipliers` (the trainer's
+    HFU count), grouped by where the part runs: ``lm`` (decoder layers, their attention and
+    adapters), ``head``, ``vit`` (tower, patch embedding, merger and their adapters)."""
+    factor = multipliers(cfg, hardware=True)
+    part = {k: v * getattr(factor, k) for k, v in vars(fwd).items()}
+    lm = part["lm_layers"] + part["lm_attention"] + part["lm_adapters"]
+    return {"lm": lm, "head": part["lm_head"], "vit": sum(part.values()) - lm - part["lm_head"]}
 
 
 def _merge(cfg: RunConfig) -> int:

@@ -60,10 +60,13 @@ def test_hardware_flops_add_the_recomputed_forward():
     assert step_flops(selective, c, hardware=True) == model + attention
 
 
+VISION = [*LM, "model.vision={num_layers: 1, hidden_size: 4, ffn_hidden_size: 8, "
+          "num_attention_heads: 1, patch_size: 1, in_channels: 1, image_token_id: 99, "
+          "vision_start_token_id: 97, vision_end_token_id: 98}"]  # fmt: skip
+
+
 def test_vision_flops_and_vision_recompute_switch():
-    vision = [*LM, "model.vision={num_layers: 1, hidden_size: 4, ffn_hidden_size: 8, "
-              "num_attention_heads: 1, patch_size: 1, in_channels: 1, image_token_id: 99, "
-              "vision_start_token_id: 97, vision_end_token_id: 98}"]  # fmt: skip
+    vision = VISION
     c = StepCounts(token_positions=0, loss_positions=0, patches=5, vit_attention_sq=25,
                    image_tokens=1)  # fmt: skip
     # ViT layers: 5·2·1·(4·16 + 2·4·8) = 1280; attention: 4·1·4·25 = 400;
@@ -75,3 +78,58 @@ def test_vision_flops_and_vision_recompute_switch():
     lm_only = load_config(None, [*vision, "train.recompute.granularity=full",
                                  "train.recompute.vision=false"])  # fmt: skip
     assert step_flops(lm_only, c, hardware=True) == 3 * (1280 + 400 + 40 + 768)
+
+
+# Forward FLOPs of the parts of the VLM above on the packed row of _counts() plus one image of
+# 5 patches (vision figures as in test_vision_flops_and_vision_recompute_switch).
+LM_GEMMS, LM_ATTN, HEAD = 13824, 640, 4800
+VIT_GEMMS, VIT_ATTN, PATCH, MERGER = 1280, 400, 40, 768
+
+
+def _vlm_counts() -> StepCounts:
+    c = _counts()
+    c.patches, c.vit_attention_sq, c.image_tokens = 5, 25, 1
+    return c
+
+
+def test_stage1_runs_the_vit_forward_only_and_no_lm_weight_gradients():
+    # trainable merger: ViT forward only (1×), merger 3×, LM and head 2× (input gradients to
+    # reach the merger), attention cores 3× where the gradient crosses them, 1× in the ViT.
+    stage1 = [*VISION, "train.trainable=[merger]"]
+    want = (VIT_GEMMS + VIT_ATTN + PATCH) + 3 * MERGER + 2 * (LM_GEMMS + HEAD) + 3 * LM_ATTN
+    assert step_flops(load_config(None, stage1), _vlm_counts()) == want
+    # Full recompute, ViT included: only the LM re-runs (the ViT has no backward to feed).
+    full = load_config(None, [*stage1, "train.recompute.granularity=full"])
+    assert step_flops(full, _vlm_counts()) == want  # model FLOPs: no recompute
+    assert step_flops(full, _vlm_counts(), hardware=True) == want + LM_GEMMS + LM_ATTN
+    selective = load_config(None, [*stage1, "train.recompute.granularity=selective"])
+    assert step_flops(selective, _vlm_counts(), hardware=True) == want + LM_ATTN
+    # Vision only: every part lies after it, so all take input gradients; weight gradients only
+    # in the ViT (the patch embedding's input gradient is counted: the per-tower rule).
+    vision = load_config(None, [*VISION, "train.trainable=[vision]"])
+    want = 3 * (VIT_GEMMS + VIT_ATTN + PATCH + LM_ATTN) + 2 * (MERGER + LM_GEMMS + HEAD)
+    assert step_flops(vision, _vlm_counts()) == want
+    # Everything trained: the conventional 3 × forward.
+    everything = VIT_GEMMS + VIT_ATTN + PATCH + MERGER + LM_GEMMS + LM_ATTN + HEAD
+    assert step_flops(load_config(None, VISION), _vlm_counts()) == 3 * everything
+
+
+def test_lora_counts_the_adapters_and_no_base_weight_gradients():
+    lora = [*VISION, "checkpoint.pretrained=/base", "peft={rank: 2, towers: [language]}"]
+    # Adapters per token and LM layer, 2·r·(in + out) over linear_qkv [16, 8], linear_proj
+    # [8, 8], linear_fc1 [32, 8] (SwiGLU gate + up), linear_fc2 [8, 16]:
+    # 2·2·(24 + 16 + 40 + 24) = 416 → × 2 layers × 6 positions = 4992.
+    adapters = 4992
+    want = (VIT_GEMMS + VIT_ATTN + PATCH + MERGER) + 2 * (LM_GEMMS + HEAD) + 3 * LM_ATTN
+    want += 3 * adapters
+    cfg = load_config(None, lora)
+    assert step_flops(cfg, _vlm_counts()) == want
+    full = load_config(None, [*lora, "train.recompute.granularity=full"])
+    assert step_flops(full, _vlm_counts(), hardware=True) == want + LM_GEMMS + LM_ATTN + adapters
+    # Only linear_proj adapted, on the ViT and the LM: the ViT takes input gradients too now.
+    # ViT adapter [4, 4]: 2·2·8 = 32 per patch → 160; LM linear_proj: 2·2·16 · 2 · 6 = 768.
+    both = load_config(None, [*VISION, "checkpoint.pretrained=/base",
+                              "peft={rank: 2, target_modules: [linear_proj], "
+                              "towers: [vision, language]}"])  # fmt: skip
+    want = (PATCH + VIT_GEMMS + MERGER + LM_GEMMS + HEAD) * 2 + 3 * (VIT_ATTN + LM_ATTN)
+    assert step_flops(both, _vlm_counts()) == want + 3 * (160 + 768)

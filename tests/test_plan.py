@@ -121,7 +121,16 @@ def _hand_forward(seq: int, samples: int, tokens_per_sample: int, loss: int, ima
     other = _gemm(images * n, 32, 588) + _gemm(merged, 128, 128) + _gemm(merged, 64, 128)
     return {"lm": 4 * (lm_layer + lm_attn), "head": _gemm(loss, 256, 64),
             "vit": 2 * (vit_layer + vit_attn) + other, "vit_layers": 2 * (vit_layer + vit_attn),
-            "lm_layers": 4 * (lm_layer + lm_attn)}  # fmt: skip
+            "lm_layers": 4 * (lm_layer + lm_attn),
+            # by part, for the frozen-part counts below
+            "lm_gemm": 4 * lm_layer, "lm_attn": 4 * lm_attn, "vit_gemm": 2 * vit_layer,
+            "vit_attn": 2 * vit_attn, "patch": _gemm(images * n, 32, 588),
+            "merger": _gemm(merged, 128, 128) + _gemm(merged, 64, 128)}  # fmt: skip
+
+
+def _hand_lora(seq: int, layers: int, rank: int, linears: list[tuple[int, int]]) -> float:
+    """LoRA's forward GEMMs over ``layers`` layers: A [r, in] then B [out, r] per linear."""
+    return layers * sum(_gemm(seq, rank, i) + _gemm(seq, o, rank) for i, o in linears)
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
@@ -142,6 +151,62 @@ def test_flops_match_a_hand_count(recompute):
     split = stage_flops(with_parallel(cfg, pipeline_model_parallel_size=2,
                                       num_layers_in_first_pipeline_stage=1), shape)  # fmt: skip
     assert split == pytest.approx([want["lm"] / 4 + want["vit"], 3 * want["lm"] / 4 + want["head"]])
+
+
+@pytest.mark.parametrize("recipe", ["stage1", "lora"])
+def test_frozen_parts_match_a_hand_count(recipe):
+    # Full recompute of the LM and the ViT; a part re-runs only where its backward runs.
+    base = [VISION, "data.seq_length=64", "train.recompute.granularity=full"]
+    shape = PackShape(seq_length=64, tokens=60, samples=3, patches=48, images=3)
+    h = _hand_forward(64, 3, 20, 60 - 12, 3, 16)
+    vit_fwd = h["vit_gemm"] + h["vit_attn"] + h["patch"]
+    if recipe == "stage1":  # merger only: ViT forward only, LM and head 2× (dgrad), merger 3×
+        cfg = _cfg(*base, "train.trainable=[merger]")
+        want = {"lm": 3 * h["lm_gemm"] + 4 * h["lm_attn"], "head": 2 * h["head"],
+                "vit": vit_fwd + 3 * h["merger"]}  # fmt: skip
+    else:  # LoRA on the LM's four linears [out, in]: qkv [128, 64], proj [64, 64],
+        # fc1 [256, 64] (SwiGLU gate + up), fc2 [64, 128]; base GEMMs forward + dgrad
+        cfg = _cfg(*base, "checkpoint.pretrained=/base", "peft={rank: 2}")
+        adapters = _hand_lora(64, 4, 2, [(64, 128), (64, 64), (64, 256), (128, 64)])
+        want = {"lm": 3 * h["lm_gemm"] + 4 * h["lm_attn"] + 4 * adapters,
+                "head": 2 * h["head"], "vit": vit_fwd + h["merger"]}  # fmt: skip
+    assert pack_flops(cfg, shape) == pytest.approx(want, rel=1e-12)
+
+
+def _hand_8b_flops(lora: bool) -> float:
+    """Hardware FLOPs of one 8k pack of the 8B (shapes written out): 8192 positions, 8000
+    tokens in 7 samples, 7 images of 30000/7 patches (+ a class token each), loss on the
+    500 text tokens; full recompute of every LM and ViT layer. LM: 36 layers, h 4096, q 4096,
+    kv 2 × 1024, SwiGLU 12288, vocab 151936; ViT: 24 layers, 1024 wide, MLP 4096; merger
+    4096 → 4096 → 4096. LoRA: rank 16 on the LM's four linears."""
+    s, sub, n = 8192, 8000 / 7, 30000 / 7 + 1
+    lm = 36 * (_gemm(s, 6144, 4096) + _gemm(s, 4096, 4096) + _gemm(s, 24576, 4096)
+               + _gemm(s, 4096, 12288))  # fmt: skip
+    attn = 36 * 7 * _gemm(sub, sub, 4096)  # QKᵀ and AV, causal: half each
+    head = _gemm(500, 151936, 4096)
+    vit = 24 * 7 * (_gemm(n, 3072, 1024) + _gemm(n, 1024, 1024) + _gemm(n, 4096, 1024)
+                    + _gemm(n, 1024, 4096))  # fmt: skip
+    vit_attn = 24 * 7 * 2 * _gemm(n, n, 1024)
+    other = _gemm(7 * n, 1024, 588) + 2 * _gemm(7500, 4096, 4096)  # patch embed, merger
+    if not lora:  # 3 × forward + the recomputed forward of the layers
+        return 4 * (lm + attn + vit + vit_attn) + 3 * (head + other)
+    adapters = _hand_lora(s, 36, 16, [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)])
+    # base GEMMs: forward + dgrad + recompute; attention 3 + 1; frozen ViT forward only
+    return 3 * lm + 4 * attn + 4 * adapters + 2 * head + vit + vit_attn + other
+
+
+def test_lora_recipe_step_time_falls_by_the_skipped_backward():
+    config = "configs/llava_ov_1_5/8b/stage2_lora.yaml"
+    lora = cli.load_run_config(config, ["checkpoint.pretrained=/base"])
+    full = cli.load_run_config(config, ["checkpoint.pretrained=/base", "peft=null"])
+    shape = PackShape(seq_length=8192, tokens=8000, samples=7, patches=30000, images=7)
+    want = _hand_8b_flops(lora=True) / _hand_8b_flops(lora=False)
+    assert 0.6 < want < 0.7  # LoRA skips a third of the LM's work and the ViT's backward
+    for layout in ({}, {"tensor_model_parallel_size": 2, "sequence_parallel": True}):
+        times = [plan_layout(with_parallel(c, **layout), shape, 8).step_seconds
+                 for c in (lora, full)]  # fmt: skip
+        # rel 1e-6: PackShape.counts rounds Σl² and the patch counts to integers
+        assert times[0] / times[1] == pytest.approx(want, rel=1e-6)
 
 
 def test_parameter_counts_match_the_published_models():
