@@ -43,6 +43,9 @@ LAYOUTS = {
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
     "cp2": ["parallel.context_parallel_size=2"],
     "dp2": [],
+    # Full recompute of every layer: the first layer's input (a frozen embedding's output) needs
+    # no gradient, yet its adapters must get theirs through the recomputed forward.
+    "dp2_recompute": ["train.recompute.granularity=full", "train.recompute.num_layers=1"],
 }
 
 

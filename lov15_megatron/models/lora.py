@@ -339,6 +339,39 @@ def apply_lora(
     return adapted
 
 
+def require_grad_at_block_inputs(chunk: torch.nn.Module) -> int:
+    """Make the input of every Megatron-Core ``TransformerBlock`` in ``chunk`` require a
+    gradient (a forward pre-hook, in training only); returns the number of blocks hooked.
+
+    Activation recomputation runs each layer inside an autograd function whose output needs a
+    gradient only if one of its *inputs* does: the adapters are parameters of the layer, not
+    inputs. With the base frozen, the first layer's input (a frozen embedding's output, or the
+    pixels' patch embedding) needs none, so without this the recomputed layers return outputs
+    without a backward and their adapters get no gradient at all. The hook gives that input a
+    gradient (one more activation gradient per block, the input's), as ``peft`` asks of
+    ``transformers``' gradient checkpointing with ``enable_input_require_grads``. Inputs that
+    already need one (a pipeline stage's received activations, features of a trained tower)
+    are left as they are."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if "hidden_states" in kwargs:
+            x = kwargs["hidden_states"]
+            if isinstance(x, torch.Tensor) and not x.requires_grad:
+                kwargs = {**kwargs, "hidden_states": x.detach().requires_grad_()}
+            return args, kwargs
+        if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        return None
+
+    blocks = [m for m in chunk.modules() if isinstance(m, TransformerBlock)]
+    for block in blocks:
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+    return len(blocks)
+
+
 def _wrap(
     layer: torch.nn.Module,
     layout: LoRALayout,

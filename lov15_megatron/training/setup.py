@@ -50,13 +50,20 @@ def apply_peft(cfg: RunConfig, chunks: list[MegatronModule]) -> int:
     adapters get gradient buffers and reach the optimizer); returns this rank's adapter count.
 
     The towers are the registered family's (``ModelFamily.tower_prefixes``).
+    With activation recomputation on, every transformer block's input is made to require a
+    gradient (:func:`~lov15_megatron.models.lora.require_grad_at_block_inputs`): a recomputed
+    layer whose input needs none would hand its adapters no gradient.
     """
-    from lov15_megatron.models.lora import apply_lora
+    from lov15_megatron.models.lora import apply_lora, require_grad_at_block_inputs
     from lov15_megatron.models.registry import family_for_config
 
     assert cfg.peft is not None
     prefixes = family_for_config(cfg).tower_prefixes()
-    return sum(len(apply_lora(c, cfg.peft, prefixes, cfg.runtime.seed)) for c in chunks)
+    adapted = sum(len(apply_lora(c, cfg.peft, prefixes, cfg.runtime.seed)) for c in chunks)
+    if cfg.train.recompute.granularity != "none":
+        for chunk in chunks:
+            require_grad_at_block_inputs(chunk)
+    return adapted
 
 
 def wrap_ddp(cfg: RunConfig, chunks: list[MegatronModule]) -> list[DistributedDataParallel]:
