@@ -26,8 +26,9 @@ process, each found through the installed package):
    its whole output is in ``OUT/<stage>.log``;
 6. export the result with ``mcore-to-hf`` and score it on the held-out questions with
    ``lov15-evaluate`` (``AutoProcessor`` + ``AutoModelForCausalLM``, greedy ``generate``); with
-   ``--video`` also on the held-out clips (prompt ``"<video>\n{question}"``, the training text;
-   the export's processor samples them with the packer's settings, which the trainer recorded);
+   ``--video`` also on the held-out clips (one prompt, ``"{media}\n{question}"``: the training
+   text of an image and of a clip; the export's processor samples the clips with the packer's
+   settings, which the trainer recorded);
 7. print a summary: the vision pretraining (loss, and what its head reads from the held-out
    images); per stage steps, first/last loss, tokens/s and checkpoint; packing fill; the answers
    next to the expected ones, and the accuracy per question type and overall beside the
@@ -59,14 +60,18 @@ from lov15_megatron.demo.vision_pretrain import PretrainReport, pretrain_vision
 if TYPE_CHECKING:
     from transformers import MLCDVisionModel
 
-SIZES = {  # data counts, vision pretraining steps and steps per stage
+#: Per size: data counts, vision pretraining steps, steps of stages 1, 1.5 and 2 (and of the LoRA
+#: run); with ``--video`` the clips (training, held out) and the steps of the full stage 2: the
+#: clips' answers appear between 300 and 400 steps at the small size (docs/quickstart.md).
+SIZES = {
     "default": {"caption": 400, "instruct": 3000, "eval": 100, "valid": 60, "vision": 600,
-                "steps": (10, 20, 400), "video": 600, "video_eval": 60},
+                "steps": (10, 20, 400), "video": 1200, "video_eval": 200, "video_steps": 600},
     "small": {"caption": 120, "instruct": 1000, "eval": 150, "valid": 48, "vision": 400,
-              "steps": (6, 8, 200), "video": 400, "video_eval": 60},
+              "steps": (6, 8, 200), "video": 800, "video_eval": 200, "video_steps": 400},
 }  # fmt: skip
-#: The eval prompt of a held-out clip: the training text (``demo/shapes_video.py``).
-VIDEO_PROMPT = "<video>\n{question}"
+#: The eval prompt: the training text, ``"<image>\n{question}"`` for a held-out image and
+#: ``"<video>\n{question}"`` for a held-out clip (``lov15-evaluate`` fills ``{media}`` per item).
+EVAL_PROMPT = "{media}\n{question}"
 LAYOUT = "grid"  # shapes data layout (demo/shapes_dataset.py): one shape per LM image token
 
 
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if done("convert"):
         return 0
 
-    steps = size["steps"]
+    steps = (*size["steps"][:2], size["video_steps"] if args.video else size["steps"][2])
     plan = [
         (
             "stage1",
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.lora:  # stage 2 again from stage 1.5: frozen weights, rank-16 adapters on all towers
         plan.append(("stage2_lora", str(configs / "quickstart/stage2_lora.yaml"), "instruct",
-                     out / "stage1_5", steps[2]))  # fmt: skip
+                     out / "stage1_5", size["steps"][2]))  # fmt: skip
     stages = []
     for name, config, split, previous, n in plan:
         print(f"[5/7] {name}: {n} steps on 2 CPU ranks ({config})", flush=True)
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     video = None
     if args.video:  # the same export on the held-out clips
         report_video = score(out, "final_hf", data["video"]["eval"]["path"],
-                             "eval_report_video.json", VIDEO_PROMPT)  # fmt: skip
+                             "eval_report_video.json")  # fmt: skip
         video = {**video_summary(out, data["video"], report_video), "packed": packed_videos}
     results = report["answers"]
     summary = {
@@ -319,15 +324,15 @@ def export_and_score(
     tool("cli.convert_checkpoint", "mcore-to-hf", "--model", "llava-ov-1.5",
         "--load-dir", str(out / checkpoint), "--save-dir", str(out / hf),
         "--hf-template", str(out / "stage0_hf"), *extra)  # fmt: skip
-    return score(out, hf, eval_data, report, "<image>\n{question}")
+    return score(out, hf, eval_data, report)
 
 
-def score(out: Path, hf: str, eval_data: str, report: str, prompt: str) -> dict:
-    """``lov15-evaluate`` of the export ``out/hf`` on ``eval_data`` (one kind of item, its
-    training ``prompt``); the report."""
+def score(out: Path, hf: str, eval_data: str, report: str) -> dict:
+    """``lov15-evaluate`` of the export ``out/hf`` on ``eval_data`` with the training text
+    (:data:`EVAL_PROMPT`); the report."""
     tool("cli.evaluate", "--checkpoint", str(out / hf),
         "--data", eval_data, "--report", str(out / report),
-        "--prompt", prompt, "--max-new-tokens", "4", "--quiet")  # fmt: skip
+        "--prompt", EVAL_PROMPT, "--max-new-tokens", "4", "--quiet")  # fmt: skip
     return json.loads((out / report).read_text())
 
 
@@ -336,7 +341,6 @@ def video_summary(out: Path, split: dict, report: dict) -> dict:
     always-majority baseline and chance, and how each clip was sampled for the model (the
     export's processor settings)."""
     majority = split["eval"]["majority_answer_accuracy_per_type"]
-    processor = json.loads((out / "final_hf" / "processor_config.json").read_text())
     return {
         "accuracy": report["accuracy"],
         "accuracy_per_type": {
@@ -346,7 +350,7 @@ def video_summary(out: Path, split: dict, report: dict) -> dict:
         "chance_accuracy": split["eval"]["chance_accuracy"],
         "majority_answer_accuracy": split["eval"]["majority_answer_accuracy"],
         "clip": split["clip"],
-        "frame_min_pixels": processor.get("frame_min_pixels"),
+        "frame_min_pixels": report["video_processor"]["frame_min_pixels"],
         "answers": report["answers"],
     }
 

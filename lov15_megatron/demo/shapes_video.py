@@ -8,7 +8,13 @@ one or two shapes (:data:`EVENTS`):
 - ``move``: a shape slides one or two cells left, right, up or down (one cell per step);
 - ``turn``: a shape changes colour half-way through;
 - ``appear``: one or two shapes appear half-way through (beside zero or one that is always there);
-- ``vanish``: one of two shapes disappears half-way through.
+- ``vanish``: one or two shapes disappear half-way through (beside zero or one that stays).
+
+``appear`` and ``vanish`` ask *how many* shapes appear or disappear: the answer is a change in the
+number of shapes between frames, which no single frame shows and which the tiny quickstart's
+vision tower reads (it counts shapes; it does not tell shapes apart or place them, see
+``docs/quickstart.md``). ``turn`` needs a shape's colour after the change and ``move`` its cell
+in the first and last frames.
 
 Every event is a function of the clip's phase ``t = frame / (frames - 1)`` (changes at
 ``t = 0.5``; a move reaches its next cell at rounded ``t · distance``), so that the release's
@@ -91,7 +97,7 @@ VIDEO_QUESTION_TYPES: dict[str, VideoQuestionType] = {
         VideoQuestionType("move", "Which way does the {shape} move?", tuple(DIRECTIONS)),
         VideoQuestionType("turn", "What colour does the {shape} turn?", tuple(COLOURS)),
         VideoQuestionType("appear", "How many shapes appear?", ("1", "2")),
-        VideoQuestionType("vanish", "Which shape disappears?", SHAPES),
+        VideoQuestionType("vanish", "How many shapes disappear?", ("1", "2")),
     )
 }
 
@@ -163,8 +169,7 @@ class Clip:
             return template.format(shape=track.shape), track.colour_after
         if self.event == "appear":
             return template, str(sum(t.visible == "appears" for t in self.tracks))
-        track = next(t for t in self.tracks if t.visible == "vanishes")
-        return template, track.shape
+        return template, str(sum(t.visible == "vanishes" for t in self.tracks))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -268,18 +273,13 @@ def random_clip(rng: random.Random, event: str) -> Clip:
         tracks.append(Track(shapes[0], colours[0], first, first, colours[1]))
         if rng.random() < 0.5:
             tracks.append(Track(shapes[1], colours[2], second, second, colours[2]))
-    elif event == "appear":
-        appearing = rng.choice((1, 2))
-        static = 0 if appearing == 2 else rng.choice((0, 1))
-        cells = rng.sample(_CELLS, appearing + static)
+    elif event in ("appear", "vanish"):  # 1 or 2 change, beside 0 or 1 that stays (2 at most)
+        changing = rng.choice((1, 2))
+        static = 0 if changing == 2 else rng.choice((0, 1))
+        cells = rng.sample(_CELLS, changing + static)
+        how = "appears" if event == "appear" else "vanishes"
         for k, cell in enumerate(cells):
-            visible = "appears" if k < appearing else "always"
-            tracks.append(Track(shapes[k], colours[k], cell, cell, colours[k], visible))
-    elif event == "vanish":
-        cells = rng.sample(_CELLS, 2)
-        gone = rng.randrange(2)
-        for k, cell in enumerate(cells):
-            visible = "vanishes" if k == gone else "always"
+            visible = how if k < changing else "always"
             tracks.append(Track(shapes[k], colours[k], cell, cell, colours[k], visible))
     else:
         raise ValueError(f"unknown event {event!r}; expected one of {', '.join(EVENTS)}")
