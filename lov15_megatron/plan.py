@@ -11,7 +11,9 @@ sub-samples, images and ViT patches per pack: the packer's ``pack_report.json``)
   that balance them;
 * the memory per GPU of every stage: weights, fp32 gradient buffers, the (distributed)
   optimizer's master weights and Adam moments, and activations with or without recomputation,
-  for the micro-batches a stage holds at once under the 1F1B schedule;
+  for the micro-batches a stage holds at once under the 1F1B schedule; what a layer keeps
+  follows what trains (``training/flops.backward_towers``): a tower no backward runs through
+  keeps only its output, a frozen one the gradient crosses keeps no inputs of its linears;
 * the step time at an assumed hardware FLOPs utilisation (HFU), pipeline bubble included.
 
 Everything is an estimate from shapes: communication is not modelled (it is inside the assumed
@@ -30,7 +32,14 @@ from typing import Any
 
 from lov15_megatron.config import ConfigError, RunConfig, validate
 from lov15_megatron.config.schema import validate_world_size
-from lov15_megatron.training.flops import ForwardFlops, StepCounts, forward_flops, multipliers
+from lov15_megatron.training.flops import (
+    ForwardFlops,
+    StepCounts,
+    backward_towers,
+    forward_flops,
+    multipliers,
+    trained_towers,
+)
 
 GB = 1e9
 
@@ -234,30 +243,95 @@ def _bytes(cfg: RunConfig) -> int:
     return 2 if cfg.model.params_dtype == "bfloat16" else 4
 
 
+def _adapter_bytes(cfg: RunConfig, tower: str, inputs: dict[str, tuple[float, bool]]) -> float:
+    """Elements per token (in units of the weights' bytes, masks converted) that the LoRA adapters
+    of one layer of ``tower`` keep: for each adapted linear its input (``inputs``: width per GPU,
+    and whether a non-linear op keeps that tensor anyway) and the rank-``r`` intermediate
+    ``A·x`` that ``B``'s weight gradient needs. With ``peft.dropout`` the adapter keeps its
+    dropped copy and the dropout's mask (1 byte per element) instead of the base's input."""
+    pe = cfg.peft
+    if pe is None or tower not in pe.towers:
+        return 0.0
+    size, out = _bytes(cfg), 0.0
+    for target in pe.target_modules:
+        if target not in inputs:
+            continue
+        width, kept_anyway = inputs[target]
+        if pe.dropout:
+            out += width * (1 + 1 / size)  # dropout(x) and its bool mask
+        elif not kept_anyway:
+            out += width
+        out += pe.rank  # A·x, B's input (not split over TP: r is tiny)
+    return out
+
+
 def lm_layer_activation_bytes(cfg: RunConfig, tokens: float, tp: int) -> float:
-    """Bytes one LM decoder layer keeps for its backward pass (no recomputation), per GPU:
-    norm inputs, GEMM inputs, q/k/v (before and after QK-norm), the attention output, the
-    SwiGLU input and output; flash-style attention (no score matrix). Under TP the parts inside
-    attention and the MLP are split; with sequence parallelism all of it."""
+    """Bytes one LM decoder layer keeps for its backward pass (no recomputation), per GPU.
+
+    Kept wherever a backward runs through the LM (``training/flops.backward_towers``): the two
+    norm inputs, q and k before QK-norm, q/k/v into the attention core and its output (flash
+    attention: no score matrix; counted as ``5·q + 3·kv``), the SwiGLU input (``2·f``). Kept
+    only for a weight gradient, i.e. when the LM's base weights train: the inputs of
+    ``linear_qkv`` and ``linear_fc1`` (the norm outputs, ``2·h``) and of ``linear_fc2`` (the
+    SwiGLU output, ``f``); ``linear_proj``'s input is the attention core's output, kept anyway.
+    A frozen LM that a gradient crosses (stage 1, LoRA's base) keeps the first group only, plus
+    what its LoRA adapters keep (:func:`_adapter_bytes`); an LM no backward runs through keeps
+    nothing. Under TP the parts inside attention and the MLP are split; with sequence
+    parallelism all of it."""
+    if "language" not in backward_towers(cfg):
+        return 0.0
     lm = cfg.model.language
     d = lm.kv_channels or lm.hidden_size // lm.num_attention_heads
     h, q, kv = lm.hidden_size, lm.num_attention_heads * d, lm.num_query_groups * d
     f = lm.ffn_hidden_size
     if lm.num_experts is not None:  # each token passes through top-k experts
         f = (lm.moe_ffn_hidden_size or lm.ffn_hidden_size) * lm.moe_router_topk
-    full = 4 * h  # two norm inputs + two GEMM inputs (LN outputs)
-    split = 2 * q + 2 * kv + (q + kv) + 2 * q + 3 * f  # qkv, qk-norm inputs, attn in/out, mlp
-    sp = cfg.parallel.sequence_parallel
-    return tokens * _bytes(cfg) * (full / (tp if sp else 1) + split / tp)
+    rows = tp if cfg.parallel.sequence_parallel else 1  # the h-wide parts: split under SP only
+    kept = 2 * h / rows + (5 * q + 3 * kv + 2 * f) / tp
+    linear = {"linear_qkv": (h / rows, False), "linear_proj": (q / tp, True),
+              "linear_fc1": (h / rows, False), "linear_fc2": (f / tp, False)}  # fmt: skip
+    if "language" in trained_towers(cfg)[0]:
+        kept += sum(width for width, anyway in linear.values() if not anyway)
+    kept += _adapter_bytes(cfg, "language", linear)
+    return tokens * _bytes(cfg) * kept
 
 
 def vit_layer_activation_bytes(cfg: RunConfig, patches: float, tp: int) -> float:
-    """Bytes one Rice ViT layer keeps for backward (no recomputation, no SP in the ViT)."""
+    """Bytes one Rice ViT layer keeps for backward (no recomputation, no SP in the ViT), by the
+    rule of :func:`lm_layer_activation_bytes`: the norm inputs, the attention core's inputs and
+    output (``5·hv``) and the GELU input wherever a backward runs through the ViT; the inputs
+    of ``linear_qkv``, ``linear_fc1`` (the norm outputs) and ``linear_fc2`` (the GELU output)
+    only when its weights train; LoRA adapters' own. Zero when no backward runs through it."""
     v = cfg.model.vision
-    if v is None:
+    if v is None or "vision" not in backward_towers(cfg):
         return 0.0
     hv, fv = v.hidden_size, v.ffn_hidden_size
-    return patches * _bytes(cfg) * (4 * hv + (3 * hv + 2 * hv + 2 * fv) / tp)
+    kept = 2 * hv + (3 * hv + 2 * hv + fv) / tp
+    linear = {"linear_qkv": (float(hv), False), "linear_proj": (hv / tp, True),
+              "linear_fc1": (float(hv), False), "linear_fc2": (fv / tp, False)}  # fmt: skip
+    if "vision" in trained_towers(cfg)[0]:
+        kept += sum(width for width, anyway in linear.values() if not anyway)
+    kept += _adapter_bytes(cfg, "vision", linear)
+    return patches * _bytes(cfg) * kept
+
+
+def forward_only_output_bytes(cfg: RunConfig, shape: PackShape, micro_batch: int) -> float:
+    """Bytes of what the vision side hands on when no backward runs through its first towers
+    (:func:`~lov15_megatron.training.flops.backward_towers`), per GPU: they keep no activations,
+    only their output while the micro-batch runs: the ViT's (``patches × hv``, the merger's
+    input) when the merger trains (stage 1), the merged features (``image tokens × h``) when
+    neither ViT nor merger has a backward (LoRA on the LM only). 0 when the ViT runs a
+    backward (its activations are counted per layer) or there is no ViT."""
+    v, crossed = cfg.model.vision, backward_towers(cfg)
+    if v is None or "vision" in crossed:
+        return 0.0
+    counts = shape.counts(_merge(cfg))
+    if "merger" in crossed:
+        elements = counts.patches * v.hidden_size
+    else:
+        elements = counts.image_tokens * cfg.model.language.hidden_size
+    cp = cfg.parallel.context_parallel_size
+    return elements * micro_batch / cp * _bytes(cfg)
 
 
 def _stored(
@@ -313,6 +387,7 @@ def plan_layout(
     expert_shard = max(1, dp * cp * tp // (ep * etp)) if p.use_distributed_optimizer else 1
     parts = pack_flops(cfg, shape)
     layers = p.stage_layers(lm.num_layers)
+    crossed = backward_towers(cfg)  # towers that keep activations for a backward
     # TP and CP split the work (the ViT's too: whole images are dealt out over the CP ranks,
     # balanced by patch count, models/llava_ov/vision_cp.py; the mean pack splits evenly)
     flops = [x / (tp * cp) for x in _split_flops(parts, layers)]
@@ -334,9 +409,10 @@ def plan_layout(
             held += [("language" in trainable, embed / tp, shard),
                      ("vision" in trainable, tower / tp, shard),
                      ("merger" in trainable, merger / tp, shard)]  # fmt: skip
-            if cfg.model.vision is not None:
+            if cfg.model.vision is not None and "vision" in crossed:
                 vit = _stored(cfg, cfg.model.vision.num_layers, vit_act, vit_input, vision=True)
                 kept, working = kept + vit[0], max(working, vit[1])  # backwards run in turn
+            kept += forward_only_output_bytes(cfg, shape, mb)  # ViT without a backward
         if i == pp - 1:
             head = embed if lm.untie_embeddings_and_output_weights or pp > 1 else 0
             held.append(("language" in trainable, head / tp + lm.hidden_size, shard))

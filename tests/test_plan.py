@@ -250,6 +250,56 @@ def test_memory_counts_bytes_per_parameter():
     assert stage.optimizer_gb == pytest.approx(12 * stage.params / 4 / 1e9)
 
 
+def _hand_activations(recipe: str) -> float:
+    """Bytes the tiny VLM keeps for one pack of 64 positions (3 images of 16 patches + a class
+    token; 12 image tokens, loss on 48), fp32, no recomputation, one micro-batch in flight;
+    shapes written out: LM h 64, q 64, kv 32, SwiGLU 128, vocab 256; ViT 32 wide, MLP 64.
+
+    A layer where a backward runs keeps its non-linear ops' inputs: per LM token the two norm
+    inputs (2·64), q/k/v before and after QK-norm and the attention output (the planner's
+    5·q + 3·kv), the SwiGLU input (2·128); per ViT token 2·32 + 3·32 + 2·32 + 64. Weight
+    gradients add the inputs of linear_qkv and linear_fc1 (the norm outputs) and of linear_fc2
+    (the SwiGLU/GELU output); linear_proj's is the attention output, kept anyway."""
+    lm_nonlinear = 2 * 64 + (5 * 64 + 3 * 32) + 2 * 128
+    lm_linear_inputs = 64 + 64 + 128
+    vit = 2 * 32 + 3 * 32 + 2 * 32 + 64 + (32 + 32 + 64)  # full training only
+    logits = 48 * 256 * (4 + 4)  # fp32 logits and their gradient
+    if recipe == "full":
+        return 4 * 64 * 4 * (lm_nonlinear + lm_linear_inputs) + 2 * 51 * 4 * vit + logits
+    if recipe == "stage1":  # ViT: no backward, only its output (51 × 32) for the merger
+        return 4 * 64 * 4 * lm_nonlinear + 51 * 32 * 4 + logits
+    # LoRA (rank 2) on the LM: the adapters keep their inputs (qkv's and fc1's: the norm
+    # outputs; proj's: the attention output, kept anyway; fc2's: the SwiGLU output) and A·x
+    adapters = 4 * (64 + 0 + 64 + 128 + 4 * 2)
+    if recipe == "lora_dropout":  # the dropped copies (4 B) and bool masks (1 B) instead
+        adapters = (64 + 64 + 64 + 128) * (4 + 1) + 4 * 4 * 2
+    # ViT and merger frozen and before every adapter: only the merged features (12 × 64)
+    return 4 * 64 * (4 * lm_nonlinear + adapters) + 12 * 64 * 4 + logits
+
+
+@pytest.mark.parametrize("recipe", ["full", "stage1", "lora", "lora_dropout"])
+def test_activations_keep_only_what_a_backward_needs(recipe):
+    base = [VISION, "data.seq_length=64", "train.micro_batch_size=1",
+            "train.global_batch_size=1"]  # fmt: skip
+    extra = {
+        "full": [],
+        "stage1": ["train.trainable=[merger]"],
+        "lora": ["checkpoint.pretrained=/base", "peft={rank: 2}"],
+        "lora_dropout": ["checkpoint.pretrained=/base", "peft={rank: 2, dropout: 0.1}"],
+    }
+    cfg = _cfg(*base, *extra[recipe])
+    shape = PackShape(seq_length=64, tokens=60, samples=3, patches=48, images=3)
+    (stage,) = plan_layout(cfg, shape, 1).stages
+    assert stage.activations_gb * 1e9 == pytest.approx(_hand_activations(recipe), rel=1e-12)
+    if recipe == "stage1":  # full recompute: the LM keeps its 4 layer inputs (64 × 64 fp32),
+        # one layer's activations during its backward; the ViT still nothing but its output
+        cfg = _cfg(*base, *extra[recipe], "train.recompute.granularity=full")
+        (stage,) = plan_layout(cfg, shape, 1).stages
+        lm_layer = 64 * 4 * (2 * 64 + (5 * 64 + 3 * 32) + 2 * 128)
+        want = 4 * 64 * 64 * 4 + 51 * 32 * 4 + max(lm_layer, 48 * 256 * 8)
+        assert stage.activations_gb * 1e9 == pytest.approx(want, rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

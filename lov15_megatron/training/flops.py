@@ -186,6 +186,18 @@ def trained_towers(cfg: RunConfig) -> tuple[set[str], set[str]]:
     return set(cfg.train.trainable or TOWER_ORDER), set()
 
 
+def backward_towers(cfg: RunConfig) -> set[str]:
+    """The towers a backward pass runs through: the first one with a trainable parameter (base
+    weight or adapter) and every tower after it (:data:`TOWER_ORDER`). The others run forward
+    only (and keep no activations, ``plan.py``)."""
+    full, adapted = trained_towers(cfg)
+    crossed: set[str] = set()
+    for tower in TOWER_ORDER:  # a gradient reaches back to the first trainable tower
+        if crossed or tower in full | adapted:
+            crossed.add(tower)
+    return crossed
+
+
 def _recomputed_fraction(cfg: RunConfig, num_layers: int, chunks: int) -> float:
     """Fraction of ``num_layers`` layers whose forward ``full`` recompute runs twice."""
     r = cfg.train.recompute
@@ -220,10 +232,7 @@ def multipliers(cfg: RunConfig, *, hardware: bool = False) -> ForwardFlops:
     backward). Stage 1's merger is exact (its trainable norm precedes its first GEMM).
     """
     full, adapted = trained_towers(cfg)
-    crossed: set[str] = set()
-    for tower in TOWER_ORDER:  # a gradient reaches back to the first trainable tower
-        if crossed or tower in full | adapted:
-            crossed.add(tower)
+    crossed = backward_towers(cfg)
 
     def gemm(tower: str) -> float:
         return 1.0 + (tower in crossed) + (tower in full)
