@@ -121,16 +121,14 @@ def _row_segments(cu_seqlens: Sequence[CuSeqlensLike], seq_length: int) -> list[
     return rows
 
 
-def _segment_ids_and_starts(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[b, s]`` segment index of every token within its row, and ``[b, s]`` its segment start."""
-    seg_ids, starts = [], []
+def _segment_starts(rows: list[list[int]]) -> torch.Tensor:
+    """``[b, s]``: the start of the segment each token of each row belongs to."""
+    starts = []
     for bounds in rows:
         cu = torch.tensor(bounds, dtype=torch.long)
         lengths = cu[1:] - cu[:-1]
-        seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        seg_ids.append(seg)
-        starts.append(cu[:-1][seg])
-    return torch.stack(seg_ids), torch.stack(starts)
+        starts.append(torch.repeat_interleave(cu[:-1], lengths))
+    return torch.stack(starts)
 
 
 def row_cu_seqlens_from_flat(
@@ -179,7 +177,7 @@ def position_ids_from_cu_seqlens(
     The padding tail of a row restarts at 0 too (it is one more segment), as in the task encoder
     and as Megatron's THD RoPE computes it from the flattened ``cu_seqlens``.
     """
-    _, starts = _segment_ids_and_starts(_row_segments(cu_seqlens, seq_length))
+    starts = _segment_starts(_row_segments(cu_seqlens, seq_length))
     return torch.arange(seq_length).expand_as(starts) - starts
 
 
