@@ -99,14 +99,14 @@ def train(cfg: RunConfig) -> TrainResult:
     from lov15_megatron.training.data import build_train_data, data_layout, resumable_state
     from lov15_megatron.training.flops import peak_tflops, step_flops
     from lov15_megatron.training.metrics import MetricsLogger
-    from lov15_megatron.training.preflight import check_dataset_paths
+    from lov15_megatron.training.preflight import check_data_inputs
     from lov15_megatron.training.signals import ExitSignal
     from lov15_megatron.training.step import make_forward_step, train_step
     from lov15_megatron.training.validation import validation_loss
 
     attention_backend(cfg)  # a backend this run cannot have fails here, before any rank starts
     fp8_config_kwargs(cfg)  # so does model.fp8 without Transformer Engine on a GPU
-    check_dataset_paths(cfg)
+    check_data_inputs(cfg)
 
     rt = distributed.initialize(cfg)
     print_rank_0(format_config(cfg))
@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg))
         return 0
-    from lov15_megatron.training.preflight import check_dataset_paths
+    from lov15_megatron.training.preflight import check_data_inputs
 
     try:
-        check_dataset_paths(cfg)
+        check_data_inputs(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from lov15_megatron.data.special_tokens import (
 )
 
 
-def check_dataset_paths(cfg: RunConfig) -> None:
+def check_data_inputs(cfg: RunConfig) -> None:
     """``data.path`` / ``data.valid_path`` must be Energon datasets (or metadataset YAMLs)
     before any rank starts reading, and a VLM's image token ids must be the ones the data is
     tokenized with (:func:`check_image_token_ids`), and the packed directories of a metadataset
