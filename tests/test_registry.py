@@ -1,20 +1,26 @@
 """The model registry: families register themselves from their folders, exactly one family takes
 each shipped config, and the shipped HF remote code stands alone.
 
-A family that forgot ``@register_family``, two families accepting the same config, or remote
-code importing the package (which an export's user does not have) fail here.
+A family that forgot ``@register_family``, two families accepting the same config, a catalog
+(names read without importing) that disagrees with the registered classes, a converter ``--help``
+or unknown ``--model`` that imports torch, or remote code importing the package (which an
+export's user does not have) fail here.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from lov15_megatron.config import load_config
 from lov15_megatron.convert.mapping import ConversionError
-from lov15_megatron.models import registry
+from lov15_megatron.models import catalog, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "lov15_megatron" / "models"
@@ -32,6 +38,81 @@ def test_every_family_folder_registers_itself():
         assert family.summary and family.hf_architecture
     language = {f.name for f in found.values() if f.is_language_model}
     assert language == {"qwen3", "qwen3-moe"}
+
+
+def test_catalog_reads_what_the_families_register():
+    """The catalog's names, summaries and order come from the source; they are the classes'."""
+    read = {
+        name: (e.summary, e.is_language_model, e.module) for name, e in catalog.catalog().items()
+    }
+    registered = {
+        name: (f.summary, f.is_language_model, type(f).__module__)
+        for name, f in registry.families().items()
+    }
+    assert read == registered
+    assert list(read) == list(registered) == list(registry.model_names())
+    assert read["qwen3-moe"][1]  # inherited from Qwen3, not stated in its class
+
+
+def test_catalog_refuses_a_name_it_cannot_read(monkeypatch, tmp_path):
+    source = tmp_path / "family.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            from lov15_megatron.models.registry import ModelFamily, register_family
+
+            NAME = "computed"
+
+            @register_family
+            class Computed(ModelFamily):
+                name = NAME
+                summary = "a summary"
+            """
+        )
+    )
+    monkeypatch.setattr(catalog, "family_modules", lambda: {"fake.family": source})
+    with pytest.raises(TypeError, match=r"class Computed must state name as a str literal"):
+        catalog.catalog.__wrapped__()
+
+
+# Runs in a fresh interpreter: this one has imported torch already.
+_LIGHT_CLI = """
+import contextlib, io, sys
+from lov15_megatron.cli.convert_checkpoint import main
+
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+    try:  # a usage error: --save-dir missing
+        main(["hf-to-mcore", "--model", "qwen3", "--hf-dir", "x"])
+    except SystemExit as e:
+        assert e.code == 2, e.code
+    status = main(["hf-to-mcore", "--model", "nosuch", "--hf-dir", "x", "--save-dir", "y"])
+heavy = [m for m in ("torch", "megatron", "transformers") if m in sys.modules]
+print(status, heavy)
+print(out.getvalue())
+print(err.getvalue())
+"""
+
+
+def test_converter_help_and_argument_errors_import_no_model():
+    env = {**os.environ, "COLUMNS": "1000"}  # argparse wraps its help to the terminal's width
+    run = subprocess.run(
+        [sys.executable, "-c", _LIGHT_CLI], capture_output=True, text=True, cwd=ROOT, env=env,
+        check=True,
+    )  # fmt: skip
+    first, *rest = run.stdout.splitlines()
+    assert first == "2 []"  # the unknown name's exit status; none of the heavy modules imported
+    text = "\n".join(rest)
+    for family in catalog.catalog().values():  # the registered ones (the test above)
+        assert f"{family.name}: {family.summary}" in text
+    assert "the following arguments are required: --save-dir" in text
+    assert (
+        "error: unknown --model 'nosuch'; registered models: qwen3, qwen3-moe, llava-ov-1.5" in rest
+    )
 
 
 @pytest.mark.parametrize(

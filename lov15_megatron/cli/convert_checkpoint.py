@@ -1,4 +1,9 @@
-"""``python tools/convert_checkpoint.py {hf-to-mcore,mcore-to-hf,verify} --model NAME …``."""
+"""``python tools/convert_checkpoint.py {hf-to-mcore,mcore-to-hf,verify} --model NAME …``.
+
+``--help``, a usage error and an unknown ``--model`` import neither torch nor any model: the
+names and summaries come from the catalog (``models/catalog.py``), the model's family from the
+registry once the arguments are known.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,17 @@ import sys
 from pathlib import Path
 
 from lov15_megatron.config import ConfigError, validate_world_size
-from lov15_megatron.convert.mapping import ConversionError
-from lov15_megatron.models.registry import families, get_family
+from lov15_megatron.convert.errors import ConversionError
+from lov15_megatron.models.catalog import catalog, check_model_name
 
 
 def _model_help() -> str:
-    return "registered models: " + "; ".join(f"{f.name}: {f.summary}" for f in families().values())
+    return "registered models: " + "; ".join(f"{f.name}: {f.summary}" for f in catalog().values())
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
     # Not argparse choices: an unknown name is one line listing the registered models (exit 2).
-    parser.add_argument("--model", required=True, metavar="{" + ",".join(families()) + "}",
+    parser.add_argument("--model", required=True, metavar="{" + ",".join(catalog()) + "}",
                         help=_model_help())  # fmt: skip
 
 
@@ -95,7 +100,10 @@ def _image_overrides(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        family = get_family(args.model)  # an unknown name: one line listing the registered ones
+        check_model_name(args.model)  # an unknown name: one line listing the registered ones
+        from lov15_megatron.models.registry import get_family
+
+        family = get_family(args.model)
         if args.command == "verify":
             from lov15_megatron.verify import parse_layout, verify_layouts
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted; the message names the tensor or field."""
+from lov15_megatron.convert.errors import ConversionError  # most modules import it from here
 
 
 class Transform:

@@ -4,8 +4,11 @@ A family is one folder ``models/<family>/`` holding its Megatron model and specs
 table and config translation, how a training micro-batch becomes its model's inputs and, where
 it has one, its stage-0 rules. Its ``family.py`` defines one :class:`ModelFamily` subclass and
 registers it with :func:`register_family`. The registry finds the folders itself (every
-subpackage of ``lov15_megatron.models`` with a ``family.py``), so adding a family is adding a
-folder (``CONTRIBUTING.md``, "Adding a model family").
+subpackage of ``lov15_megatron.models`` with a ``family.py``: ``models/catalog.py``), so adding a
+family is adding a folder (``CONTRIBUTING.md``, "Adding a model family"). The names, summaries and
+order are also known without importing any family (``models/catalog.py`` reads them from the
+classes' source): the converter's ``--help`` and its unknown-``--model`` error start in a fraction
+of a second instead of importing torch and Megatron-Core.
 
 The registered family is the one place the trainer (:func:`family_for_config`), the converter,
 ``verify`` and the HF export (:func:`get_family`) ask. Language-model families
@@ -17,14 +20,13 @@ describes (:func:`language_family`, :func:`language_family_of_hf`).
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import pkgutil
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from lov15_megatron.config import LanguageModelConfig, RunConfig
 from lov15_megatron.convert.converter import Converter
 from lov15_megatron.convert.mapping import ConversionError, MappingTable, ParamMapping
+from lov15_megatron.models.catalog import catalog, check_model_name, family_modules
 
 
 class ModelFamily(Converter):
@@ -32,7 +34,8 @@ class ModelFamily(Converter):
 
     Subclasses set ``name`` (the ``--model`` name), ``summary`` (one line for ``--help``) and
     ``hf_architecture``, and implement :meth:`accepts` and :meth:`forward_inputs` besides the
-    converter's methods.
+    converter's methods. ``name``, ``summary`` and ``is_language_model`` are literals in the class
+    body (or inherited from another family): ``models/catalog.py`` reads them without importing.
     """
 
     summary: str = ""
@@ -106,36 +109,38 @@ def register_family(cls: F) -> F:
 
 
 def _discover() -> None:
-    """Import ``models/<family>/family.py`` of every family folder (each registers itself)."""
+    """Import ``models/<family>/family.py`` of every family folder (each registers itself) and
+    check that they registered the families the catalog read from their source."""
     global _discovered
     if _discovered:
         return
-    import lov15_megatron.models as models
-
-    for info in pkgutil.iter_modules(models.__path__):
-        if info.ispkg and importlib.util.find_spec(f"{models.__name__}.{info.name}.family"):
-            importlib.import_module(f"{models.__name__}.{info.name}.family")
+    for module in family_modules():
+        importlib.import_module(module)
+    if set(_FAMILIES) != set(catalog()):
+        raise RuntimeError(
+            f"the family folders registered {sorted(_FAMILIES)} but their source declares "
+            f"{sorted(catalog())} (models/catalog.py)"
+        )
     _discovered = True
 
 
 def families() -> dict[str, ModelFamily]:
-    """Every registered family by name: the language models first (those the others are built
-    over), each group by name."""
+    """Every registered family by name, in the catalog's order: the language models first (those
+    the others are built over), each group by name."""
     _discover()
-    order = sorted(_FAMILIES.values(), key=lambda f: (not f.is_language_model, f.name))
-    return {f.name: f for f in order}
+    return {name: _FAMILIES[name] for name in catalog()}
 
 
 def model_names() -> tuple[str, ...]:
-    return tuple(families())
+    """The registered names (no family is imported)."""
+    return tuple(catalog())
 
 
 def get_family(name: str) -> ModelFamily:
-    """The family registered as ``name`` (ConversionError listing the known names)."""
-    known = families()
-    if name not in known:
-        raise ConversionError(f"unknown --model {name!r}; registered models: {', '.join(known)}")
-    return known[name]
+    """The family registered as ``name`` (ConversionError listing the known names; an unknown
+    name imports no family)."""
+    check_model_name(name)
+    return families()[name]
 
 
 def family_for_config(cfg: RunConfig) -> ModelFamily:
