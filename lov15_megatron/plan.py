@@ -374,9 +374,7 @@ def plan_layout(
     etp, vpp = p.expert_tensor_parallel_size or tp, p.virtual_pipeline_model_parallel_size
     micro = t.global_batch_size // (t.micro_batch_size * dp)
     mb = t.micro_batch_size
-    trainable = set(t.trainable or ("vision", "merger", "language"))
-    if cfg.peft is not None:
-        trainable = set()  # adapters only: their few parameters are not counted
+    trainable, _ = trained_towers(cfg)  # LoRA: none (the adapters' few parameters not counted)
     dense, experts = lm_layer_params(cfg)
     tower, merger = vision_params(cfg)
     embed = lm.vocab_size * lm.hidden_size

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lov15_megatron.config import RunConfig
+from lov15_megatron.config.schema import TRAINABLE_GROUPS
 
 # Dense bf16 peak per GPU (TFLOP/s) for MFU; CPU runs report MFU as n/a.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "A100": 312.0}
@@ -173,9 +174,9 @@ def forward_flops(cfg: RunConfig, c: StepCounts) -> ForwardFlops:
     return out
 
 
-# The forward order of the towers: a gradient runs back through a tower only if some trainable
-# parameter sits in it or in a tower before it.
-TOWER_ORDER = ("vision", "merger", "language")
+# The forward order of the towers (the config's trainable groups are listed in it): a gradient
+# runs back through a tower only if some trainable parameter sits in it or in a tower before it.
+TOWER_ORDER = TRAINABLE_GROUPS
 
 
 def trained_towers(cfg: RunConfig) -> tuple[set[str], set[str]]:
