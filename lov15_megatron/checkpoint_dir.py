@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lov15_megatron.data.pack_format import REPORT_NAME
+
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "lov15_model.json"
 
@@ -72,8 +74,8 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
-#: The packer's report (``data/offline_packing.py``'s ``REPORT_NAME``) beside the shards.
-PACK_REPORT = "pack_report.json"
+#: The packer's report beside the shards (named where the pack format is).
+PACK_REPORT = REPORT_NAME
 #: Video sampling settings: their names in the exported processor (and ``data/video.py``'s
 #: ``VideoConfig``) and in the pack report's ``videos`` entry (the packer's flags).
 PACK_VIDEO_FIELDS = {

@@ -52,7 +52,7 @@ from .image_processing import (
 )
 from .image_processing import image_format_extension as _extension
 from .measure import MeasuredSample, MeasuredVideo, measure_sample
-from .pack_format import JSON_PART, add_member, dumps, image_part, pack_key, video_part
+from .pack_format import JSON_PART, REPORT_NAME, add_member, dumps, image_part, pack_key, video_part
 from .pack_plan import PLAN_DIR, load_plan, make_plan, save_plan
 from .sample_store import (
     MEASURE_DIR,
@@ -94,7 +94,6 @@ from .video import (
     VideoConfig,
 )
 
-REPORT_NAME = "pack_report.json"
 SHARD_DIR = "shards"
 PHASES = ("measure", "plan", "write", "finalise")
 #: ``--videos``: ``skip`` counts video samples as ``video_not_supported`` (training cannot

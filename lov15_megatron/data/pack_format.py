@@ -28,6 +28,10 @@ import json
 import tarfile
 from typing import Any
 
+#: The packer's report (counts, fill, skips, video sampling settings) beside the shards; read by
+#: the trainer (``checkpoint_dir.packed_video_settings``) as well as written by the packer.
+REPORT_NAME = "pack_report.json"
+
 JSON_PART = "json"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lov15_megatron.checkpoint_dir import packed_video_settings
+from lov15_megatron.checkpoint_dir import METADATASET_SUFFIXES, packed_video_settings
 from lov15_megatron.config import ConfigError, RunConfig
 from lov15_megatron.config.schema import IMAGE_TOKEN_FIELDS
 from lov15_megatron.data.special_tokens import (
@@ -35,7 +35,7 @@ def check_data_inputs(cfg: RunConfig) -> None:
         if not path.exists():
             raise ConfigError(f"{field}={value}: no such file or directory")
         if path.is_file():
-            if path.suffix not in (".yaml", ".yml"):
+            if path.suffix not in METADATASET_SUFFIXES:
                 raise ConfigError(
                     f"{field}={value}: a file, but not a metadataset YAML; give the directory "
                     f"that tools/pack_offline.py wrote"
