@@ -86,8 +86,9 @@ def replan_video(
     num_bytes: int,
     config: VideoConfig = DEFAULT_VIDEO_CONFIG,
 ) -> MeasuredVideo:
-    """A :class:`MeasuredVideo` from what :func:`video_plan` measured (frame count, frame rate or
-    ``None`` for frame images, original size): the same plan, by the same rule, no decoding."""
+    """A :class:`MeasuredVideo` from what was measured of a video (frame count, frame rate or
+    ``None`` for frame images, original size): the one rule :func:`video_plan` applies after
+    decoding and the write phase applies again without decoding."""
     if fps is None:
         plan = plan_frame_list(total_frames, height, width, config)
     else:
@@ -107,16 +108,8 @@ def video_plan(
             if data is None:
                 data = ref.read_bytes()
             info = probe_video(data)
-            plan = plan_video(info.total_frames, info.fps, info.height, info.width, config)
-            return MeasuredVideo(
-                plan,
-                len(data),
-                info.width,
-                info.height,
-                info.total_frames,
-                info.fps,
-                info.extension,
-            )
+            return replan_video(info.total_frames, info.fps, info.width, info.height,
+                                info.extension, len(data), config)  # fmt: skip
         sizes, total = [], 0
         for frame in ref.frames:
             try:
@@ -125,8 +118,7 @@ def video_plan(
                 raise VideoError(f"frame image {error}") from error
             total += _file_size(frame.path)
         width, height = sizes[0]
-        plan = plan_frame_list(len(sizes), height, width, config)
-        return MeasuredVideo(plan, total, width, height, len(sizes), None, "")
+        return replan_video(len(sizes), None, width, height, "", total, config)
     except VideoError as error:
         raise corrupt_video_error(ref, str(error)) from error
 
