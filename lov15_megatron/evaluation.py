@@ -268,13 +268,9 @@ def score_qa(
     check_prompt(prompt)
     checkpoint, data = check_checkpoint(checkpoint), Path(data)
     items = load_qa(data)[:limit]
-    for item in items:  # every item checked before the model loads
-        check_placeholders(
-            render_prompt(prompt, item),
-            len(item.images),
-            f"{data}: {item.id}",
-            len(item.videos),
-        )
+    texts = [render_prompt(prompt, item) for item in items]  # each item's user turn
+    for item, text in zip(items, texts, strict=True):  # every item checked before the model loads
+        check_placeholders(text, len(item.images), f"{data}: {item.id}", len(item.videos))
         check_images(item, data)
         check_videos(item, data)
     import torch
@@ -290,8 +286,7 @@ def score_qa(
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos
     answers = []
-    for index, item in enumerate(items):
-        text = render_prompt(prompt, item)
+    for index, (item, text) in enumerate(zip(items, texts, strict=True)):
         images = open_images(item, data)
         try:
             inputs = processor.apply_chat_template(
