@@ -296,15 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.video:  # the same export on the held-out clips
         report_video = score(out, "final_hf", data["video"]["eval"]["path"],
                              "eval_report_video.json")  # fmt: skip
-        video = {**video_summary(out, data["video"], report_video), "packed": packed_videos}
+        video = {**video_summary(data["video"], report_video), "packed": packed_videos}
     results = report["answers"]
     summary = {
         "vision_pretraining": asdict(pretrained),
         "stages": stages, "packing": fill, "accuracy": report["accuracy"],
-        "accuracy_per_type": {  # each type's always-majority baseline beside its accuracy
-            name: {**entry, "majority": data["eval"]["majority_answer_accuracy_per_type"][name]}
-            for name, entry in report["accuracy_per_type"].items()
-        },
+        "accuracy_per_type": with_majority(report, data["eval"]),
         "chance_accuracy": data["eval"]["chance_accuracy"],
         "majority_answer_accuracy": data["eval"]["majority_answer_accuracy"],
         "answers": results, "lora": lora, "video": video,
@@ -336,17 +333,23 @@ def score(out: Path, hf: str, eval_data: str, report: str) -> dict:
     return json.loads((out / report).read_text())
 
 
-def video_summary(out: Path, split: dict, report: dict) -> dict:
+def with_majority(report: dict, held_out: dict) -> dict:
+    """An evaluation report's accuracy per question type, each type's always-majority baseline
+    (from the data set's held-out summary ``held_out``) beside it."""
+    majority = held_out["majority_answer_accuracy_per_type"]
+    return {
+        name: {**entry, "majority": majority[name]}
+        for name, entry in report["accuracy_per_type"].items()
+    }
+
+
+def video_summary(split: dict, report: dict) -> dict:
     """The held-out clips' accuracy, overall and per question type, beside each type's
     always-majority baseline and chance, and how each clip was sampled for the model (the
     export's processor settings)."""
-    majority = split["eval"]["majority_answer_accuracy_per_type"]
     return {
         "accuracy": report["accuracy"],
-        "accuracy_per_type": {
-            name: {**entry, "majority": majority[name]}
-            for name, entry in report["accuracy_per_type"].items()
-        },
+        "accuracy_per_type": with_majority(report, split["eval"]),
         "chance_accuracy": split["eval"]["chance_accuracy"],
         "majority_answer_accuracy": split["eval"]["majority_answer_accuracy"],
         "clip": split["clip"],
@@ -382,6 +385,15 @@ def vision_line(report: PretrainReport) -> str:
             f"from {report.held_out_images} held-out images: {read}")  # fmt: skip
 
 
+def print_per_type(per_type: dict) -> None:
+    """One line per question type: correct/asked = accuracy, the always-majority baseline and
+    the difference, chance."""
+    for name, t in per_type.items():
+        print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
+              f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
+              f"chance {t['chance']:.2f})")  # fmt: skip
+
+
 def print_summary(s: dict, out: Path) -> None:
     print("\n[7/7] summary")
     print(f"  {vision_line(PretrainReport(**s['vision_pretraining']))}")
@@ -402,10 +414,7 @@ def print_summary(s: dict, out: Path) -> None:
         print(f"    {mark}{r['question']!r:45s} -> {r['predicted']!r} / {r['answer']!r}")
     print("  accuracy per question type, against always answering its most frequent held-out "
           "answer (majority: the best an image-blind model can do) and chance:")  # fmt: skip
-    for name, t in s["accuracy_per_type"].items():
-        print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
-              f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
-              f"chance {t['chance']:.2f})")  # fmt: skip
+    print_per_type(s["accuracy_per_type"])
     if s.get("video"):
         v = s["video"]
         print(f"  packing: {v['packed']['clips']} clips ({v['packed']['frames']} frames) in the "
@@ -415,10 +424,7 @@ def print_summary(s: dict, out: Path) -> None:
             f"chance ({len(v['answers'])} clips; frames {v['clip']['sampled_frames']} of "
             f"{v['clip']['frames']} sampled, {v['clip']['tokens']} tokens each):"
         )
-        for name, t in v["accuracy_per_type"].items():
-            print(f"    {name:10s} {t['correct']:3d}/{t['questions']:<3d} = {t['accuracy']:.2f} "
-                  f"(majority {t['majority']:.2f}, {t['accuracy'] - t['majority']:+.2f}; "
-                  f"chance {t['chance']:.2f})")  # fmt: skip
+        print_per_type(v["accuracy_per_type"])
         print(
             f"  video accuracy {v['accuracy']:.2f} against always-majority "
             f"{v['majority_answer_accuracy']:.2f} (chance {v['chance_accuracy']:.2f})"
